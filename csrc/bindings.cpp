@@ -1,0 +1,36 @@
+// csrc/bindings.cpp — the torch.ops.pygen operator schemas and the Python module.
+//
+// Every op is declared once here. Implementations are registered per dispatch
+// key next to their kernels: csrc/cpu/<family>.cpp (CPU) and
+// csrc/cuda/<family>.cu (CUDA). Fake implementations, the Triton variants and
+// the fallback used when this extension is absent live in pygen/ops/.
+// pygen/ops/_schemas.py holds the same schema strings (checked by a test).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(pygen, m) {
+  m.def("randn_fill_(Tensor(a!) out, int seed, int stream, Tensor? row_seeds) -> ()");
+  m.def(
+      "q_sample(Tensor x0, Tensor t, Tensor table, Tensor? noise, int seed, int stream, "
+      "Tensor? row_seeds, int interpolation, int target) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "reparameterize(Tensor mu, Tensor logvar, Tensor? noise, int seed, int stream, "
+      "Tensor? row_seeds) -> (Tensor, Tensor)");
+  m.def(
+      "langevin_step(Tensor x, Tensor score, Tensor? step_sizes, float step_size, Tensor? noise, "
+      "int seed, int stream, Tensor? row_seeds) -> Tensor");
+  m.def(
+      "sampler_step_(Tensor(a!) x, Tensor model_out, Tensor coeffs, Tensor(b!) step_index, "
+      "Tensor(c!)? history, Tensor? noise, Tensor(d!)? pred_x0, int seed, int stream, "
+      "Tensor? row_seeds, float clamp, bool advance) -> ()");
+  m.def(
+      "step_coefficients(Tensor levels, int kind, int prediction, float eta, float param0, "
+      "float param1) -> Tensor");
+}
+
+// `import pygen._C` loads this library, which runs the registrations above and
+// those in csrc/cpu and csrc/cuda. The module itself has no attributes.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

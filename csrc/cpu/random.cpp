@@ -1,0 +1,36 @@
+// csrc/cpu/random.cpp — C++ CPU kernel of torch.ops.pygen.randn_fill_ (pygen.randn).
+// Philox normals per csrc/include/pygen/philox.h; parallel over element groups.
+#include <optional>
+
+#include <torch/library.h>
+
+#include "cpu_common.h"
+
+namespace pygen::cpu {
+namespace {
+
+void randn_fill_cpu(at::Tensor& out, int64_t seed, int64_t stream, const std::optional<at::Tensor>& row_seeds) {
+  check_cpu(out, "out");
+  const bool per_row = row_seeds.has_value();
+  const int64_t batch = out.dim() > 0 ? out.size(0) : 1;
+  if (per_row) {
+    check_cpu(*row_seeds, "row_seeds");
+    TORCH_CHECK(row_seeds->scalar_type() == at::kLong && row_seeds->numel() == batch,
+                "pygen: row_seeds must be int64 with one seed per row");
+  }
+  const NoiseLayout layout = make_noise_layout(out.numel(), batch, per_row);
+  const int64_t* seeds = per_row ? row_seeds->data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "randn_fill_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for_each_noise_element(
+        layout, [&](int64_t r) { return static_cast<uint64_t>(per_row ? seeds[r] : seed); },
+        [&](int64_t) { return static_cast<uint64_t>(stream); },
+        [&](int64_t e, float z) { o[e] = static_cast<scalar_t>(z); });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pygen, CPU, m) { m.impl("randn_fill_", &randn_fill_cpu); }
+
+}  // namespace pygen::cpu

@@ -1,0 +1,28 @@
+"""pygen: fused kernels for the math of generative models.
+
+Public API (see README.md):
+    pygen.randn, pygen.q_sample, pygen.reparameterize, pygen.langevin_step,
+    pygen.sampler_step, pygen.step_coefficients, pygen.schedules,
+    pygen.backends(), pygen.use_backend(name)
+"""
+import os as _os
+
+# Installed, ``kernels/`` ships as ``pygen/kernels``. In a source checkout it
+# sits beside ``pygen/``; let ``pygen.kernels`` resolve to it there too.
+_here = _os.path.dirname(_os.path.abspath(__file__))
+if not _os.path.isdir(_os.path.join(_here, "kernels")):
+    _src_root = _os.path.dirname(_here)
+    if _os.path.isfile(_os.path.join(_src_root, "kernels", "philox.py")):
+        __path__.append(_src_root)  # noqa: F821  (package __path__)
+
+from pygen import _extension  # noqa: E402,F401  (loads torch.ops.pygen.* if built)
+from pygen._backend import backends, use_backend  # noqa: E402
+from pygen.ops import _registry  # noqa: E402,F401  (schemas fallback, fakes, triton ops)
+from pygen import schedules  # noqa: E402
+from pygen.ops.forward import *  # noqa: E402,F401,F403  (q_sample, reparameterize)
+from pygen.ops.langevin import *  # noqa: E402,F401,F403  (langevin_step)
+from pygen.ops.random import randn  # noqa: E402
+from pygen.ops.schedule import *  # noqa: E402,F401,F403  (step_coefficients)
+from pygen.ops.step import *  # noqa: E402,F401,F403  (sampler_step)
+
+__version__ = "0.1.0"

@@ -1,0 +1,79 @@
+"""Argument checks and small helpers shared by the public ops.
+
+Checks run once at the public boundary (or at sampler set-up), never inside a
+kernel. They raise ValueError/TypeError naming the argument and what was
+expected.
+"""
+import torch
+
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_U64 = 1 << 64
+
+
+def check_tensor(name, value, *, dtypes=STORAGE_DTYPES, device=None, ndim_min=None):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on device {device}, got {value.device}")
+    if ndim_min is not None and value.dim() < ndim_min:
+        raise ValueError(f"{name} must have at least {ndim_min} dimension(s), got shape {tuple(value.shape)}")
+    return value
+
+
+def check_like(name, value, ref_name, ref):
+    """``value`` must match ``ref`` in shape, dtype and device."""
+    check_tensor(name, value, dtypes=None)
+    if value.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(value.shape)}")
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {value.dtype}")
+    if value.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {value.device}")
+    return value
+
+
+def contiguous(value):
+    return value if value.is_contiguous() else value.contiguous()
+
+
+def to_signed64(value):
+    """A 64-bit value in [-2^63, 2^64) as the signed int64 that holds its bits."""
+    value %= _U64
+    return value - _U64 if value >= 1 << 63 else value
+
+
+def split_seed(seed, batch, device, *, name="seed"):
+    """Normalise ``seed`` into ``(int64 seed, per-row seed tensor or None)``.
+
+    ``seed`` is an int (one key, elements numbered over the whole tensor) or a
+    1-D int64 tensor of per-row seeds of length ``batch`` (elements numbered
+    within each row, so a row's noise does not depend on its batch).
+    """
+    if isinstance(seed, bool):
+        raise TypeError(f"{name} must be an int or a 1-D int64 tensor, got bool")
+    if isinstance(seed, int):
+        if not -(1 << 63) <= seed < _U64:
+            raise ValueError(f"{name} must fit in 64 bits, got {seed}")
+        return to_signed64(seed), None
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64:
+            raise TypeError(f"{name} tensor must have dtype int64, got {seed.dtype}")
+        if seed.dim() != 1 or seed.shape[0] != batch:
+            raise ValueError(
+                f"{name} tensor must be 1-D with one seed per row (length {batch}), got shape {tuple(seed.shape)}"
+            )
+        if seed.device != device:
+            raise ValueError(f"{name} tensor must be on device {device}, got {seed.device}")
+        return 0, contiguous(seed)
+    raise TypeError(f"{name} must be an int or a 1-D int64 tensor, got {type(seed).__name__}")
+
+
+def check_stream(stream, name="stream"):
+    if isinstance(stream, bool) or not isinstance(stream, int):
+        raise TypeError(f"{name} must be an int, got {type(stream).__name__}")
+    if not -(1 << 63) <= stream < _U64:
+        raise ValueError(f"{name} must fit in 64 bits, got {stream}")
+    return to_signed64(stream)

@@ -1,0 +1,33 @@
+"""The ``torch.ops.pygen`` operator schemas, one line each.
+
+csrc/bindings.cpp declares the same schemas with ``TORCH_LIBRARY(pygen, m)``;
+tests/test_registration.py checks that the two lists agree. When the compiled
+extension is missing, pygen/ops/_registry.py defines these schemas from Python
+and registers the torch reference as their implementation, so
+``torch.ops.pygen.<op>`` exists either way.
+"""
+
+SCHEMAS = {
+    "randn_fill_": "randn_fill_(Tensor(a!) out, int seed, int stream, Tensor? row_seeds) -> ()",
+    "q_sample": (
+        "q_sample(Tensor x0, Tensor t, Tensor table, Tensor? noise, int seed, int stream, "
+        "Tensor? row_seeds, int interpolation, int target) -> (Tensor, Tensor, Tensor)"
+    ),
+    "reparameterize": (
+        "reparameterize(Tensor mu, Tensor logvar, Tensor? noise, int seed, int stream, "
+        "Tensor? row_seeds) -> (Tensor, Tensor)"
+    ),
+    "langevin_step": (
+        "langevin_step(Tensor x, Tensor score, Tensor? step_sizes, float step_size, Tensor? noise, "
+        "int seed, int stream, Tensor? row_seeds) -> Tensor"
+    ),
+    "sampler_step_": (
+        "sampler_step_(Tensor(a!) x, Tensor model_out, Tensor coeffs, Tensor(b!) step_index, "
+        "Tensor(c!)? history, Tensor? noise, Tensor(d!)? pred_x0, int seed, int stream, "
+        "Tensor? row_seeds, float clamp, bool advance) -> ()"
+    ),
+    "step_coefficients": (
+        "step_coefficients(Tensor levels, int kind, int prediction, float eta, float param0, "
+        "float param1) -> Tensor"
+    ),
+}

@@ -1,0 +1,1 @@
+"""Op family 'forward' (work in progress)."""

@@ -1,0 +1,1 @@
+"""Op family 'langevin' (work in progress)."""

@@ -1,0 +1,1 @@
+"""Op family 'schedule' (work in progress)."""

@@ -1,0 +1,1 @@
+"""Op family 'step' (work in progress)."""

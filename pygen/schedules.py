@@ -1,0 +1,1 @@
+"""Noise schedules (work in progress)."""
