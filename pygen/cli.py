@@ -149,13 +149,15 @@ def _is_checkout(path):
 
 
 def checkout_root():
-    """The pygen source checkout we run in (cwd, else the imported package's), or None."""
-    import pygen
-
-    for cand in (os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(pygen.__file__)))):
+    """The pygen source checkout the cwd is in (the cwd or a parent of it), or None."""
+    cand = os.getcwd()
+    while True:
         if _is_checkout(cand):
             return cand
-    return None
+        parent = os.path.dirname(cand)
+        if parent == cand:
+            return None
+        cand = parent
 
 
 def _device_slug(env):
@@ -166,7 +168,8 @@ def _device_slug(env):
 
 
 def default_json_path(env):
-    """benchmarks/results/bench-<device>-<date>.json in a checkout, else ./pygen-bench-<device>-<date>.json."""
+    """<checkout>/benchmarks/results/bench-<device>-<date>.json when the cwd is in a pygen source
+    checkout, else ./pygen-bench-<device>-<date>.json."""
     name = f"bench-{_device_slug(env)}-{env['date'][:10]}.json"
     root = checkout_root()
     if root is not None:

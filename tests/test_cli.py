@@ -137,6 +137,9 @@ def test_checkout_detection(tmp_path, monkeypatch):
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "pygen"\n')
     assert cli._is_checkout(str(tmp_path))
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    assert cli.checkout_root() == str(tmp_path)
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\n')
     assert not cli._is_checkout(str(tmp_path))
 
