@@ -397,9 +397,11 @@ def _build_ddim(op, shape, dtype, device, gen_cpu, g):
     ac = _alphas_cumprod(device)
     step = NUM_TRAIN_TIMESTEPS // DDIM_STEPS
     timesteps = torch.arange(NUM_TRAIN_TIMESTEPS - step, -1, -step, device=device)  # 980 .. 0
-    levels = ac[timesteps]  # alphas_cumprod at the sampler's timesteps, descending t
-    # Eager: a_t / a_prev gathered from a device table at a device step index.
-    table = torch.cat([levels, torch.ones(1, device=device)])  # a_prev after the last step: 1
+    # alphas_cumprod at the sampler's timesteps (descending t), then 1.0 after the last step:
+    # the N+1 levels of pygen.step_coefficients(kind="ddim"), and the eager table.
+    table = torch.cat([ac[timesteps], torch.ones(1, device=device)])
+    # Eager: a_t / a_prev gathered from the device table at a device step index (0-dim, so
+    # the gathered scalars do not promote fp16/bf16 samples to fp32).
     idx = torch.tensor(DDIM_STEPS // 2, device=device)
     idx_next = idx + 1
 
@@ -414,8 +416,8 @@ def _build_ddim(op, shape, dtype, device, gen_cpu, g):
 
     if not callable(getattr(pygen, "sampler_step", None)) or not callable(getattr(pygen, "step_coefficients", None)):
         return eager, None  # reported as not implemented by the caller
-    coeffs = pygen.step_coefficients(levels, "ddim", prediction="eps", eta=eta)
-    step_index = torch.tensor(DDIM_STEPS // 2, dtype=torch.int64, device=device)
+    coeffs = pygen.step_coefficients(table, "ddim", prediction="eps", eta=eta)
+    step_index = torch.tensor([DDIM_STEPS // 2], dtype=torch.int64, device=device)
     kwargs = {}
     try:
         params = inspect.signature(pygen.sampler_step).parameters
