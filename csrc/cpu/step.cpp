@@ -56,11 +56,9 @@ void step_kernel(const StepArgs& p, const NoiseLayout& layout, const scalar_t* x
         for (int64_t i = 0; i < len; ++i) z[i] = static_cast<acc>(noise[base + i]);
       } else if (s != acc(0)) {
         const uint64_t key = p.row_seeds != nullptr ? static_cast<uint64_t>(p.row_seeds[r]) : p.seed;
-        const uint64_t stream = p.stream + static_cast<uint64_t>(step);
-        for (int64_t g = 0; g * kGroup < len; ++g) {
-          const Normals4 n4 = philox_normals(key, stream, static_cast<uint64_t>(i0 / kGroup + g));
-          for (int j = 0; j < kGroup; ++j) z[g * kGroup + j] = static_cast<acc>(n4.z[j]);
-        }
+        float zf[kChunk];
+        fill_normals(key, p.stream + static_cast<uint64_t>(step), static_cast<uint64_t>(i0 / kGroup), len, zf);
+        for (int64_t i = 0; i < len; ++i) z[i] = static_cast<acc>(zf[i]);
       } else {
         for (int64_t i = 0; i < len; ++i) z[i] = acc(0);
       }
