@@ -253,12 +253,18 @@ def pygen_backends_for(device, include_reference=True):
 class Impl:
     backend: str  # "eager" or a pygen backend
     fn: object  # zero-argument callable
+    device_type: str = "cpu"
 
     def context(self):
+        """Where ``fn`` runs on ``backend``: nothing to do for eager torch, nor for the device's
+        default backend (so the default per-call dispatch path is what gets timed)."""
         if self.backend == "eager":
             return contextlib.nullcontext()
         import pygen
+        from pygen import _backend
 
+        if _backend.requested() is None and _backend.default_backend(self.device_type) == self.backend:
+            return contextlib.nullcontext()
         return pygen.use_backend(self.backend)
 
 
@@ -455,7 +461,7 @@ def build_case(op, numel, dtype, device, backends=None, include_reference=True):
             for b in run:
                 skipped[b] = reason or "not implemented on this build"
         else:
-            impls += [Impl(b, pg) for b in run]
+            impls += [Impl(b, pg, device.type) for b in run]
     return Case(op, shape, dtype, device, impls, skipped)
 
 

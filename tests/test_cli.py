@@ -272,3 +272,14 @@ def test_rng_variants_produce_outputs_of_the_case_shape(op):
         got = got[0] if isinstance(got, tuple) else got
         assert got.shape == case.shape and got.dtype == torch.float16, impl.backend
         assert torch.isfinite(got.float()).all()
+
+
+def test_each_impl_runs_on_its_backend():
+    from pygen import _backend
+
+    case = bench.build_case("randn", 1024, torch.float32, "cpu")
+    assert case.impls[0].backend == "eager"
+    assert len(case.impls) > 1
+    for impl in case.impls[1:]:
+        with impl.context():
+            assert _backend.resolve(case.device) == impl.backend
