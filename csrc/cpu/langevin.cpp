@@ -75,6 +75,19 @@ inline void update_range(scalar_t* __restrict__ out, const scalar_t* __restrict_
 // ---------------------------------------------------------------------------
 constexpr int64_t kTileGroups = 256;  // Philox groups per tile (1024 normals)
 
+// No FMA contraction in this section, so the AVX-512 clone (which has FMA)
+// gives the same bits as the AVX2 and baseline clones. Everything it calls is
+// defined inside the section (same options, so it inlines).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#define PYGEN_TILE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#if !defined(PYGEN_TILE_CLONES) || !defined(__x86_64__) || !defined(__linux__)
+#undef PYGEN_TILE_CLONES
+#define PYGEN_TILE_CLONES
+#endif
+
 // ln(u) for u in (0, 1]: u = 2^e·m, m in [sqrt(1/2), sqrt(2)), f = m - 1,
 // s = f/(2+f), ln(1+f) = 2·atanh(s) = f - s·(f - 2p), p = s²/3 + s⁴/5 + ... + s¹⁰/11
 // (|s| < 0.172, truncation < 2e-9 relative); ln 2 split so e·ln2_hi is exact.
@@ -115,10 +128,7 @@ inline float open_uniform(uint32_t w) {
 }
 
 // z[4i + j] = normal j of Philox group g0 + i, for i < n <= kTileGroups.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-void philox_normals_tile(float* __restrict__ z, uint64_t seed, uint64_t stream, int64_t g0, int64_t n) {
+PYGEN_TILE_CLONES void philox_normals_tile(float* __restrict__ z, uint64_t seed, uint64_t stream, int64_t g0, int64_t n) {
   uint32_t w0[kTileGroups], w1[kTileGroups], w2[kTileGroups], w3[kTileGroups];
   const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
   const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(stream >> 32);
@@ -150,8 +160,8 @@ void philox_normals_tile(float* __restrict__ z, uint64_t seed, uint64_t stream, 
   }
   // Scalar sqrt (errno semantics keep it out of the vector loops); cheap.
   for (int64_t i = 0; i < kTileGroups; ++i) {
-    r0[i] = std::sqrt(r0[i]);
-    r1[i] = std::sqrt(r1[i]);
+    r0[i] = __builtin_sqrtf(r0[i]);
+    r1[i] = __builtin_sqrtf(r1[i]);
   }
   float o0[kTileGroups], o1[kTileGroups], o2[kTileGroups], o3[kTileGroups];
   constexpr float kTwoPi = 6.28318530717958647692f;
@@ -171,6 +181,10 @@ void philox_normals_tile(float* __restrict__ z, uint64_t seed, uint64_t stream, 
     z[4 * i + 3] = o3[i];
   }
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 template <typename scalar_t>
 void langevin_cpu_kernel(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& step_sizes,
