@@ -22,6 +22,8 @@ BACKENDS = [
     "torch",
     pytest.param("cpu", marks=pytest.mark.skipif(pygen.backends()["cpu"] != "available", reason="pygen._C not built")),
     pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="needs triton and TRITON_INTERPRET=1 or CUDA")),
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(pygen.backends()["cuda"] != "available",
+                                                                     reason="no CUDA device or CUDA kernels")]),
 ]
 SHAPES = [(3, 5, 7), (2, 1001), (1, 4), (5, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -29,7 +31,9 @@ MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
 
 def device_for(backend):
-    return "cuda" if backend == "triton" and not os.environ.get("TRITON_INTERPRET") == "1" else "cpu"
+    if backend == "cuda" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return "cuda"
+    return "cpu"
 
 
 def make(shape, dtype, device="cpu", seed=0, scale=1.0):
@@ -159,7 +163,8 @@ def test_per_row_steps_scale_each_row(backend):
     torch.testing.assert_close(out, torch.cat(rows), rtol=1e-6, atol=1e-7)
     # in-kernel noise with an int seed keeps its flat numbering while the step varies per row
     zf = randn_reference(shape, 99, 4)
-    torch.testing.assert_close(out_seed.cpu(), expected(x, score, steps.cpu(), zf).float().cpu(), rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(out_seed.cpu(), expected(x.cpu(), score.cpu(), steps.cpu(), zf).float(), rtol=1e-5,
+                               atol=2e-6)
     assert torch.equal(out_seed[0], x[0])
 
 
@@ -233,7 +238,7 @@ def test_non_contiguous_inputs(backend):
         ref = pygen.langevin_step(x.contiguous(), score.contiguous(), steps.contiguous(), noise=z.contiguous())
         out_s = pygen.langevin_step(x, score, 0.3, 21, 2)
     assert torch.equal(out, ref)
-    torch.testing.assert_close(out_s.cpu(), expected(x, score, 0.3, randn_reference((8, 9), 21, 2)).float(),
+    torch.testing.assert_close(out_s.cpu(), expected(x.cpu(), score.cpu(), 0.3, randn_reference((8, 9), 21, 2)).float(),
                                rtol=1e-5, atol=2e-6)
 
 

@@ -26,14 +26,20 @@ TRITON_OK = HAS_TRITON and (os.environ.get("TRITON_INTERPRET") == "1" or torch.c
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs triton and TRITON_INTERPRET=1 or CUDA")
 needs_cpu = pytest.mark.skipif(pygen.backends()["cpu"] != "available", reason="pygen._C not built")
 
-BACKENDS = ["torch", pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)]
+needs_cuda = pytest.mark.skipif(pygen.backends()["cuda"] != "available", reason="no CUDA device or CUDA kernels")
+BACKENDS = [
+    "torch",
+    pytest.param("cpu", marks=needs_cpu),
+    pytest.param("triton", marks=needs_triton),
+    pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda]),
+]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def device_for(backend):
-    return TRITON_DEVICE if backend == "triton" else "cpu"
+    return {"triton": TRITON_DEVICE, "cuda": "cuda"}.get(backend, "cpu")
 
 
 # Random123 known-answer vectors for Philox4x32-10: (c0, c1, c2, c3), (k0, k1) -> words
