@@ -371,29 +371,34 @@ def test_q_sample_noise_wrong_device():
 # ---------------------------------------------------------------------------
 # q_sample: torch.library
 # ---------------------------------------------------------------------------
-def _q_sample_samples():
+def _q_sample_samples(requires_grad=False):
     g = make_gen(12)
-    x0 = torch.randn(3, 5, 7, generator=g)
-    noise = torch.randn(3, 5, 7, generator=g)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_(requires_grad)
+
+    x0, noise = r(3, 5, 7), r(3, 5, 7)
     t = rand_t(3, g)
     table = alphas_cumprod(torch.float32)
     return [
         (x0, t, table, noise, 0, 0, None, 0, 0),
         (x0, t, table, noise, 0, 0, None, 0, 2),
         (x0, t.int(), table.double(), None, 5, 1, None, 1, 4),
-        (x0.half(), t, table, None, 0, 2, torch.tensor([1, 2, 3]), 0, 1),
-        (torch.randn(2, 1001, generator=g), rand_t(2, g), table, None, 3, 0, None, 0, 3),
+        (x0.detach().half().requires_grad_(requires_grad), t, table, None, 0, 2, torch.tensor([1, 2, 3]), 0, 1),
+        (r(2, 1001), rand_t(2, g), table, None, 3, 0, None, 0, 3),
     ]
 
 
-def test_q_sample_opcheck():
-    for args in _q_sample_samples():
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_q_sample_opcheck(requires_grad):
+    for args in _q_sample_samples(requires_grad):
         torch.library.opcheck(torch.ops.pygen.q_sample, args)
 
 
-def test_q_sample_triton_opcheck():
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_q_sample_triton_opcheck(requires_grad):
     require("triton")
-    for args in _q_sample_samples()[:3]:
+    for args in _q_sample_samples(requires_grad)[:3]:
         torch.library.opcheck(torch.ops.pygen.q_sample_triton, args)
 
 
@@ -559,3 +564,196 @@ def test_reparameterize_triton_opcheck(requires_grad):
     require("triton")
     for args in _reparameterize_samples(requires_grad)[:3]:
         torch.library.opcheck(torch.ops.pygen.reparameterize_triton, args)
+
+
+# ---------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ---------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def require_gpu_backend(backend):
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    status = pygen.backends()[backend]
+    if status != "available":
+        pytest.skip(f"backend {backend} unavailable: {status}")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 1001), (6,), (64, 4, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("mode", ["given", "seed", "row_seeds"])
+def test_q_sample_cuda(backend, shape, dtype, target, mode):
+    require_gpu_backend(backend)
+    g = make_gen(20)
+    x0 = torch.randn(shape, generator=g).to(dtype)
+    t = rand_t(shape[0], g)
+    t[0] = N_TABLE - 1
+    table = alphas_cumprod(torch.float32)
+    noise = torch.randn(shape, generator=g).to(dtype) if mode == "given" else None
+    seed = torch.arange(shape[0]) * 31 + 5 if mode == "row_seeds" else 99
+    seed_i, row_seeds = (0, seed) if mode == "row_seeds" else (seed, None)
+    ref = F.q_sample_reference(x0, t, table, noise, seed_i, 3, row_seeds, 0, F.TARGETS[target])
+    dev = torch.device("cuda")
+    out = run_q_sample(backend, x0.to(dev), t.to(dev), table.to(dev), None if noise is None else noise.to(dev),
+                       seed=None if mode == "given" else (seed.to(dev) if mode == "row_seeds" else seed),
+                       stream=3, target=target)
+    out = (out,) if isinstance(out, torch.Tensor) else out
+    expected = [ref[0]] + ([ref[1]] if mode != "given" else []) + ([ref[2]] if target is not None else [])
+    assert len(out) == len(expected)
+    for a, e in zip(out, expected):
+        assert a.device.type == "cuda"
+        assert_close_storage(a.cpu(), e, loose=True)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["given", "seed", "row_seeds"])
+def test_reparameterize_cuda(backend, dtype, mode):
+    require_gpu_backend(backend)
+    g = make_gen(21)
+    shape = (5, 3, 77)
+    dev = torch.device("cuda")
+    mu = torch.randn(shape, generator=g).to(dtype)
+    logvar = torch.randn(shape, generator=g).to(dtype)
+    noise = torch.randn(shape, generator=g).to(dtype) if mode == "given" else None
+    seed = torch.arange(shape[0]) + 1 if mode == "row_seeds" else 7
+    seed_i, row_seeds = (0, seed) if mode == "row_seeds" else (seed, None)
+    ref = F.reparameterize_reference(mu, logvar, noise, seed_i, 2, row_seeds)
+    mu_d = mu.to(dev).requires_grad_()
+    lv_d = logvar.to(dev).requires_grad_()
+    with pygen.use_backend(backend):
+        if mode == "given":
+            z = pygen.reparameterize(mu_d, lv_d, noise=noise.to(dev))
+            eps = noise
+        else:
+            z, eps = pygen.reparameterize(mu_d, lv_d, seed.to(dev) if mode == "row_seeds" else seed, 2,
+                                          return_noise=True)
+            assert_close_storage(eps.cpu(), ref[1], loose=True)
+    assert_close_storage(z.detach().cpu(), ref[0], loose=True)
+    z.sum().backward()
+    expect = 0.5 * torch.exp(logvar.float() / 2) * eps.cpu().float()
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(lv_d.grad.cpu().float(), expect, rtol=tol, atol=tol)
+    assert torch.equal(mu_d.grad.cpu(), torch.ones_like(mu))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_forward_opcheck_cuda():
+    require_gpu_backend("cuda")
+    dev = torch.device("cuda")
+    for args in _q_sample_samples():
+        args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.pygen.q_sample, args)
+    for args in _reparameterize_samples(True):
+        args = tuple(a.detach().to(dev).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                     for a in args)
+        torch.library.opcheck(torch.ops.pygen.reparameterize, args)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_q_sample_cuda_graph_capture(backend):
+    """Under capture the host range check is skipped (no sync); replay follows the device t."""
+    require_gpu_backend(backend)
+    dev = torch.device("cuda")
+    g = make_gen(22)
+    x0 = torch.randn(4, 257, generator=g).to(dev)
+    t = torch.tensor([1, 10, 100, 999], device=dev)
+    table = alphas_cumprod(torch.float32).to(dev)
+    with pygen.use_backend(backend):
+        pygen.q_sample(x0, t, table, seed=1, target="v")  # warm-up (compiles Triton kernels)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x_t, noise, v = pygen.q_sample(x0, t, table, seed=1, target="v")
+    t.copy_(torch.tensor([7, 8, 9, 10], device=dev))
+    graph.replay()
+    ref = F.q_sample_reference(x0.cpu(), t.cpu(), table.cpu(), None, 1, 0, None, 0, 2)
+    for a, e in zip((x_t, noise, v), ref):
+        assert_close_storage(a.cpu(), e, loose=True)
+
+
+# ---------------------------------------------------------------------------
+# q_sample: autograd (x0 and noise)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("interpolation", ["vp", "flow"])
+def test_q_sample_gradcheck_fp64(backend, target, interpolation):
+    require(backend)
+    g = make_gen(23)
+    x0 = torch.randn(3, 7, generator=g, dtype=torch.float64).requires_grad_()
+    noise = torch.randn(3, 7, generator=g, dtype=torch.float64).requires_grad_()
+    t = torch.tensor([0, 500, 999])
+    table = alphas_cumprod() if interpolation == "vp" else sigmas(torch.float64)
+    kw = dict(target=target, interpolation=interpolation)
+    with pygen.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x, n: pygen.q_sample(x, t, table, n, **kw), (x0, noise))
+        assert torch.autograd.gradcheck(lambda x: pygen.q_sample(x, t, table, seed=3, **kw), (x0,))
+
+
+def test_q_sample_op_gradcheck_fp64():
+    g = make_gen(24)
+    x0 = torch.randn(2, 5, generator=g, dtype=torch.float64).requires_grad_()
+    noise = torch.randn(2, 5, generator=g, dtype=torch.float64).requires_grad_()
+    t = torch.tensor([10, 900])
+    table = alphas_cumprod()
+
+    def f(x, n):
+        x_t, _, v = torch.ops.pygen.q_sample(x, t, table, n, 0, 0, None, 0, 2)
+        return x_t, v
+
+    assert torch.autograd.gradcheck(f, (x0, noise))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("given", [False, True])
+def test_q_sample_grad_matches_reference_autograd(backend, target, given):
+    require(backend)
+    g = make_gen(25)
+    shape = (4, 3, 5)
+    x0 = torch.randn(shape, generator=g).requires_grad_()
+    noise = torch.randn(shape, generator=g).requires_grad_() if given else None
+    t = rand_t(4, g)
+    table = alphas_cumprod(torch.float32)
+    out = run_q_sample(backend, x0, t, table, noise, seed=None if given else 4, target=target)
+    out = (out,) if isinstance(out, torch.Tensor) else out
+    ups = [torch.randn(o.shape, generator=g) for o in out]
+    torch.autograd.backward([o for o in out if o.requires_grad],
+                            [u for o, u in zip(out, ups) if o.requires_grad])
+    # reference: autograd of the closed form in fp64
+    eps = noise.detach() if given else out[1].detach()
+    x_r = x0.detach().double().requires_grad_()
+    n_r = eps.double().requires_grad_()
+    ab = table.double()[t].view(-1, 1, 1)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    outs_r = [a * x_r + s * n_r]
+    if not given:
+        outs_r.append(None)
+    if target is not None:
+        outs_r.append({"eps": n_r + 0 * x_r, "v": a * n_r - s * x_r, "x0": x_r + 0 * n_r, "flow": n_r - x_r}[target])
+    loss = sum((o * u.double()).sum() for o, u in zip(outs_r, ups) if o is not None)
+    loss.backward()
+    torch.testing.assert_close(x0.grad.double(), x_r.grad, rtol=1e-5, atol=1e-6)
+    if given:
+        torch.testing.assert_close(noise.grad.double(), n_r.grad, rtol=1e-5, atol=1e-6)
+    else:
+        assert not out[1].requires_grad  # the drawn noise is not differentiable
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_q_sample_no_grad_outputs_without_requires_grad(backend):
+    require(backend)
+    x0 = torch.randn(2, 6)
+    x_t, noise, v = run_q_sample(backend, x0, 3, alphas_cumprod(), seed=1, target="v")
+    assert not x_t.requires_grad and not noise.requires_grad and not v.requires_grad

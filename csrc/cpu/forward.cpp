@@ -31,6 +31,16 @@ constexpr int64_t kGrainElements = int64_t{1} << 15;
 // Philox groups whose normals are buffered before the arithmetic loop.
 constexpr int64_t kChunkGroups = 128;
 
+// The contiguous arithmetic loops are compiled for AVX-512F, AVX2 and the
+// baseline ISA and picked at load time (GCC/Clang function multi-versioning),
+// because the extension itself is built for the baseline x86-64 ISA. None of
+// the clones enables FMA, so the results equal the eager composite's.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PYGEN_NO_TARGET_CLONES)
+#define PYGEN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PYGEN_VECTOR_CLONES
+#endif
+
 template <typename T>
 T* offset_or_null(T* p, int64_t k) {
   return p != nullptr ? p + k : nullptr;
@@ -137,7 +147,7 @@ RowCoefficients<acc_t<scalar_t>> row_coefficients(const at::Tensor& t, const at:
 
 // One batch row's contiguous segment of n elements.
 template <int TARGET, bool WRITE_NOISE, typename scalar_t, typename eps_t>
-void q_sample_segment(acc_t<scalar_t> a, acc_t<scalar_t> s, bool valid, const scalar_t* __restrict__ x0,
+PYGEN_VECTOR_CLONES void q_sample_segment(acc_t<scalar_t> a, acc_t<scalar_t> s, bool valid, const scalar_t* __restrict__ x0,
                       const eps_t* __restrict__ eps, scalar_t* __restrict__ xt, scalar_t* __restrict__ noise_out,
                       scalar_t* __restrict__ tgt, int64_t n) {
   using acc = acc_t<scalar_t>;
@@ -244,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0
 // reparameterize
 // ---------------------------------------------------------------------------
 template <bool WRITE_NOISE, typename scalar_t, typename eps_t>
-void reparameterize_segment(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
+PYGEN_VECTOR_CLONES void reparameterize_segment(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
                             const eps_t* __restrict__ eps, scalar_t* __restrict__ z, scalar_t* __restrict__ noise_out,
                             int64_t n) {
   using acc = acc_t<scalar_t>;

@@ -8,7 +8,8 @@ Ops:
         interpolation 1 "flow" (table = sigmas, rectified flow): a = 1 - sigma, s = sigma.
         target (same pass): 0 none, 1 eps, 2 v = a·eps - s·x0, 3 x0, 4 flow velocity eps - x0.
         noise_out is the generated noise (shape (0,) when ``noise`` was given),
-        target_out is shape (0,) when target == 0.
+        target_out is shape (0,) when target == 0. Differentiable w.r.t. x0 and
+        noise (linear in both; t and the table get no gradient).
     ``torch.ops.pygen.reparameterize(mu, logvar, noise, seed, stream, row_seeds) -> (z, noise_out)``
         z = mu + exp(logvar / 2)·eps (differentiable: d/dmu = 1,
         d/dlogvar = exp(logvar / 2)·eps / 2).
@@ -118,6 +119,31 @@ def reparameterize_reference(mu, logvar, noise, seed, stream, row_seeds):
     return z.to(mu.dtype), noise_out
 
 
+def _q_sample_grads(grad_x_t, grad_target, t, table, interpolation, target, dtype, ndim):
+    """Gradients of (x_t, target) w.r.t. (x0, noise): the map is linear in both.
+
+    x_t = a·x0 + s·eps; target eps: d/deps = 1; v = a·eps - s·x0; x0: d/dx0 = 1;
+    flow = eps - x0. The table and t get no gradient.
+    """
+    acc = _acc_dtype(dtype)
+    a, s, _ = forward_coefficients_reference(t, table, interpolation, acc)
+    bshape = (-1,) + (1,) * (ndim - 1)
+    a, s = a.view(bshape), s.view(bshape)
+    g = grad_x_t.to(acc)
+    grad_x0, grad_noise = a * g, s * g
+    if target != _TARGET_NONE and grad_target is not None and grad_target.numel():
+        gt = grad_target.to(acc)
+        if target == _TARGET_EPS:
+            grad_noise = grad_noise + gt
+        elif target == _TARGET_V:
+            grad_x0, grad_noise = grad_x0 - s * gt, grad_noise + a * gt
+        elif target == _TARGET_X0:
+            grad_x0 = grad_x0 + gt
+        else:
+            grad_x0, grad_noise = grad_x0 - gt, grad_noise + gt
+    return grad_x0.to(dtype), grad_noise.to(dtype)
+
+
 def _reparameterize_grads(grad_z, logvar, eps, need_logvar, need_noise):
     """Gradients of z = mu + exp(logvar/2)·eps w.r.t. (mu, logvar, noise)."""
     acc = _acc_dtype(logvar.dtype)
@@ -186,6 +212,9 @@ def q_sample(x0, t, alphas_cumprod, noise=None, seed=None, stream=0, *, target=N
         was given; ``(x_t, noise)`` if the noise was generated;
         ``(x_t, noise, target)`` if generated and a target was requested.
 
+    Differentiable w.r.t. ``x0`` and a given ``noise`` on every backend (e.g.
+    for score distillation, where x0 comes from a generator).
+
     t is range-checked on the host: a CPU t always; a CUDA t too (a device
     sync) except while a CUDA graph is being captured, where an out-of-range
     t gives NaN rows instead of an error. Table values are not checked.
@@ -224,13 +253,40 @@ def q_sample(x0, t, alphas_cumprod, noise=None, seed=None, stream=0, *, target=N
     elif backend == "triton":
         from pygen.kernels import forward as tk
 
-        x_t, noise_out, target_out = tk.q_sample(x0, t, table, noise, seed_i, stream, row_seeds, interp_id, target_id)
+        if _needs_grad(x0, noise):
+            x_t, noise_out, target_out = _QSampleTriton.apply(x0, t, table, noise, seed_i, stream, row_seeds,
+                                                              interp_id, target_id)
+        else:  # the hot path: a direct launch
+            x_t, noise_out, target_out = tk.q_sample(x0, t, table, noise, seed_i, stream, row_seeds, interp_id,
+                                                     target_id)
     else:
         x_t, noise_out, target_out = torch.ops.pygen.q_sample(x0, t, table, noise, seed_i, stream, row_seeds,
                                                               interp_id, target_id)
     if noise is not None:
         return x_t if target_id == _TARGET_NONE else (x_t, target_out)
     return (x_t, noise_out) if target_id == _TARGET_NONE else (x_t, noise_out, target_out)
+
+
+class _QSampleTriton(torch.autograd.Function):
+    """Autograd around the Triton launcher (same formulas as the op's register_autograd)."""
+
+    @staticmethod
+    def forward(ctx, x0, t, table, noise, seed, stream, row_seeds, interpolation, target):
+        from pygen.kernels import forward as tk
+
+        x_t, noise_out, target_out = tk.q_sample(x0, t, table, noise, seed, stream, row_seeds, interpolation, target)
+        ctx.save_for_backward(t, table)
+        ctx.interpolation, ctx.target, ctx.dtype, ctx.ndim = interpolation, target, x0.dtype, x0.dim()
+        ctx.mark_non_differentiable(noise_out)
+        return x_t, noise_out, target_out
+
+    @staticmethod
+    def backward(ctx, grad_x_t, grad_noise_out, grad_target):
+        return _q_sample_backward(ctx, grad_x_t, grad_noise_out, grad_target)
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 class _ReparameterizeTriton(torch.autograd.Function):
@@ -289,7 +345,12 @@ def reparameterize(mu, logvar, seed=None, stream=0, *, noise=None, return_noise=
     if backend == "torch":
         z, noise_out = reparameterize_reference(mu, logvar, noise, seed_i, stream, row_seeds)
     elif backend == "triton":
-        z, noise_out = _ReparameterizeTriton.apply(mu, logvar, noise, seed_i, stream, row_seeds)
+        if _needs_grad(mu, logvar, noise):
+            z, noise_out = _ReparameterizeTriton.apply(mu, logvar, noise, seed_i, stream, row_seeds)
+        else:  # the hot path: a direct launch
+            from pygen.kernels import forward as tk
+
+            z, noise_out = tk.reparameterize(mu, logvar, noise, seed_i, stream, row_seeds)
     else:
         z, noise_out = torch.ops.pygen.reparameterize(mu, logvar, noise, seed_i, stream, row_seeds)
     if not return_noise:
@@ -311,6 +372,24 @@ def _reparameterize_fake(mu, logvar, noise, seed, stream, row_seeds):
     z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     noise_out = _empty0(mu) if noise is not None else torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     return z, noise_out
+
+
+def _q_sample_setup_context(ctx, inputs, output):
+    x0, t, table, noise, seed, stream, row_seeds, interpolation, target = inputs
+    x_t, noise_out, target_out = output
+    ctx.save_for_backward(t, table)
+    ctx.interpolation, ctx.target, ctx.dtype, ctx.ndim = interpolation, target, x0.dtype, x0.dim()
+    ctx.mark_non_differentiable(noise_out)
+
+
+def _q_sample_backward(ctx, grad_x_t, grad_noise_out, grad_target):
+    t, table = ctx.saved_tensors
+    need_x0, need_noise = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    grad_x0 = grad_noise = None
+    if need_x0 or need_noise:
+        grad_x0, grad_noise = _q_sample_grads(grad_x_t, grad_target, t, table, ctx.interpolation, ctx.target,
+                                              ctx.dtype, ctx.ndim)
+    return (grad_x0 if need_x0 else None), None, None, (grad_noise if need_noise else None), None, None, None, None, None
 
 
 def _reparameterize_setup_context(ctx, inputs, output):
@@ -348,10 +427,11 @@ def _register():
     _registry.register_fake("q_sample", _q_sample_fake)
     _registry.register_fake("reparameterize", _reparameterize_fake)
 
-    for qualname in ("pygen::reparameterize", _registry.TRITON_OPS.get("reparameterize")):
-        if qualname is not None:
-            torch.library.register_autograd(qualname, _reparameterize_backward,
-                                            setup_context=_reparameterize_setup_context, lib=_registry._lib)
+    for name, backward, setup_context in (("q_sample", _q_sample_backward, _q_sample_setup_context),
+                                          ("reparameterize", _reparameterize_backward, _reparameterize_setup_context)):
+        for qualname in (f"pygen::{name}", _registry.TRITON_OPS.get(name)):
+            if qualname is not None:
+                torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_registry._lib)
 
 
 _register()
