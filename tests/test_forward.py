@@ -5,6 +5,7 @@ import importlib.util
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,7 +228,8 @@ def test_q_sample_int_t_and_int32_t(backend):
     a = run_q_sample(backend, x0, 417, table, noise)
     b = run_q_sample(backend, x0, torch.full((3,), 417, dtype=torch.int32), table, noise)
     c = run_q_sample(backend, x0, torch.full((3,), 417), table, noise)
-    assert torch.equal(a, b) and torch.equal(a, c)
+    d = run_q_sample(backend, x0, np.int64(417), table, noise)
+    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
     ab = table[417]
     torch.testing.assert_close(a, ab.sqrt() * x0 + (1 - ab).sqrt() * noise, rtol=1e-5, atol=1e-6)
 

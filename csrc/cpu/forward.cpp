@@ -28,15 +28,20 @@ namespace {
 
 // Elements per at::parallel_for grain when the noise is given.
 constexpr int64_t kGrainElements = int64_t{1} << 15;
+// Rows per at::parallel_for grain when gathering the per-row coefficients.
+constexpr int64_t kGrainRows = int64_t{1} << 14;
+// Row segments shorter than this skip the multi-versioned (not inlinable) loop.
+constexpr int64_t kShortSegment = 32;
 // Philox groups whose normals are buffered before the arithmetic loop.
 constexpr int64_t kChunkGroups = 128;
 
-// The contiguous arithmetic loops are compiled for AVX-512F, AVX2 and the
-// baseline ISA and picked at load time (GCC/Clang function multi-versioning),
-// because the extension itself is built for the baseline x86-64 ISA. None of
-// the clones enables FMA, so the results equal the eager composite's.
+// The contiguous arithmetic loops are compiled for AVX2 and for the baseline
+// ISA and picked at load time (GCC/Clang function multi-versioning), because
+// the extension itself is built for the baseline x86-64 ISA. Neither clone has
+// FMA (AVX-512F would: GCC contracts a·x + s·e by default), so x_t rounds like
+// the eager composite: two products, then the sum.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PYGEN_NO_TARGET_CLONES)
-#define PYGEN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define PYGEN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define PYGEN_VECTOR_CLONES
 #endif
@@ -117,12 +122,15 @@ void gather_rows(RowCoefficients<acc>& rc, const index_t* t, int64_t batch, cons
   rc.a.resize(batch);
   rc.s.resize(batch);
   rc.valid.resize(batch);
-  for (int64_t b = 0; b < batch; ++b) {
-    const auto c = gather_forward_coefficients<acc, coef_t>(static_cast<int64_t>(t[b]), table, n_table, interpolation);
-    rc.a[b] = c.a;
-    rc.s[b] = c.s;
-    rc.valid[b] = c.valid ? 1 : 0;
-  }
+  at::parallel_for(0, batch, kGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const auto c =
+          gather_forward_coefficients<acc, coef_t>(static_cast<int64_t>(t[b]), table, n_table, interpolation);
+      rc.a[b] = c.a;
+      rc.s[b] = c.s;
+      rc.valid[b] = c.valid ? 1 : 0;
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -147,9 +155,9 @@ RowCoefficients<acc_t<scalar_t>> row_coefficients(const at::Tensor& t, const at:
 
 // One batch row's contiguous segment of n elements.
 template <int TARGET, bool WRITE_NOISE, typename scalar_t, typename eps_t>
-PYGEN_VECTOR_CLONES void q_sample_segment(acc_t<scalar_t> a, acc_t<scalar_t> s, bool valid, const scalar_t* __restrict__ x0,
-                      const eps_t* __restrict__ eps, scalar_t* __restrict__ xt, scalar_t* __restrict__ noise_out,
-                      scalar_t* __restrict__ tgt, int64_t n) {
+inline void q_sample_segment_impl(acc_t<scalar_t> a, acc_t<scalar_t> s, bool valid, const scalar_t* __restrict__ x0,
+                                  const eps_t* __restrict__ eps, scalar_t* __restrict__ xt,
+                                  scalar_t* __restrict__ noise_out, scalar_t* __restrict__ tgt, int64_t n) {
   using acc = acc_t<scalar_t>;
   if (valid) {
     for (int64_t i = 0; i < n; ++i) {
@@ -167,6 +175,25 @@ PYGEN_VECTOR_CLONES void q_sample_segment(acc_t<scalar_t> a, acc_t<scalar_t> s, 
       if constexpr (WRITE_NOISE) noise_out[i] = static_cast<scalar_t>(eps[i]);
       if constexpr (TARGET != kTargetNone) tgt[i] = nan;
     }
+  }
+}
+
+// The same loop compiled per ISA (see PYGEN_VECTOR_CLONES).
+template <int TARGET, bool WRITE_NOISE, typename scalar_t, typename eps_t>
+PYGEN_VECTOR_CLONES void q_sample_segment_vector(acc_t<scalar_t> a, acc_t<scalar_t> s, bool valid,
+                                                 const scalar_t* __restrict__ x0, const eps_t* __restrict__ eps,
+                                                 scalar_t* __restrict__ xt, scalar_t* __restrict__ noise_out,
+                                                 scalar_t* __restrict__ tgt, int64_t n) {
+  q_sample_segment_impl<TARGET, WRITE_NOISE>(a, s, valid, x0, eps, xt, noise_out, tgt, n);
+}
+
+template <int TARGET, bool WRITE_NOISE, typename scalar_t, typename eps_t>
+inline void q_sample_segment(acc_t<scalar_t> a, acc_t<scalar_t> s, bool valid, const scalar_t* x0, const eps_t* eps,
+                             scalar_t* xt, scalar_t* noise_out, scalar_t* tgt, int64_t n) {
+  if (n >= kShortSegment) {
+    q_sample_segment_vector<TARGET, WRITE_NOISE>(a, s, valid, x0, eps, xt, noise_out, tgt, n);
+  } else {
+    q_sample_segment_impl<TARGET, WRITE_NOISE>(a, s, valid, x0, eps, xt, noise_out, tgt, n);
   }
 }
 

@@ -27,6 +27,7 @@ Backends: torch reference (this file), Triton (kernels/forward.py), C++ CPU
 in csrc/include/pygen/forward.h.
 """
 import math
+import numbers
 
 import torch
 
@@ -166,7 +167,8 @@ def _check_t(t, batch, n_table, device):
     """Normalise ``t`` to a 1-D int tensor of length ``batch`` and check its range."""
     if isinstance(t, bool):
         raise TypeError("t must be an int or a 1-D int64/int32 tensor, got bool")
-    if isinstance(t, int):
+    if isinstance(t, numbers.Integral):  # Python or NumPy int: the same timestep for every row
+        t = int(t)
         if not 0 <= t < n_table:
             raise ValueError(f"t must be in [0, {n_table}) (the table length), got {t}")
         return torch.full((batch,), t, dtype=torch.int64, device=device)
