@@ -759,3 +759,20 @@ def test_q_sample_no_grad_outputs_without_requires_grad(backend):
     x0 = torch.randn(2, 6)
     x_t, noise, v = run_q_sample(backend, x0, 3, alphas_cumprod(), seed=1, target="v")
     assert not x_t.requires_grad and not noise.requires_grad and not v.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_non_contiguous_inputs(backend):
+    require(backend)
+    g = make_gen(26)
+    x0 = torch.randn(9, 4, generator=g).t()  # (4, 9), not contiguous
+    noise = torch.randn(9, 4, generator=g).t()
+    t = torch.tensor([1, 0, 500, 0, 30, 0, 999, 0])[::2]  # strided
+    assert not t.is_contiguous()
+    table = alphas_cumprod(torch.float32)
+    a = run_q_sample(backend, x0, t, table, noise, target="v")
+    b = run_q_sample(backend, x0.contiguous(), t.contiguous(), table, noise.contiguous(), target="v")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    z1 = run_reparameterize(backend, x0, noise, noise=x0)
+    z2 = run_reparameterize(backend, x0.contiguous(), noise.contiguous(), noise=x0.contiguous())
+    assert torch.equal(z1, z2)
