@@ -40,7 +40,7 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/bindings.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = opt + ["-std=c++20", "-fopenmp"]
+    cxx = opt + ["-std=c++20", "-fopenmp", "-fno-math-errno"]
     define_macros = [("PYGEN_TORCH_EXTENSION", None)]
     ext_cls = ce.CppExtension
     extra = {"cxx": cxx}
