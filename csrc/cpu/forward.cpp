@@ -8,9 +8,10 @@
 //   * the per-row coefficients (a, s) are gathered once per call on the host;
 //   * at::parallel_for splits the flat element range; inside a chunk, each
 //     batch row's segment is one contiguous inner loop with (a, s) hoisted;
-//   * with in-kernel noise the chunk is a run of Philox groups: the normals
-//     are generated into a small buffer first, then the same contiguous loop
-//     reads them from there.
+//   * with in-kernel noise the chunk is a run of kNoiseChunk elements of one
+//     noise row: its normals are generated into a small buffer first
+//     (fill_normals, vectorised: the same numbers as pygen.randn on the CPU),
+//     then the same contiguous loop reads them from there.
 #include <ATen/ops/empty.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
@@ -32,8 +33,6 @@ constexpr int64_t kGrainElements = int64_t{1} << 15;
 constexpr int64_t kGrainRows = int64_t{1} << 14;
 // Row segments shorter than this skip the multi-versioned (not inlinable) loop.
 constexpr int64_t kShortSegment = 32;
-// Philox groups whose normals are buffered before the arithmetic loop.
-constexpr int64_t kChunkGroups = 128;
 
 // The contiguous arithmetic loops are compiled for AVX2 and for the baseline
 // ISA and picked at load time (GCC/Clang function multi-versioning), because
@@ -65,31 +64,22 @@ inline void for_each_row_segment(int64_t begin, int64_t end, int64_t row_len, Fn
   }
 }
 
-// Generate the noise of `layout` chunk by chunk and call
-// fn(element_begin, element_end, normals) for each chunk, where normals[k] is
-// the noise of element element_begin + k. A chunk never crosses a noise row.
+// Generate the noise of `layout` chunk by chunk (fill_normals: the numbers of
+// pygen.randn on this backend) and call fn(element_begin, element_end, normals)
+// for each chunk, where normals[k] is the noise of element element_begin + k.
+// A chunk never crosses a noise row.
 template <typename SeedFn, typename Fn>
 void for_each_noise_chunk(const NoiseLayout& layout, SeedFn seed_of_row, uint64_t stream, Fn&& fn) {
-  at::parallel_for(0, layout.work_items(), kGrainGroups, [&](int64_t w_begin, int64_t w_end) {
-    alignas(64) float normals[kChunkGroups * kGroup];
-    int64_t w = w_begin;
-    while (w < w_end) {
-      const int64_t r = w / layout.groups_per_row;
-      const int64_t g = w - r * layout.groups_per_row;
-      const int64_t g_stop = std::min({layout.groups_per_row, g + kChunkGroups, g + (w_end - w)});
-      const uint64_t key = seed_of_row(r);
-      for (int64_t k = g; k < g_stop; ++k) {
-        const Normals4 z = philox_normals(key, stream, static_cast<uint64_t>(k));
-        float* dst = normals + (k - g) * kGroup;
-        dst[0] = z.z[0];
-        dst[1] = z.z[1];
-        dst[2] = z.z[2];
-        dst[3] = z.z[3];
-      }
-      const int64_t begin = r * layout.row_len + g * kGroup;
-      const int64_t end = r * layout.row_len + std::min(g_stop * kGroup, layout.row_len);
-      fn(begin, end, static_cast<const float*>(normals));
-      w += g_stop - g;
+  const int64_t chunks_per_row = (layout.row_len + kNoiseChunk - 1) / kNoiseChunk;
+  at::parallel_for(0, layout.rows * chunks_per_row, 1, [&](int64_t w_begin, int64_t w_end) {
+    alignas(64) float normals[kNoiseChunk];
+    for (int64_t w = w_begin; w < w_end; ++w) {
+      const int64_t r = w / chunks_per_row;
+      const int64_t i0 = (w - r * chunks_per_row) * kNoiseChunk;
+      const int64_t len = std::min(layout.row_len - i0, kNoiseChunk);
+      fill_normals(seed_of_row(r), stream, static_cast<uint64_t>(i0 / kGroup), len, normals);
+      const int64_t begin = r * layout.row_len + i0;
+      fn(begin, begin + len, static_cast<const float*>(normals));
     }
   });
 }
