@@ -1,11 +1,13 @@
 // csrc/cpu/forward.cpp — C++ CPU kernels of the forward (noising) ops:
 //   torch.ops.pygen.q_sample        x_t = a[t_b]·x0 + s[t_b]·eps (+ training target in the same pass)
 //   torch.ops.pygen.reparameterize  z = mu + exp(logvar/2)·eps
-// Per-element math in csrc/include/pygen/forward.h; in-kernel noise is
-// pygen.randn(x.shape, seed, stream) (csrc/include/pygen/philox.h, NoiseLayout).
+// Per-element math in csrc/include/pygen/forward.h; in-kernel noise is exactly
+// pygen.randn(x.shape, seed, stream) of the CPU backend (NoiseLayout +
+// fill_normals from cpu_common.h).
 //
 // Loop structure (so that GCC vectorizes the arithmetic):
-//   * the per-row coefficients (a, s) are gathered once per call on the host;
+//   * the per-row coefficients (a, s) are gathered once per call, before the
+//     element loops (an out-of-range t gives a NaN row, never a read);
 //   * at::parallel_for splits the flat element range; inside a chunk, each
 //     batch row's segment is one contiguous inner loop with (a, s) hoisted;
 //   * with in-kernel noise the chunk is a run of kNoiseChunk elements of one
