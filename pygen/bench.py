@@ -69,7 +69,7 @@ _TRAFFIC = {
     "q_sample": 3,  # read x0, noise; write x_t
     "q_sample+rng": 3,  # read x0; write x_t, noise
     "reparameterize": 4,  # read mu, logvar, noise; write z
-    "reparameterize+rng": 3,  # read mu, logvar; write z
+    "reparameterize+rng": 4,  # read mu, logvar; write z, noise (the op returns the noise for autograd)
     "langevin_step": 4,  # read x, score, noise; write x'
     "langevin_step+rng": 3,  # read x, score; write x'
     "ddim_step": 3,  # read x, eps; write x'
@@ -368,9 +368,9 @@ def _build_fns(op, shape, dtype, device):
 
         def eager_rng():
             noise = torch.randn(shape, generator=g, device=device, dtype=dtype)
-            return mu + torch.exp(0.5 * logvar) * noise
+            return mu + torch.exp(0.5 * logvar) * noise, noise
 
-        return eager_rng, (lambda: pygen.reparameterize(mu, logvar, SEED, 0))
+        return eager_rng, (lambda: pygen.reparameterize(mu, logvar, SEED, 0, return_noise=True))
 
     if op.startswith("langevin_step"):
         x, score = _inputs(shape, dtype, device, 2, gen_cpu)

@@ -96,12 +96,18 @@ def format_table(rows, cuda=False):
     return "\n".join(out)
 
 
-def format_skipped(skipped):
-    """One line per (op, reason) with the shapes/dtypes/backends it covers."""
+def format_skipped(skipped, all_ops=None):
+    """One line per (backend, reason), naming the ops it covers ("all ops" when it is every op)."""
     groups = {}
     for s in skipped:
-        groups.setdefault((s["op"], s["reason"]), set()).add(s["backend"])
-    return [f"  {op} [{', '.join(sorted(b))}]: {reason}" for (op, reason), b in groups.items()]
+        ops = groups.setdefault((s["backend"], s["reason"]), [])
+        if s["op"] not in ops:
+            ops.append(s["op"])
+    lines = []
+    for (backend, reason), ops in groups.items():
+        what = "all ops" if all_ops and set(ops) >= set(all_ops) else ", ".join(ops)
+        lines.append(f"  {backend} ({what}): {reason}")
+    return lines
 
 
 def format_markdown(report):
@@ -130,7 +136,7 @@ def format_markdown(report):
         lines.append("| " + " | ".join(str(x) for x in line) + " |")
     if report["skipped"]:
         lines += ["", "Skipped:", ""]
-        lines += ["-" + s[1:] for s in format_skipped(report["skipped"])]
+        lines += ["-" + s[1:] for s in format_skipped(report["skipped"], report["settings"]["ops"])]
     return "\n".join(lines) + "\n"
 
 
@@ -272,7 +278,7 @@ def _cmd_bench(args):
     print(format_table(results, cuda))
     if skipped:
         print("\nskipped:")
-        print("\n".join(format_skipped(skipped)))
+        print("\n".join(format_skipped(skipped, ops)))
     if not args.no_json:
         path = _write_text(args.json or default_json_path(env), json.dumps(report, indent=2) + "\n", "JSON")
         if path:
