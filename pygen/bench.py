@@ -221,6 +221,37 @@ def environment(device):
     return env
 
 
+class ForeignLoad:
+    """CPU time that *other* processes used while a run was going on, in cores (Linux only).
+
+    Busy jiffies of the whole machine (/proc/stat) minus this process's CPU time
+    (os.times), over the wall time. CPU timings on a shared machine are only
+    meaningful when this is near 0.
+    """
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / ticks  # minus idle, iowait
+        t = os.times()
+        return busy, t.user + t.system, time.perf_counter()
+
+    def cores(self):
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        busy, own, wall = (e - s for e, s in zip(end, self.start))
+        return round(max(0.0, busy - own) / max(wall, 1e-9), 2)
+
+
 def pygen_backends_for(device, include_reference=True):
     """(backends to time, {backend: reason skipped}) for tensors on ``device``."""
     import pygen
@@ -501,8 +532,10 @@ def calibrate(impl, device, *, warmup=2, min_time=0.02, max_iterations=1 << 20):
     """Warm ``impl`` up; (calls per batch so a batch lasts >= ``min_time``, seconds of such a batch)."""
     cuda = torch.device(device).type == "cuda"
     with impl.context():
-        for _ in range(warmup):
-            impl.fn()
+        for i in range(warmup):
+            t, _ = _time_batch(impl.fn, 1, cuda)
+            if t > max(0.25, 10 * min_time):  # slow (the reference): one call is warm-up and batch enough
+                return 1, t
         if cuda:
             torch.cuda.synchronize()
         n = 1

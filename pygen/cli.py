@@ -123,7 +123,8 @@ def format_markdown(report):
         "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()),
         "- backends: " + "; ".join(f"{k}: {v}" for k, v in env["backends"].items()),
         f"- settings: {json.dumps(report['settings'])}",
-        f"- load average (1 min) at start / end: {env.get('loadavg_1m', '?')} / {env.get('loadavg_1m_end', '?')} "
+        f"- other processes' CPU use during the run: {env.get('foreign_cpu_cores', '?')} cores on average; "
+        f"load average (1 min) at start / end: {env.get('loadavg_1m', '?')} / {env.get('loadavg_1m_end', '?')} "
         f"(other work on the machine slows CPU timings)",
         "- time = median per call; GB/s = element bytes the fused op reads + writes / time "
         "(same byte count for every implementation); speedup = eager time / time, measured side by side.",
@@ -254,6 +255,7 @@ def _cmd_bench(args):
         **timing,
     }
     plan = [(op, n, dt) for op in ops for n in sizes for dt in dtypes]
+    foreign = bench.ForeignLoad()
     results, skipped = [], []
     bar = _progress(len(plan), not args.no_progress)
     try:
@@ -269,6 +271,7 @@ def _cmd_bench(args):
     bench.add_copy_fraction(results)
     if hasattr(os, "getloadavg"):
         env["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+    env["foreign_cpu_cores"] = foreign.cores()
     report = {"schema": "pygen-bench/1", "environment": env, "settings": settings,
               "results": results, "skipped": skipped}
 
@@ -276,6 +279,8 @@ def _cmd_bench(args):
     print(f"pygen bench on {dev['type']} ({dev['name']}, {dev['cpu_count']} CPU cores, "
           f"torch {env['versions']['torch']}, pygen {env['versions']['pygen']}, {env['date'][:10]})")
     print(format_table(results, cuda))
+    if env.get("foreign_cpu_cores"):
+        print(f"\nnote: other processes used {env['foreign_cpu_cores']} CPU cores on average during the run")
     if skipped:
         print("\nskipped:")
         print("\n".join(format_skipped(skipped, ops)))
