@@ -20,8 +20,8 @@ TORCH_LIBRARY(pygen, m) {
       "langevin_step(Tensor x, Tensor score, Tensor? step_sizes, float step_size, Tensor? noise, "
       "int seed, int stream, Tensor? row_seeds) -> Tensor");
   m.def(
-      "sampler_step_(Tensor(a!) x, Tensor model_out, Tensor coeffs, Tensor(b!) step_index, "
-      "Tensor(c!)? history, Tensor? noise, Tensor(d!)? pred_x0, int seed, int stream, "
+      "sampler_step_out(Tensor x, Tensor model_out, Tensor coeffs, Tensor(a!) step_index, "
+      "Tensor(b!)? history, Tensor? noise, Tensor(c!) out, Tensor(d!)? pred_x0, int seed, int stream, "
       "Tensor? row_seeds, float clamp, bool advance) -> ()");
   m.def(
       "step_coefficients(Tensor levels, int kind, int prediction, float eta, float param0, "

@@ -21,9 +21,9 @@ SCHEMAS = {
         "langevin_step(Tensor x, Tensor score, Tensor? step_sizes, float step_size, Tensor? noise, "
         "int seed, int stream, Tensor? row_seeds) -> Tensor"
     ),
-    "sampler_step_": (
-        "sampler_step_(Tensor(a!) x, Tensor model_out, Tensor coeffs, Tensor(b!) step_index, "
-        "Tensor(c!)? history, Tensor? noise, Tensor(d!)? pred_x0, int seed, int stream, "
+    "sampler_step_out": (
+        "sampler_step_out(Tensor x, Tensor model_out, Tensor coeffs, Tensor(a!) step_index, "
+        "Tensor(b!)? history, Tensor? noise, Tensor(c!) out, Tensor(d!)? pred_x0, int seed, int stream, "
         "Tensor? row_seeds, float clamp, bool advance) -> ()"
     ),
     "step_coefficients": (

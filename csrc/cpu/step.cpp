@@ -1,0 +1,156 @@
+// csrc/cpu/step.cpp — C++ CPU kernel of torch.ops.pygen.sampler_step_out
+// (pygen.sampler_step): the general fused sampler step of
+// csrc/include/pygen/step.h, coefficients read from a table at a step index
+// held in a tensor, noise drawn in the loop when not given.
+//
+// Work is split into chunks of a noise row (multiples of 4 elements, so a
+// Philox group never straddles chunks); each chunk hoists its coefficient row
+// and runs a contiguous loop the compiler can vectorise.
+#include <optional>
+
+#include <torch/library.h>
+
+#include "cpu_common.h"
+#include "pygen/step.h"
+
+namespace pygen::cpu {
+namespace {
+
+constexpr int64_t kChunk = 1024;  // elements per work item (multiple of 4)
+
+struct StepArgs {
+  const int64_t* steps;
+  int64_t num_steps;   // rows of the coefficient table
+  int64_t width;       // columns of the coefficient table
+  int64_t num_hist;    // history slots
+  bool per_row_steps;  // one step index per batch row
+  const int64_t* row_seeds;
+  uint64_t seed;
+  uint64_t stream;
+  double clamp;
+};
+
+template <typename scalar_t>
+void step_kernel(const StepArgs& p, const NoiseLayout& layout, const scalar_t* x, const scalar_t* m,
+                 const acc_t<scalar_t>* coeffs, scalar_t* hist, int64_t hist_stride, const scalar_t* noise,
+                 scalar_t* out, scalar_t* pred) {
+  using acc = acc_t<scalar_t>;
+  const int64_t chunks_per_row = (layout.row_len + kChunk - 1) / kChunk;
+  at::parallel_for(0, layout.rows * chunks_per_row, 1, [&](int64_t begin, int64_t end) {
+    acc z[kChunk];
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t r = w / chunks_per_row;
+      const int64_t i0 = (w - r * chunks_per_row) * kChunk;
+      const int64_t len = std::min(kChunk, layout.row_len - i0);
+      const int64_t step = p.steps[p.per_row_steps ? r : 0];
+      const bool valid = step >= 0 && step < p.num_steps;
+      acc c[step::kColHist + 8];
+      for (int64_t k = 0; k < p.width; ++k) c[k] = valid ? coeffs[step * p.width + k] : acc(NAN);
+      const acc cx = c[step::kColCx], cm = c[step::kColCm], a = c[step::kColA], b = c[step::kColB];
+      const acc s = c[step::kColS], hx = c[step::kColHx], hd = c[step::kColHd];
+      const int64_t slot = valid ? static_cast<int64_t>(c[step::kColSlot]) : -1;
+      const bool write_hist = slot >= 0 && slot < p.num_hist;
+      const int64_t base = r * layout.row_len + i0;
+      // Noise for this chunk: given, drawn (Philox groups i0/4 ...), or unused (s == 0).
+      if (noise != nullptr) {
+        for (int64_t i = 0; i < len; ++i) z[i] = static_cast<acc>(noise[base + i]);
+      } else if (s != acc(0)) {
+        const uint64_t key = p.row_seeds != nullptr ? static_cast<uint64_t>(p.row_seeds[r]) : p.seed;
+        float zf[kChunk];
+        fill_normals(key, p.stream + static_cast<uint64_t>(step), static_cast<uint64_t>(i0 / kGroup), len, zf);
+        for (int64_t i = 0; i < len; ++i) z[i] = static_cast<acc>(zf[i]);
+      } else {
+        for (int64_t i = 0; i < len; ++i) z[i] = acc(0);
+      }
+      const acc lim = static_cast<acc>(p.clamp);
+      for (int64_t i = 0; i < len; ++i) {
+        const int64_t e = base + i;
+        const acc xv = static_cast<acc>(x[e]);
+        acc d = cx * xv + cm * static_cast<acc>(m[e]);
+        if (lim > acc(0)) d = d < -lim ? -lim : (d > lim ? lim : d);  // keeps NaN
+        acc xn = a * xv + b * d + s * z[i];
+        for (int64_t j = 0; j < p.num_hist; ++j) xn += c[step::kColHist + j] * static_cast<acc>(hist[j * hist_stride + e]);
+        if (write_hist) hist[slot * hist_stride + e] = static_cast<scalar_t>(hx * xv + hd * d);
+        if (pred != nullptr) pred[e] = static_cast<scalar_t>(d);
+        out[e] = static_cast<scalar_t>(xn);
+      }
+    }
+  });
+}
+
+void sampler_step_out_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coeffs,
+                          at::Tensor& step_index, const std::optional<at::Tensor>& history,
+                          const std::optional<at::Tensor>& noise, at::Tensor& out,
+                          const std::optional<at::Tensor>& pred_x0, int64_t seed, int64_t stream,
+                          const std::optional<at::Tensor>& row_seeds, double clamp, bool advance) {
+  check_cpu(x, "x");
+  check_cpu(model_out, "model_out");
+  check_cpu(coeffs, "coeffs");
+  check_cpu(step_index, "step_index");
+  check_cpu(out, "out");
+  TORCH_CHECK(x.dim() >= 1, "pygen: x must have a batch dimension");
+  TORCH_CHECK(model_out.sizes() == x.sizes() && out.sizes() == x.sizes(), "pygen: model_out/out must match x");
+  TORCH_CHECK(model_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
+              "pygen: model_out/out must have x's dtype");
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(1) >= step::kColHist && coeffs.size(1) <= step::kColHist + 8,
+              "pygen: coeffs must be a (steps, 8 + H) table with H <= 8");
+  TORCH_CHECK(coeffs.scalar_type() == acc_type, "pygen: coeffs must be ", acc_type, " for ", x.scalar_type(), " x");
+  const int64_t batch = x.size(0);
+  TORCH_CHECK(step_index.scalar_type() == at::kLong && step_index.dim() == 1 &&
+                  (step_index.size(0) == 1 || step_index.size(0) == batch),
+              "pygen: step_index must be int64 of shape (1,) or (batch,)");
+  const int64_t num_hist = coeffs.size(1) - step::kColHist;
+  if (num_hist > 0) {
+    TORCH_CHECK(history.has_value(), "pygen: history is required for this coefficient table");
+    check_cpu(*history, "history");
+    TORCH_CHECK(history->scalar_type() == x.scalar_type() && history->dim() == x.dim() + 1 &&
+                    history->size(0) == num_hist && history->numel() == num_hist * x.numel(),
+                "pygen: history must have shape (H, *x.shape) and x's dtype");
+  }
+  if (noise.has_value()) {
+    check_cpu(*noise, "noise");
+    TORCH_CHECK(noise->sizes() == x.sizes() && noise->scalar_type() == x.scalar_type(), "pygen: noise must match x");
+  }
+  if (pred_x0.has_value()) {
+    check_cpu(*pred_x0, "pred_x0");
+    TORCH_CHECK(pred_x0->sizes() == x.sizes() && pred_x0->scalar_type() == x.scalar_type(),
+                "pygen: pred_x0 must match x");
+  }
+  if (row_seeds.has_value()) {
+    check_cpu(*row_seeds, "row_seeds");
+    TORCH_CHECK(row_seeds->scalar_type() == at::kLong && row_seeds->numel() == batch,
+                "pygen: row_seeds must be int64 with one seed per row");
+  }
+  const bool per_row_steps = step_index.size(0) > 1;
+  StepArgs p;
+  p.steps = step_index.data_ptr<int64_t>();
+  p.num_steps = coeffs.size(0);
+  p.width = coeffs.size(1);
+  p.num_hist = num_hist;
+  p.per_row_steps = per_row_steps;
+  p.row_seeds = row_seeds.has_value() ? row_seeds->data_ptr<int64_t>() : nullptr;
+  p.seed = static_cast<uint64_t>(seed);
+  p.stream = static_cast<uint64_t>(stream);
+  p.clamp = clamp;
+  const NoiseLayout layout = make_noise_layout(x.numel(), batch, per_row_steps || row_seeds.has_value());
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_out_cpu", [&] {
+      step_kernel<scalar_t>(p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(),
+                            coeffs.data_ptr<acc_t<scalar_t>>(),
+                            num_hist > 0 ? history->data_ptr<scalar_t>() : nullptr, x.numel(),
+                            noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                            pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  if (advance) {
+    int64_t* s = step_index.data_ptr<int64_t>();
+    for (int64_t k = 0; k < step_index.size(0); ++k) s[k] += 1;
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pygen, CPU, m) { m.impl("sampler_step_out", &sampler_step_out_cpu); }
+
+}  // namespace pygen::cpu

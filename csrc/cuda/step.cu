@@ -1,0 +1,164 @@
+// csrc/cuda/step.cu — CUDA kernel of torch.ops.pygen.sampler_step_out
+// (pygen.sampler_step): the general fused sampler step of
+// csrc/include/pygen/step.h in one launch per model evaluation.
+//
+// One thread per Philox group (4 consecutive elements of a noise row). The
+// step index is read on the device, so the launch replays unchanged inside a
+// CUDA graph; advance=True bumps it with a one-thread kernel on the same stream.
+#include <optional>
+
+#include <torch/library.h>
+
+#include "cuda_common.cuh"
+#include "pygen/step.h"
+
+namespace pygen::cuda {
+namespace {
+
+struct StepParams {
+  const int64_t* steps;
+  int64_t num_steps;
+  int width;
+  int num_hist;
+  bool per_row_steps;
+  const int64_t* row_seeds;
+  uint64_t seed;
+  uint64_t stream;
+  float clamp;
+  int64_t hist_stride;
+};
+
+template <typename scalar_t>
+__global__ void sampler_step_kernel(StepParams p, NoiseLayout layout, const scalar_t* x,  // out may alias x
+                                    const scalar_t* __restrict__ m, const acc_t<scalar_t>* __restrict__ coeffs,
+                                    scalar_t* hist, const scalar_t* __restrict__ noise, scalar_t* out,
+                                    scalar_t* __restrict__ pred) {
+  using acc = acc_t<scalar_t>;
+  const int64_t w = global_thread_index();
+  if (w >= layout.work_items()) return;
+  const int64_t r = w / layout.groups_per_row;
+  const int64_t g = w - r * layout.groups_per_row;
+  const int64_t step = p.steps[p.per_row_steps ? r : 0];
+  const bool valid = step >= 0 && step < p.num_steps;
+  const acc* row = coeffs + (valid ? step : 0) * p.width;
+  const acc nan = acc(NAN);
+  const acc cx = valid ? row[step::kColCx] : nan, cm = valid ? row[step::kColCm] : nan;
+  const acc a = valid ? row[step::kColA] : nan, b = valid ? row[step::kColB] : nan;
+  const acc s = valid ? row[step::kColS] : nan;
+  const int slot = valid ? static_cast<int>(row[step::kColSlot]) : -1;
+  const bool write_hist = slot >= 0 && slot < p.num_hist;
+
+  float z[kGroup] = {0.f, 0.f, 0.f, 0.f};
+  if (noise == nullptr && s != acc(0)) {
+    const uint64_t key = p.row_seeds != nullptr ? static_cast<uint64_t>(p.row_seeds[r]) : p.seed;
+    const Normals4 n4 = philox_normals(key, p.stream + static_cast<uint64_t>(step), static_cast<uint64_t>(g));
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) z[j] = n4.z[j];
+  }
+  const acc lim = static_cast<acc>(p.clamp);
+  const int64_t i0 = g * kGroup;
+  const int64_t base = r * layout.row_len + i0;
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    if (i0 + j >= layout.row_len) break;
+    const int64_t e = base + j;
+    const acc xv = static_cast<acc>(x[e]);
+    acc d = cx * xv + cm * static_cast<acc>(m[e]);
+    if (lim > acc(0)) d = d < -lim ? -lim : (d > lim ? lim : d);  // keeps NaN
+    const acc zv = noise != nullptr ? static_cast<acc>(noise[e]) : static_cast<acc>(z[j]);
+    acc xn = a * xv + b * d + s * zv;
+    for (int k = 0; k < p.num_hist; ++k) {
+      const acc ck = valid ? row[step::kColHist + k] : nan;
+      xn += ck * static_cast<acc>(hist[k * p.hist_stride + e]);
+    }
+    if (write_hist) {
+      hist[slot * p.hist_stride + e] = static_cast<scalar_t>(row[step::kColHx] * xv + row[step::kColHd] * d);
+    }
+    if (pred != nullptr) pred[e] = static_cast<scalar_t>(d);
+    out[e] = static_cast<scalar_t>(xn);
+  }
+}
+
+__global__ void advance_kernel(int64_t* steps, int64_t count) {
+  for (int64_t k = threadIdx.x; k < count; k += blockDim.x) steps[k] += 1;
+}
+
+void sampler_step_out_cuda(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coeffs,
+                           at::Tensor& step_index, const std::optional<at::Tensor>& history,
+                           const std::optional<at::Tensor>& noise, at::Tensor& out,
+                           const std::optional<at::Tensor>& pred_x0, int64_t seed, int64_t stream,
+                           const std::optional<at::Tensor>& row_seeds, double clamp, bool advance) {
+  check_cuda(x, "x");
+  check_cuda(model_out, "model_out");
+  check_cuda(coeffs, "coeffs");
+  check_cuda(step_index, "step_index");
+  check_cuda(out, "out");
+  TORCH_CHECK(x.dim() >= 1, "pygen: x must have a batch dimension");
+  TORCH_CHECK(model_out.sizes() == x.sizes() && out.sizes() == x.sizes(), "pygen: model_out/out must match x");
+  TORCH_CHECK(model_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
+              "pygen: model_out/out must have x's dtype");
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(1) >= step::kColHist, "pygen: coeffs must be a (steps, 8 + H) table");
+  TORCH_CHECK(coeffs.scalar_type() == acc_type, "pygen: coeffs must be ", acc_type, " for ", x.scalar_type(), " x");
+  const int64_t batch = x.size(0);
+  TORCH_CHECK(step_index.scalar_type() == at::kLong && step_index.dim() == 1 &&
+                  (step_index.size(0) == 1 || step_index.size(0) == batch),
+              "pygen: step_index must be int64 of shape (1,) or (batch,)");
+  const int64_t num_hist = coeffs.size(1) - step::kColHist;
+  if (num_hist > 0) {
+    TORCH_CHECK(history.has_value(), "pygen: history is required for this coefficient table");
+    check_cuda(*history, "history");
+    TORCH_CHECK(history->scalar_type() == x.scalar_type() && history->size(0) == num_hist &&
+                    history->numel() == num_hist * x.numel(),
+                "pygen: history must have shape (H, *x.shape) and x's dtype");
+  }
+  if (noise.has_value()) {
+    check_cuda(*noise, "noise");
+    TORCH_CHECK(noise->sizes() == x.sizes() && noise->scalar_type() == x.scalar_type(), "pygen: noise must match x");
+  }
+  if (pred_x0.has_value()) {
+    check_cuda(*pred_x0, "pred_x0");
+    TORCH_CHECK(pred_x0->sizes() == x.sizes() && pred_x0->scalar_type() == x.scalar_type(),
+                "pygen: pred_x0 must match x");
+  }
+  if (row_seeds.has_value()) {
+    check_cuda(*row_seeds, "row_seeds");
+    TORCH_CHECK(row_seeds->scalar_type() == at::kLong && row_seeds->numel() == batch,
+                "pygen: row_seeds must be int64 with one seed per row");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto cuda_stream = c10::cuda::getCurrentCUDAStream();
+  const bool per_row_steps = step_index.size(0) > 1;
+  StepParams p;
+  p.steps = step_index.data_ptr<int64_t>();
+  p.num_steps = coeffs.size(0);
+  p.width = static_cast<int>(coeffs.size(1));
+  p.num_hist = static_cast<int>(num_hist);
+  p.per_row_steps = per_row_steps;
+  p.row_seeds = row_seeds.has_value() ? row_seeds->data_ptr<int64_t>() : nullptr;
+  p.seed = static_cast<uint64_t>(seed);
+  p.stream = static_cast<uint64_t>(stream);
+  p.clamp = static_cast<float>(clamp);
+  p.hist_stride = x.numel();
+  const NoiseLayout layout = make_noise_layout(x.numel(), batch, per_row_steps || row_seeds.has_value());
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_out_cuda", [&] {
+      sampler_step_kernel<scalar_t><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
+          p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(), coeffs.data_ptr<acc_t<scalar_t>>(),
+          num_hist > 0 ? history->data_ptr<scalar_t>() : nullptr,
+          noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+          pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : nullptr);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (advance) {
+    advance_kernel<<<1, 32, 0, cuda_stream>>>(step_index.data_ptr<int64_t>(), step_index.size(0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pygen, CUDA, m) { m.impl("sampler_step_out", &sampler_step_out_cuda); }
+
+}  // namespace pygen::cuda

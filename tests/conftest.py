@@ -1,0 +1,45 @@
+"""Shared test fixtures: backends to compare, tolerances, deterministic inputs."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import pygen
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_ON_CPU = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cpu_backends():
+    """Backends that can run CPU tensors here: the reference, compiled CPU, Triton (interpreter)."""
+    names = ["torch"]
+    if pygen.backends()["cpu"] == "available":
+        names.append("cpu")
+    if TRITON_ON_CPU:
+        names.append("triton")
+    return names
+
+
+def require_backend(name):
+    status = pygen.backends()[name]
+    if name == "triton" and not TRITON_ON_CPU:
+        pytest.skip("Triton runs on the CPU only with TRITON_INTERPRET=1")
+    if status != "available":
+        pytest.skip(f"backend {name} unavailable: {status}")
+
+
+def tolerances(dtype):
+    """(rtol, atol) against the reference: fp32 1e-5; fp16/bf16 one ulp of the storage type."""
+    if dtype == torch.float16:
+        return 2.0**-10, 1e-6
+    if dtype == torch.bfloat16:
+        return 2.0**-7, 1e-6
+    if dtype == torch.float64:
+        return 1e-12, 1e-12
+    return 1e-5, 1e-6
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
