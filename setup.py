@@ -74,8 +74,9 @@ def _extensions():
     # -fopenmp: at::parallel_for is inlined from the ATen headers and only runs
     # in parallel when the including file is compiled with OpenMP.
     # -g0 drops the -g that Python's CFLAGS add (4 MB of debug info otherwise).
-    # -fno-math-errno lets logf/sqrtf/sinf/cosf vectorise (no errno side effect).
-    extra = {"cxx": opt + ([] if debug else ["-g0"]) + ["-std=c++20", "-fopenmp", "-fno-math-errno"]}
+    # -fno-math-errno lets logf/sqrtf/sinf/cosf vectorise (no errno side effect);
+    # -Wno-psabi silences a note on vector-typed helpers in target_clones code.
+    extra = {"cxx": opt + ([] if debug else ["-g0"]) + ["-std=c++20", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]}
     ext_cls = ce.CppExtension
 
     cuda_sources = _rel_sources("csrc/cuda/*.cu")
