@@ -48,16 +48,20 @@ def _compiled_status(dispatch_key):
     return AVAILABLE
 
 
-_status_cache = {}
+_status = None  # computed once: Triton fixes interpreter mode when a kernel is decorated
+_default = {}  # device type -> default backend name
+
+
+def _status_table():
+    global _status
+    if _status is None:
+        _status = _compute_status()
+    return _status
 
 
 def backends():
     """Map each backend name to ``"available"`` or the reason it is not."""
-    key = os.environ.get("TRITON_INTERPRET")
-    table = _status_cache.get(key)
-    if table is None:
-        table = _status_cache[key] = _compute_status()
-    return dict(table)
+    return dict(_status_table())
 
 
 def _compute_status():
@@ -99,16 +103,24 @@ _SERVES = {"cuda": ("cuda",), "cpu": ("cpu",), "triton": ("cuda", "cpu"), "torch
 
 
 def resolve(device):
-    """The backend that runs tensors on ``device`` now."""
+    """The backend that runs tensors on ``device`` now (cheap: called per op call)."""
     dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    name = requested()
+    name = _override.get()
+    if name is None:
+        name = os.environ.get("PYGEN_BACKEND") or None
+        if name is None:
+            default = _default.get(dev_type)
+            if default is None:
+                default = _default[dev_type] = default_backend(dev_type)
+            return default
+        _check_name(name)
     if name is not None:
         serves = _SERVES[name]
         if serves is not None and dev_type not in serves:
             raise ValueError(f"backend {name!r} cannot run tensors on device type {dev_type!r}")
         if name == "triton" and dev_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
-        status = backends()[name]
+        status = _status_table()[name]
         if status != AVAILABLE:
             raise RuntimeError(f"backend {name!r} is not available: {status}")
         return name
@@ -116,7 +128,7 @@ def resolve(device):
 
 
 def default_backend(dev_type):
-    table = backends()
+    table = _status_table()
     order = ("cuda", "triton", "torch") if dev_type == "cuda" else ("cpu", "torch")
     for name in order:
         if table[name] == AVAILABLE:

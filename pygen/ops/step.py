@@ -166,7 +166,7 @@ def sampler_step(x, model_out, coeffs, step_index, *, history=None, noise=None, 
 
         tk.sampler_step_out(*args)
     else:
-        torch.ops.pygen.sampler_step_out(*args)
+        torch.ops.pygen.sampler_step_out.default(*args)
     return (out, pred) if return_pred_x0 else out
 
 
