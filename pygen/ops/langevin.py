@@ -1,1 +1,203 @@
-"""Op family 'langevin' (work in progress)."""
+"""Unadjusted Langevin / Euler–Maruyama step: ``pygen.langevin_step``.
+
+Computes ``x_next = x + (dt/2)·score + sqrt(dt)·z`` (seed 000, "Langevin
+Dynamics"), with ``dt`` a scalar or one step size per batch row and ``z``
+either a given noise tensor or exactly ``pygen.randn(x.shape, seed, stream)``
+drawn inside the kernel.
+
+Op: ``torch.ops.pygen.langevin_step(x, score, step_sizes, step_size, noise,
+seed, stream, row_seeds) -> Tensor`` (``step_sizes`` None -> scalar
+``step_size``; ``noise`` None -> in-kernel noise from ``seed``/``row_seeds``).
+Backends: torch reference (this file), Triton (kernels/langevin.py), C++ CPU
+(csrc/cpu/langevin.cpp), CUDA (csrc/cuda/langevin.cu). The op has autograd
+(gradients for x, score, noise and per-row step sizes).
+"""
+import math
+import numbers
+
+import torch
+
+from pygen import _backend
+from pygen.ops._common import STORAGE_DTYPES, check_like, check_stream, check_tensor, contiguous, split_seed
+from pygen.ops.random import randn_reference
+
+__all__ = ["langevin_step"]
+
+_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------
+# torch reference (the spec)
+# ---------------------------------------------------------------------------
+def langevin_step_reference(x, score, step_sizes, step_size, noise, seed, stream, row_seeds):
+    """Plain-PyTorch ``x + (dt/2)·score + sqrt(dt)·z`` in fp32 (fp64 for fp64 storage)."""
+    acc = _acc_dtype(x.dtype)
+    if noise is None:
+        z = randn_reference(x.shape, seed, stream, row_seeds, device=x.device, dtype=torch.float32)
+    else:
+        z = noise
+    if step_sizes is None:
+        if not step_size >= 0.0:
+            raise ValueError(f"step_size must be non-negative, got {step_size}")
+        c1, c2 = 0.5 * step_size, math.sqrt(step_size)
+    else:
+        dt = step_sizes.to(acc).reshape((-1,) + (1,) * (x.dim() - 1))
+        c1, c2 = 0.5 * dt, dt.sqrt()
+    out = x.to(acc) + c1 * score.to(acc) + c2 * z.to(acc)
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+def _check_step_size(step_size, x):
+    """-> (step_sizes tensor or None, float step_size)."""
+    if isinstance(step_size, torch.Tensor):
+        check_tensor("step_size", step_size, dtypes=_STEP_DTYPES, device=x.device)
+        if x.dim() == 0:
+            raise ValueError("step_size can only be a per-row tensor when x has a batch dimension; x is 0-d")
+        if step_size.dim() != 1 or step_size.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"step_size tensor must be 1-D with one step per row (length {x.shape[0]}), "
+                f"got shape {tuple(step_size.shape)}"
+            )
+        # Host check; on CUDA it syncs, so it is skipped while capturing a graph.
+        if step_size.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            if not bool((step_size.detach() >= 0).all()):
+                raise ValueError("step_size must be non-negative (and not NaN) in every row")
+        return contiguous(step_size), 0.0
+    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real):
+        raise TypeError(f"step_size must be a float or a 1-D float tensor, got {type(step_size).__name__}")
+    step_size = float(step_size)
+    if not step_size >= 0.0:
+        raise ValueError(f"step_size must be non-negative, got {step_size}")
+    return None, step_size
+
+
+def langevin_step(x, score, step_size, seed=None, stream=0, *, noise=None):
+    """One unadjusted Langevin (Euler–Maruyama) step: ``x + (dt/2)·score + sqrt(dt)·z``.
+
+    Args:
+        x: current sample, float32/float16/bfloat16/float64 (float64 on the
+            torch and cpu backends; Triton computes fp64 too).
+        score: ``∇ log π(x)``, same shape, dtype and device as ``x``.
+        step_size: ``dt`` — a non-negative float, or a 1-D float32/float64
+            tensor with one step per batch row (``len == x.shape[0]``) on
+            ``x``'s device.
+        seed: an int, or a 1-D int64 tensor of per-row seeds; the noise is
+            then exactly ``pygen.randn(x.shape, seed, stream)``, drawn inside
+            the kernel. Must be None when ``noise`` is given.
+        stream: 64-bit noise stream id (e.g. the step number).
+        noise: a given ``z`` (same shape, dtype and device as ``x``) instead
+            of in-kernel noise.
+
+    Returns a new tensor like ``x`` (contiguous). NaN in ``x``, ``score`` or
+    ``noise`` propagates. Arithmetic is fp32 (fp64 for fp64 storage).
+    Gradients flow to ``x``, ``score``, ``noise`` and a step-size tensor.
+    """
+    check_tensor("x", x)
+    check_like("score", score, "x", x)
+    step_sizes, step_size = _check_step_size(step_size, x)
+    if noise is not None:
+        check_like("noise", noise, "x", x)
+        if seed is not None:
+            raise ValueError("pass either seed (in-kernel noise) or noise, not both; seed must be None with noise")
+        seed_i, row_seeds = 0, None
+        noise = contiguous(noise)
+    else:
+        if seed is None:
+            raise ValueError("seed must be given (an int or per-row int64 tensor) when noise is None")
+        if isinstance(seed, torch.Tensor) and x.dim() == 0:
+            raise ValueError("seed can only be a per-row tensor when x has a batch dimension; x is 0-d")
+        seed_i, row_seeds = split_seed(seed, x.shape[0] if x.dim() else 1, x.device)
+    stream = check_stream(stream)
+    x, score = contiguous(x), contiguous(score)
+
+    backend = _backend.resolve(x.device)
+    if backend == "torch":
+        return langevin_step_reference(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, score, noise, step_sizes)
+    )
+    if backend == "triton":
+        if needs_grad:
+            return torch.ops.pygen.langevin_step_triton(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
+        from pygen.kernels import langevin as tk
+
+        return tk.langevin_step(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
+    return torch.ops.pygen.langevin_step(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
+
+
+# ---------------------------------------------------------------------------
+# torch.library registration
+# ---------------------------------------------------------------------------
+def _fake(x, score, step_sizes, step_size, noise, seed, stream, row_seeds):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, score, step_sizes, step_size, noise, seed, stream, row_seeds = inputs
+    ctx.step_size, ctx.seed, ctx.stream = step_size, seed, stream
+    ctx.has_noise, ctx.has_steps = noise is not None, step_sizes is not None
+    want_steps_grad = step_sizes is not None and ctx.needs_input_grad[2]
+    ctx.want_steps_grad = want_steps_grad
+    ctx.save_for_backward(
+        step_sizes,
+        score if want_steps_grad else None,
+        noise if want_steps_grad else None,
+        row_seeds if want_steps_grad else None,
+    )
+
+
+def _backward(ctx, grad):
+    step_sizes, score, noise, row_seeds = ctx.saved_tensors
+    if ctx.has_steps:
+        dt = step_sizes.to(grad.dtype).reshape((-1,) + (1,) * (grad.dim() - 1))
+        c1, c2 = 0.5 * dt, dt.sqrt()
+    else:
+        c1, c2 = 0.5 * ctx.step_size, math.sqrt(ctx.step_size)
+    grad_x = grad if ctx.needs_input_grad[0] else None
+    grad_score = grad * c1 if ctx.needs_input_grad[1] else None
+    grad_noise = grad * c2 if ctx.has_noise and ctx.needs_input_grad[4] else None
+    grad_steps = None
+    if ctx.want_steps_grad:
+        # d out / d dt = score/2 + z / (2 sqrt(dt)); in-kernel z is regenerated.
+        if noise is None:
+            from pygen.ops.random import randn
+
+            seed = row_seeds if row_seeds is not None else ctx.seed
+            noise = randn(grad.shape, seed, ctx.stream, device=grad.device, dtype=grad.dtype)
+        d = 0.5 * score.to(grad.dtype) + noise.to(grad.dtype) * (0.5 / c2)
+        grad_steps = (grad * d).reshape(grad.shape[0], -1).sum(1).to(step_sizes.dtype)
+    return grad_x, grad_score, grad_steps, None, grad_noise, None, None, None
+
+
+def _register():
+    from pygen.ops import _registry
+
+    _registry.register_reference("langevin_step", langevin_step_reference)
+
+    def langevin_step_triton(x, score, step_sizes, step_size, noise, seed, stream, row_seeds):
+        from pygen.kernels import langevin as tk
+
+        if step_sizes is None and not step_size >= 0.0:
+            raise ValueError(f"step_size must be non-negative, got {step_size}")
+        x, score = contiguous(x), contiguous(score)
+        noise = contiguous(noise) if noise is not None else None
+        step_sizes = contiguous(step_sizes) if step_sizes is not None else None
+        row_seeds = contiguous(row_seeds) if row_seeds is not None else None
+        return tk.langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seeds)
+
+    _registry.register_triton("langevin_step", langevin_step_triton)
+    _registry.register_fake("langevin_step", _fake)
+    for qualname in ["pygen::langevin_step"] + (
+        [_registry.TRITON_OPS["langevin_step"]] if "langevin_step" in _registry.TRITON_OPS else []
+    ):
+        torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+
+
+_register()
