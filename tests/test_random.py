@@ -434,8 +434,6 @@ def test_bad_input(kwargs, exc, word):
         pygen.randn(**kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="pygen/ops/random.py converts shape entries with int(): 'a' raises a "
-                   "ValueError that does not name shape, and 3.5 is silently truncated (lead-owned file)")
 @pytest.mark.parametrize("shape", [(2, "a"), (2, 3.5)])
 def test_bad_shape_entries(shape):
     with pytest.raises(TypeError, match="shape"):

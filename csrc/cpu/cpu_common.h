@@ -24,8 +24,10 @@ template <typename T> using acc_t = typename Acc<T>::type;
 // vectorised (csrc/cpu/philox_cpu.cpp).
 void fill_normals(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t count, float* out);
 
-// Elements per chunk in for_each_noise_element (a multiple of 4).
+// Elements per chunk in for_each_noise_element (a multiple of 4), and the
+// Philox groups fill_normals computes per vectorised tile.
 constexpr int64_t kNoiseChunk = 1024;
+constexpr int64_t kNoiseTileGroups = kNoiseChunk / kGroup;
 
 // Visit every element of `layout` with its normal: fn(element_index, normal).
 // `seed_of_row(r)` gives the seed of noise row r; `stream_of_row(r)` its stream.

@@ -1,11 +1,11 @@
 // csrc/cpu/philox_cpu.cpp — vectorised CPU generation of pygen's Philox normals.
 //
-// Same numbers as csrc/include/pygen/philox.h (bit-identical uint32 words;
-// normals within fp32 rounding of log/sin/cos), computed 8 Philox groups at a
-// time with GCC/Clang vector extensions, and branch-free polynomial log and
-// sin/cos (Cephes-style minimax coefficients, about 1 ulp).
-// Compiled twice (AVX2+FMA and baseline) with target_clones; the loader picks
-// the one the CPU supports.
+// fill_normals() (declared in cpu_common.h) gives the numbers of
+// csrc/include/pygen/philox.h: bit-identical uint32 words, and normals within
+// fp32 rounding of log/sin/cos (evaluated with the polynomials below, ~1.5 ulp
+// of libm, as DESIGN.md allows). Only IEEE +,-,*,/ and sqrt are used and no
+// FMA contraction is possible, so every clone (AVX-512, AVX2, baseline) gives
+// the same bits. All C++ CPU ops that draw noise go through fill_normals.
 #include <cstdint>
 #include <cstring>
 
@@ -14,129 +14,133 @@
 namespace pygen::cpu {
 namespace {
 
-// 8-lane GCC/Clang vector types (AVX2 registers; two SSE registers in the baseline clone).
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef uint64_t u64x4 __attribute__((vector_size(32)));
-typedef float f32x8 __attribute__((vector_size(32)));
+constexpr int64_t kTileGroups = kNoiseTileGroups;
 
-constexpr int kLanes = 8;
+// No FMA contraction in this section, so the AVX-512 clone (which has FMA)
+// gives the same bits as the AVX2 and baseline clones. Everything it calls is
+// defined inside the section (same options, so it inlines).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#define PYGEN_TILE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#if !defined(PYGEN_TILE_CLONES) || !defined(__x86_64__) || !defined(__linux__)
+#undef PYGEN_TILE_CLONES
+#define PYGEN_TILE_CLONES
+#endif
 
-#define PYGEN_INLINE inline __attribute__((always_inline))
-
-PYGEN_INLINE void mulhilo(u32x8 a, uint32_t m, u32x8* hi, u32x8* lo) {
-  *lo = a * m;
-  const u64x4 even = reinterpret_cast<u64x4&>(a) & 0xffffffffull;  // lanes 0,2,4,6
-  const u64x4 odd = reinterpret_cast<u64x4&>(a) >> 32;             // lanes 1,3,5,7
-  const u64x4 pe = even * static_cast<uint64_t>(m);
-  const u64x4 po = odd * static_cast<uint64_t>(m);
-  const u64x4 h = (pe >> 32) | (po & 0xffffffff00000000ull);
-  *hi = reinterpret_cast<const u32x8&>(h);
+// ln(u) for u in (0, 1]: u = 2^e·m, m in [sqrt(1/2), sqrt(2)), f = m - 1,
+// s = f/(2+f), ln(1+f) = 2·atanh(s) = f - s·(f - 2p), p = s²/3 + s⁴/5 + ... + s¹⁰/11
+// (|s| < 0.172, truncation < 2e-9 relative); ln 2 split so e·ln2_hi is exact.
+inline float log_open_unit(float u) {
+  const uint32_t ix = __builtin_bit_cast(uint32_t, u) + (0x3F800000u - 0x3F3504F3u);
+  const float e = static_cast<float>(static_cast<int32_t>(ix >> 23) - 127);
+  const float f = __builtin_bit_cast(float, (ix & 0x007FFFFFu) + 0x3F3504F3u) - 1.0f;
+  const float s = f / (2.0f + f);
+  const float s2 = s * s;
+  const float p =
+      s2 * (1.0f / 3.0f + s2 * (1.0f / 5.0f + s2 * (1.0f / 7.0f + s2 * (1.0f / 9.0f + s2 * (1.0f / 11.0f)))));
+  constexpr float kLn2Hi = 6.9313812256e-01f;  // 17 significant bits
+  constexpr float kLn2Lo = 9.0580006145e-06f;
+  return e * kLn2Hi + (f + (e * kLn2Lo - s * (f - 2.0f * p)));
 }
 
-PYGEN_INLINE f32x8 open_uniform(u32x8 w) {
-  const i32x8 top = reinterpret_cast<i32x8>(w >> 8);
-  return (__builtin_convertvector(top, f32x8) + 0.5f) * 5.9604644775390625e-08f;
+// sin and cos of theta in [0, 2π]: theta = j·π/2 + y (Cody–Waite, π/2 in three
+// fp32 parts, j·part exact for j <= 4), |y| <= π/4, Taylor polynomials to
+// y⁹ / y¹⁰ (truncation < 3e-9), then the quadrant swap/sign of j.
+inline void sincos_0_2pi(float theta, float* sin_out, float* cos_out) {
+  const int32_t j = static_cast<int32_t>(theta * 0.636619772367581343f + 0.5f);
+  const float jf = static_cast<float>(j);
+  const float y = ((theta - jf * 1.5703125f) - jf * 4.837512969970703e-04f) - jf * 7.549790126404332e-08f;
+  const float y2 = y * y;
+  const float sp =
+      y + y * y2 * (-1.0f / 6.0f + y2 * (1.0f / 120.0f + y2 * (-1.0f / 5040.0f + y2 * (1.0f / 362880.0f))));
+  const float cp =
+      1.0f - 0.5f * y2 +
+      y2 * y2 * (1.0f / 24.0f + y2 * (-1.0f / 720.0f + y2 * (1.0f / 40320.0f + y2 * (-1.0f / 3628800.0f))));
+  const float a = (j & 1) ? cp : sp;
+  const float b = (j & 1) ? sp : cp;
+  *sin_out = (j & 2) ? -a : a;
+  *cos_out = ((j + 1) & 2) ? -b : b;
 }
 
-PYGEN_INLINE f32x8 log_open01(f32x8 x) {  // x in (0, 1], normal numbers
-  u32x8 bits = reinterpret_cast<u32x8>(x);
-  const i32x8 e = reinterpret_cast<i32x8>((bits >> 23) & 0xffu) - 126;  // x = m * 2^e, m in [0.5, 1)
-  bits = (bits & 0x007fffffu) | 0x3f000000u;
-  const f32x8 m = reinterpret_cast<f32x8>(bits);
-  const i32x8 small = m < 0.70710678118654752f;  // all-ones where true
-  const f32x8 ef = __builtin_convertvector(e + small, f32x8);  // small: e - 1
-  const f32x8 f = small ? (m + m - 1.0f) : (m - 1.0f);
-  const f32x8 z = f * f;
-  f32x8 p = f * 7.0376836292e-2f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  f32x8 y = p * f * z;
-  y += ef * -2.12194440e-4f;
-  y += z * -0.5f;
-  return f + y + ef * 0.693359375f;
+inline float open_uniform(uint32_t w) {
+  return (static_cast<float>(w >> 8) + 0.5f) * 5.9604644775390625e-08f;  // as word_to_open_uniform
 }
 
-PYGEN_INLINE void sincos_0_2pi(f32x8 x, f32x8* s, f32x8* c) {  // x in [0, 2*pi]
-  i32x8 j = __builtin_convertvector(x * 1.27323954473516f, i32x8);  // x * 4/pi, truncated
-  j += j & 1;
-  const f32x8 y = __builtin_convertvector(j, f32x8);
-  const f32x8 r = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
-  const f32x8 z = r * r;
-  const f32x8 sp = ((z * -1.9515295891e-4f + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
-  const f32x8 cp = ((z * 2.443315711809948e-5f - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
-                   z * 0.5f + 1.0f;
-  const i32x8 q = (j >> 1) & 3;  // x = q*pi/2 + r
-  const i32x8 odd = (q & 1) != 0;
-  const f32x8 sv = odd ? cp : sp;
-  const f32x8 cv = odd ? sp : cp;
-  *s = ((q & 2) != 0) ? -sv : sv;
-  *c = (((q + 1) & 2) != 0) ? -cv : cv;
-}
-
-PYGEN_INLINE f32x8 sqrt8(f32x8 v) {
-  f32x8 r;
-  for (int k = 0; k < kLanes; ++k) r[k] = __builtin_sqrtf(v[k]);
-  return r;
-}
-
-// 8 groups = 32 normals, planar: out[j * 8 + i] is element 4*(g0+i)+j.
-PYGEN_INLINE void philox_block(uint32_t k0, uint32_t k1, uint32_t s0, uint32_t s1, uint64_t g0, float* out) {
-  u32x8 c0, c1;
-  for (int i = 0; i < kLanes; ++i) {
-    const uint64_t g = g0 + static_cast<uint64_t>(i);
-    c0[i] = static_cast<uint32_t>(g);
-    c1[i] = static_cast<uint32_t>(g >> 32);
-  }
-  u32x8 c2 = u32x8{} + s0, c3 = u32x8{} + s1;
-  for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
+// z[4i + j] = normal j of Philox group g0 + i, for i < n <= kTileGroups.
+PYGEN_TILE_CLONES void philox_normals_tile(float* __restrict__ z, uint64_t seed, uint64_t stream, int64_t g0, int64_t n) {
+  const int64_t m = (n + 15) & ~int64_t{15};  // lanes computed: n rounded up for the vector loops
+  uint32_t w0[kTileGroups], w1[kTileGroups], w2[kTileGroups], w3[kTileGroups];
+  const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(stream >> 32);
+  for (int64_t i = 0; i < m; ++i) {  // philox4x32_10 of philox.h, one lane per group
+    const uint64_t g = static_cast<uint64_t>(g0 + i);
+    uint32_t c0 = static_cast<uint32_t>(g), c1 = static_cast<uint32_t>(g >> 32), c2 = s0, c3 = s1;
+    uint32_t k0 = key0, k1 = key1;
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+      c1 = static_cast<uint32_t>(p1);
+      c3 = static_cast<uint32_t>(p0);
+      c0 = n0;
+      c2 = n2;
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    u32x8 hi0, lo0, hi1, lo1;
-    mulhilo(c0, 0xD2511F53u, &hi0, &lo0);
-    mulhilo(c2, 0xCD9E8D57u, &hi1, &lo1);
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
+    w0[i] = c0;
+    w1[i] = c1;
+    w2[i] = c2;
+    w3[i] = c3;
   }
+  float r0[kTileGroups], r1[kTileGroups];
+  for (int64_t i = 0; i < m; ++i) {
+    r0[i] = -2.0f * log_open_unit(open_uniform(w0[i]));
+    r1[i] = -2.0f * log_open_unit(open_uniform(w2[i]));
+  }
+  // Scalar sqrt (errno semantics keep it out of the vector loops); cheap.
+  for (int64_t i = 0; i < m; ++i) {
+    r0[i] = __builtin_sqrtf(r0[i]);
+    r1[i] = __builtin_sqrtf(r1[i]);
+  }
+  float o0[kTileGroups], o1[kTileGroups], o2[kTileGroups], o3[kTileGroups];
   constexpr float kTwoPi = 6.28318530717958647692f;
-  const f32x8 r0 = sqrt8(log_open01(open_uniform(c0)) * -2.0f);
-  const f32x8 r1 = sqrt8(log_open01(open_uniform(c2)) * -2.0f);
-  f32x8 s0v, c0v, s1v, c1v;
-  sincos_0_2pi(open_uniform(c1) * kTwoPi, &s0v, &c0v);
-  sincos_0_2pi(open_uniform(c3) * kTwoPi, &s1v, &c1v);
-  const f32x8 z0 = r0 * c0v, z1 = r0 * s0v, z2 = r1 * c1v, z3 = r1 * s1v;
-  __builtin_memcpy(out + 0 * kLanes, &z0, sizeof z0);
-  __builtin_memcpy(out + 1 * kLanes, &z1, sizeof z1);
-  __builtin_memcpy(out + 2 * kLanes, &z2, sizeof z2);
-  __builtin_memcpy(out + 3 * kLanes, &z3, sizeof z3);
+  for (int64_t i = 0; i < m; ++i) {
+    float sa, ca, sb, cb;
+    sincos_0_2pi(kTwoPi * open_uniform(w1[i]), &sa, &ca);
+    sincos_0_2pi(kTwoPi * open_uniform(w3[i]), &sb, &cb);
+    o0[i] = r0[i] * ca;
+    o1[i] = r0[i] * sa;
+    o2[i] = r1[i] * cb;
+    o3[i] = r1[i] * sb;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    z[4 * i] = o0[i];
+    z[4 * i + 1] = o1[i];
+    z[4 * i + 2] = o2[i];
+    z[4 * i + 3] = o3[i];
+  }
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 }  // namespace
 
-__attribute__((target_clones("avx2", "default"))) void fill_normals(uint64_t seed, uint64_t stream,
-                                                                     uint64_t first_group, int64_t count,
-                                                                     float* out) {
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(stream >> 32);
-  constexpr int64_t kPerBlock = kGroup * kLanes;
-  float planar[kPerBlock];
-  for (int64_t done = 0; done < count; done += kPerBlock) {
-    philox_block(k0, k1, s0, s1, first_group + static_cast<uint64_t>(done / kGroup), planar);
-    const int64_t n = count - done < kPerBlock ? count - done : kPerBlock;
-    if (n == kPerBlock) {
-      for (int i = 0; i < kLanes; ++i)
-        for (int j = 0; j < kGroup; ++j) out[done + i * kGroup + j] = planar[j * kLanes + i];
+void fill_normals(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t count, float* out) {
+  alignas(64) float tile[kTileGroups * kGroup];
+  for (int64_t done = 0; done < count; done += kTileGroups * kGroup) {
+    const int64_t n = count - done < kTileGroups * kGroup ? count - done : kTileGroups * kGroup;
+    const int64_t groups = (n + kGroup - 1) / kGroup;
+    const int64_t g0 = static_cast<int64_t>(first_group) + done / kGroup;
+    if (n % kGroup == 0) {
+      philox_normals_tile(out + done, seed, stream, g0, groups);
     } else {
-      for (int64_t e = 0; e < n; ++e) out[done + e] = planar[(e % kGroup) * kLanes + e / kGroup];
+      philox_normals_tile(tile, seed, stream, g0, groups);
+      std::memcpy(out + done, tile, sizeof(float) * n);
     }
   }
 }

@@ -11,6 +11,7 @@ Box–Muller pairs. With per-row seeds, elements are numbered within each row
 (row = index along dim 0), so a row's noise does not depend on its batch.
 """
 import math
+import operator
 
 import torch
 
@@ -124,7 +125,7 @@ def randn(shape, seed, stream=0, *, device=None, dtype=torch.float32):
     if isinstance(shape, int):
         shape = (shape,)
     try:
-        shape = tuple(int(s) for s in shape)
+        shape = tuple(operator.index(s) for s in shape)
     except TypeError:
         raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
     if any(s < 0 for s in shape):

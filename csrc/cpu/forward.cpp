@@ -1,0 +1,351 @@
+// csrc/cpu/forward.cpp — C++ CPU kernels of the forward (noising) ops:
+//   torch.ops.pygen.q_sample        x_t = a[t_b]·x0 + s[t_b]·eps (+ training target in the same pass)
+//   torch.ops.pygen.reparameterize  z = mu + exp(logvar/2)·eps
+// Per-element math in csrc/include/pygen/forward.h; in-kernel noise is exactly
+// pygen.randn(x.shape, seed, stream) of the CPU backend (NoiseLayout +
+// fill_normals from cpu_common.h).
+//
+// Loop structure (so that GCC vectorizes the arithmetic):
+//   * the per-row coefficients (a, s) are gathered once per call, before the
+//     element loops (an out-of-range t gives a NaN row, never a read);
+//   * at::parallel_for splits the flat element range; inside a chunk, each
+//     batch row's segment is one contiguous inner loop with (a, s) hoisted;
+//   * with in-kernel noise the chunk is a run of kNoiseChunk elements of one
+//     noise row: its normals are generated into a small buffer first
+//     (fill_normals, vectorised: the same numbers as pygen.randn on the CPU),
+//     then the same contiguous loop reads them from there.
+#include <ATen/ops/empty.h>
+#include <c10/util/SmallVector.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <type_traits>
+
+#include "cpu_common.h"
+#include "pygen/forward.h"
+
+namespace pygen::cpu {
+namespace {
+
+// Elements per at::parallel_for grain when the noise is given.
+constexpr int64_t kGrainElements = int64_t{1} << 15;
+// Rows per at::parallel_for grain when gathering the per-row coefficients.
+constexpr int64_t kGrainRows = int64_t{1} << 14;
+// Row segments shorter than this skip the multi-versioned (not inlinable) loop.
+constexpr int64_t kShortSegment = 32;
+
+// The contiguous arithmetic loops are compiled for AVX2 and for the baseline
+// ISA and picked at load time (GCC/Clang function multi-versioning), because
+// the extension itself is built for the baseline x86-64 ISA. Neither clone has
+// FMA (AVX-512F would: GCC contracts a·x + s·e by default), so x_t rounds like
+// the eager composite: two products, then the sum.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PYGEN_NO_TARGET_CLONES)
+#define PYGEN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PYGEN_VECTOR_CLONES
+#endif
+
+template <typename T>
+T* offset_or_null(T* p, int64_t k) {
+  return p != nullptr ? p + k : nullptr;
+}
+
+// Call fn(row, begin, end) for the pieces of the flat range [begin, end) that
+// lie in one batch row each (rows are row_len elements long).
+template <typename Fn>
+inline void for_each_row_segment(int64_t begin, int64_t end, int64_t row_len, Fn&& fn) {
+  int64_t row = begin / row_len;
+  int64_t pos = begin;
+  while (pos < end) {
+    const int64_t stop = std::min(end, (row + 1) * row_len);
+    fn(row, pos, stop);
+    pos = stop;
+    ++row;
+  }
+}
+
+// Generate the noise of `layout` chunk by chunk (fill_normals: the numbers of
+// pygen.randn on this backend) and call fn(element_begin, element_end, normals)
+// for each chunk, where normals[k] is the noise of element element_begin + k.
+// A chunk never crosses a noise row.
+template <typename SeedFn, typename Fn>
+void for_each_noise_chunk(const NoiseLayout& layout, SeedFn seed_of_row, uint64_t stream, Fn&& fn) {
+  const int64_t chunks_per_row = (layout.row_len + kNoiseChunk - 1) / kNoiseChunk;
+  at::parallel_for(0, layout.rows * chunks_per_row, 1, [&](int64_t w_begin, int64_t w_end) {
+    alignas(64) float normals[kNoiseChunk];
+    for (int64_t w = w_begin; w < w_end; ++w) {
+      const int64_t r = w / chunks_per_row;
+      const int64_t i0 = (w - r * chunks_per_row) * kNoiseChunk;
+      const int64_t len = std::min(layout.row_len - i0, kNoiseChunk);
+      fill_normals(seed_of_row(r), stream, static_cast<uint64_t>(i0 / kGroup), len, normals);
+      const int64_t begin = r * layout.row_len + i0;
+      fn(begin, begin + len, static_cast<const float*>(normals));
+    }
+  });
+}
+
+// Call fn(std::integral_constant<int, TARGET>{}) for the runtime target.
+template <typename Fn>
+void dispatch_target(int64_t target, Fn&& fn) {
+  switch (target) {
+    case kTargetNone: return fn(std::integral_constant<int, kTargetNone>{});
+    case kTargetEps: return fn(std::integral_constant<int, kTargetEps>{});
+    case kTargetV: return fn(std::integral_constant<int, kTargetV>{});
+    case kTargetX0: return fn(std::integral_constant<int, kTargetX0>{});
+    case kTargetFlow: return fn(std::integral_constant<int, kTargetFlow>{});
+    default: TORCH_CHECK(false, "pygen: q_sample target must be 0..4, got ", target);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// q_sample
+// ---------------------------------------------------------------------------
+template <typename acc>
+struct RowCoefficients {
+  c10::SmallVector<acc, 64> a, s;
+  c10::SmallVector<uint8_t, 64> valid;
+};
+
+template <typename acc, typename coef_t, typename table_t, typename index_t>
+void gather_rows(RowCoefficients<acc>& rc, const index_t* t, int64_t batch, const table_t* table, int64_t n_table,
+                 int interpolation) {
+  rc.a.resize(batch);
+  rc.s.resize(batch);
+  rc.valid.resize(batch);
+  at::parallel_for(0, batch, kGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const auto c =
+          gather_forward_coefficients<acc, coef_t>(static_cast<int64_t>(t[b]), table, n_table, interpolation);
+      rc.a[b] = c.a;
+      rc.s[b] = c.s;
+      rc.valid[b] = c.valid ? 1 : 0;
+    }
+  });
+}
+
+template <typename scalar_t>
+RowCoefficients<acc_t<scalar_t>> row_coefficients(const at::Tensor& t, const at::Tensor& table, int interpolation) {
+  using acc = acc_t<scalar_t>;
+  RowCoefficients<acc> rc;
+  const int64_t batch = t.numel();
+  const int64_t n_table = table.numel();
+  const bool t64 = t.scalar_type() == at::kLong;
+  if (table.scalar_type() == at::kDouble) {
+    const double* tab = table.data_ptr<double>();
+    if (t64) gather_rows<acc, double>(rc, t.data_ptr<int64_t>(), batch, tab, n_table, interpolation);
+    else gather_rows<acc, double>(rc, t.data_ptr<int32_t>(), batch, tab, n_table, interpolation);
+  } else {
+    using coef_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const float* tab = table.data_ptr<float>();
+    if (t64) gather_rows<acc, coef_t>(rc, t.data_ptr<int64_t>(), batch, tab, n_table, interpolation);
+    else gather_rows<acc, coef_t>(rc, t.data_ptr<int32_t>(), batch, tab, n_table, interpolation);
+  }
+  return rc;
+}
+
+// One batch row's contiguous segment of n elements.
+template <int TARGET, bool WRITE_NOISE, typename scalar_t, typename eps_t>
+inline void q_sample_segment_impl(acc_t<scalar_t> a, acc_t<scalar_t> s, bool valid, const scalar_t* __restrict__ x0,
+                                  const eps_t* __restrict__ eps, scalar_t* __restrict__ xt,
+                                  scalar_t* __restrict__ noise_out, scalar_t* __restrict__ tgt, int64_t n) {
+  using acc = acc_t<scalar_t>;
+  if (valid) {
+    for (int64_t i = 0; i < n; ++i) {
+      const acc x = static_cast<acc>(x0[i]);
+      const acc e = static_cast<acc>(eps[i]);
+      xt[i] = static_cast<scalar_t>(forward_x_t(a, s, x, e));
+      if constexpr (WRITE_NOISE) noise_out[i] = static_cast<scalar_t>(eps[i]);
+      if constexpr (TARGET != kTargetNone) tgt[i] = static_cast<scalar_t>(forward_target<TARGET>(a, s, x, e));
+    }
+  } else {
+    // t out of range: the row's x_t and target are NaN; the noise is still the seed's noise.
+    const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<acc>::quiet_NaN());
+    for (int64_t i = 0; i < n; ++i) {
+      xt[i] = nan;
+      if constexpr (WRITE_NOISE) noise_out[i] = static_cast<scalar_t>(eps[i]);
+      if constexpr (TARGET != kTargetNone) tgt[i] = nan;
+    }
+  }
+}
+
+// The same loop compiled per ISA (see PYGEN_VECTOR_CLONES).
+template <int TARGET, bool WRITE_NOISE, typename scalar_t, typename eps_t>
+PYGEN_VECTOR_CLONES void q_sample_segment_vector(acc_t<scalar_t> a, acc_t<scalar_t> s, bool valid,
+                                                 const scalar_t* __restrict__ x0, const eps_t* __restrict__ eps,
+                                                 scalar_t* __restrict__ xt, scalar_t* __restrict__ noise_out,
+                                                 scalar_t* __restrict__ tgt, int64_t n) {
+  q_sample_segment_impl<TARGET, WRITE_NOISE>(a, s, valid, x0, eps, xt, noise_out, tgt, n);
+}
+
+template <int TARGET, bool WRITE_NOISE, typename scalar_t, typename eps_t>
+inline void q_sample_segment(acc_t<scalar_t> a, acc_t<scalar_t> s, bool valid, const scalar_t* x0, const eps_t* eps,
+                             scalar_t* xt, scalar_t* noise_out, scalar_t* tgt, int64_t n) {
+  if (n >= kShortSegment) {
+    q_sample_segment_vector<TARGET, WRITE_NOISE>(a, s, valid, x0, eps, xt, noise_out, tgt, n);
+  } else {
+    q_sample_segment_impl<TARGET, WRITE_NOISE>(a, s, valid, x0, eps, xt, noise_out, tgt, n);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& t_in,
+                                                             const at::Tensor& table_in,
+                                                             const std::optional<at::Tensor>& noise_in, int64_t seed,
+                                                             int64_t stream, const std::optional<at::Tensor>& row_seeds_in,
+                                                             int64_t interpolation, int64_t target) {
+  TORCH_CHECK(x0_in.dim() >= 1, "pygen: q_sample x0 must have a batch dimension, got a 0-d tensor");
+  const at::Tensor x0 = x0_in.contiguous();
+  const at::Tensor t = t_in.contiguous();
+  const at::Tensor table = table_in.contiguous();
+  check_cpu(x0, "x0");
+  check_cpu(t, "t");
+  check_cpu(table, "table");
+  const int64_t batch = x0.size(0);
+  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "pygen: q_sample t must be int64 or int32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.numel() == batch, "pygen: q_sample t must be 1-D with one timestep per row (", batch,
+              "), got shape ", t.sizes());
+  TORCH_CHECK(table.dim() == 1 && (table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble),
+              "pygen: q_sample table must be a 1-D float32/float64 tensor");
+  TORCH_CHECK(interpolation == kInterpVP || interpolation == kInterpFlow,
+              "pygen: q_sample interpolation must be 0 (vp) or 1 (flow), got ", interpolation);
+  TORCH_CHECK(target >= kTargetNone && target <= kTargetFlow, "pygen: q_sample target must be 0..4, got ", target);
+  at::Tensor noise;
+  if (noise_in.has_value()) {
+    noise = noise_in->contiguous();
+    check_cpu(noise, "noise");
+    TORCH_CHECK(noise.sizes() == x0.sizes() && noise.scalar_type() == x0.scalar_type(),
+                "pygen: q_sample noise must have the shape and dtype of x0");
+  }
+  const bool generate = !noise.defined();
+  const bool per_row = generate && row_seeds_in.has_value();
+  at::Tensor row_seeds;
+  if (per_row) {
+    row_seeds = row_seeds_in->contiguous();
+    check_cpu(row_seeds, "row_seeds");
+    TORCH_CHECK(row_seeds.scalar_type() == at::kLong && row_seeds.numel() == batch,
+                "pygen: row_seeds must be int64 with one seed per row");
+  }
+
+  at::Tensor xt = at::empty(x0.sizes(), x0.options());
+  at::Tensor noise_out = generate ? at::empty(x0.sizes(), x0.options()) : at::empty({0}, x0.options());
+  at::Tensor target_out = target != kTargetNone ? at::empty(x0.sizes(), x0.options()) : at::empty({0}, x0.options());
+  const int64_t numel = x0.numel();
+  if (numel == 0) return {xt, noise_out, target_out};
+  const int64_t row_len = numel / batch;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
+    const auto rc = row_coefficients<scalar_t>(t, table, static_cast<int>(interpolation));
+    const scalar_t* x = x0.data_ptr<scalar_t>();
+    scalar_t* o = xt.data_ptr<scalar_t>();
+    scalar_t* tg = target != kTargetNone ? target_out.data_ptr<scalar_t>() : nullptr;
+    dispatch_target(target, [&](auto target_tag) {
+      constexpr int TARGET = decltype(target_tag)::value;
+      if (!generate) {
+        const scalar_t* n = noise.data_ptr<scalar_t>();
+        at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
+          for_each_row_segment(begin, end, row_len, [&](int64_t row, int64_t p, int64_t q) {
+            q_sample_segment<TARGET, false, scalar_t, scalar_t>(rc.a[row], rc.s[row], rc.valid[row] != 0, x + p, n + p,
+                                                                o + p, nullptr, offset_or_null(tg, p), q - p);
+          });
+        });
+      } else {
+        scalar_t* no = noise_out.data_ptr<scalar_t>();
+        const int64_t* seeds = per_row ? row_seeds.data_ptr<int64_t>() : nullptr;
+        const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
+        for_each_noise_chunk(
+            layout, [&](int64_t r) { return static_cast<uint64_t>(per_row ? seeds[r] : seed); },
+            static_cast<uint64_t>(stream), [&](int64_t begin, int64_t end, const float* normals) {
+              for_each_row_segment(begin, end, row_len, [&](int64_t row, int64_t p, int64_t q) {
+                q_sample_segment<TARGET, true, scalar_t, float>(rc.a[row], rc.s[row], rc.valid[row] != 0, x + p,
+                                                                normals + (p - begin), o + p, no + p,
+                                                                offset_or_null(tg, p), q - p);
+              });
+            });
+      }
+    });
+  });
+  return {xt, noise_out, target_out};
+}
+
+// ---------------------------------------------------------------------------
+// reparameterize
+// ---------------------------------------------------------------------------
+template <bool WRITE_NOISE, typename scalar_t, typename eps_t>
+PYGEN_VECTOR_CLONES void reparameterize_segment(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
+                            const eps_t* __restrict__ eps, scalar_t* __restrict__ z, scalar_t* __restrict__ noise_out,
+                            int64_t n) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    z[i] = static_cast<scalar_t>(
+        reparameterize_value(static_cast<acc>(mu[i]), static_cast<acc>(logvar[i]), static_cast<acc>(eps[i])));
+    if constexpr (WRITE_NOISE) noise_out[i] = static_cast<scalar_t>(eps[i]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> reparameterize_cpu(const at::Tensor& mu_in, const at::Tensor& logvar_in,
+                                                      const std::optional<at::Tensor>& noise_in, int64_t seed,
+                                                      int64_t stream, const std::optional<at::Tensor>& row_seeds_in) {
+  const at::Tensor mu = mu_in.contiguous();
+  const at::Tensor logvar = logvar_in.contiguous();
+  check_cpu(mu, "mu");
+  check_cpu(logvar, "logvar");
+  TORCH_CHECK(logvar.sizes() == mu.sizes() && logvar.scalar_type() == mu.scalar_type(),
+              "pygen: reparameterize logvar must have the shape and dtype of mu");
+  at::Tensor noise;
+  if (noise_in.has_value()) {
+    noise = noise_in->contiguous();
+    check_cpu(noise, "noise");
+    TORCH_CHECK(noise.sizes() == mu.sizes() && noise.scalar_type() == mu.scalar_type(),
+                "pygen: reparameterize noise must have the shape and dtype of mu");
+  }
+  const bool generate = !noise.defined();
+  const bool per_row = generate && row_seeds_in.has_value();
+  const int64_t batch = mu.dim() > 0 ? mu.size(0) : 1;
+  at::Tensor row_seeds;
+  if (per_row) {
+    TORCH_CHECK(mu.dim() >= 1, "pygen: reparameterize with row_seeds needs a batch dimension");
+    row_seeds = row_seeds_in->contiguous();
+    check_cpu(row_seeds, "row_seeds");
+    TORCH_CHECK(row_seeds.scalar_type() == at::kLong && row_seeds.numel() == batch,
+                "pygen: row_seeds must be int64 with one seed per row");
+  }
+  at::Tensor z = at::empty(mu.sizes(), mu.options());
+  at::Tensor noise_out = generate ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
+  const int64_t numel = mu.numel();
+  if (numel == 0) return {z, noise_out};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_cpu", [&] {
+    const scalar_t* m = mu.data_ptr<scalar_t>();
+    const scalar_t* lv = logvar.data_ptr<scalar_t>();
+    scalar_t* o = z.data_ptr<scalar_t>();
+    if (!generate) {
+      const scalar_t* n = noise.data_ptr<scalar_t>();
+      at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
+        reparameterize_segment<false, scalar_t, scalar_t>(m + begin, lv + begin, n + begin, o + begin, nullptr,
+                                                          end - begin);
+      });
+    } else {
+      scalar_t* no = noise_out.data_ptr<scalar_t>();
+      const int64_t* seeds = per_row ? row_seeds.data_ptr<int64_t>() : nullptr;
+      const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
+      for_each_noise_chunk(
+          layout, [&](int64_t r) { return static_cast<uint64_t>(per_row ? seeds[r] : seed); },
+          static_cast<uint64_t>(stream), [&](int64_t begin, int64_t end, const float* normals) {
+            reparameterize_segment<true, scalar_t, float>(m + begin, lv + begin, normals, o + begin, no + begin,
+                                                          end - begin);
+          });
+    }
+  });
+  return {z, noise_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pygen, CPU, m) {
+  m.impl("q_sample", &q_sample_cpu);
+  m.impl("reparameterize", &reparameterize_cpu);
+}
+
+}  // namespace pygen::cpu
