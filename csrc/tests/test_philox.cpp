@@ -56,32 +56,30 @@ static void test_group_words_layout() {
 }
 
 static void test_uniform() {
-  // u(w) = (float(w >> 8) + 0.5f) * 2^-24: the top 24 bits, centred in their
-  // bin. Exact for w >> 8 < 2^23 (u < 0.5); above, the fp32 sum rounds to an
-  // integer (half to even), so u is within 2^-25 of the bin centre and
-  // u(0xffffffff) is exactly 1.0f (r = sqrt(-2 ln 1) = 0: finite). Every
-  // backend does the same fp32 arithmetic, so they agree bit for bit.
+  // u(w) = (float(w >> 9) + 0.5f) * 2^-23: the top 23 bits, centred in their
+  // bin. (w >> 9) + 0.5 needs 24 significant bits, so it is exact in fp32 over
+  // the whole range, and u lies in [2^-24, 1 - 2^-24].
+  constexpr double kBin = 1.0 / 8388608.0;  // 2^-23
   const float lo = pygen::word_to_open_uniform(0u);
-  PYGEN_CHECK_EQ(lo, 0.5f * 5.9604644775390625e-08f);  // 2^-25 > 0: log finite
-  PYGEN_CHECK_EQ(pygen::word_to_open_uniform(0x000000ffu), lo);  // low 8 bits ignored
-  PYGEN_CHECK_EQ(pygen::word_to_open_uniform(0x00000100u) - lo, 5.9604644775390625e-08f);
-  PYGEN_CHECK_EQ(pygen::word_to_open_uniform(0x7fffffffu), 0.5f - 0.5f * 5.9604644775390625e-08f);
+  PYGEN_CHECK_EQ(lo, 0.5f * 1.1920928955078125e-07f);               // 2^-24 > 0: log finite
+  PYGEN_CHECK_EQ(pygen::word_to_open_uniform(0x000001ffu), lo);      // low 9 bits ignored
+  PYGEN_CHECK_EQ(pygen::word_to_open_uniform(0x00000200u) - lo, 1.1920928955078125e-07f);
   int64_t bad = 0;
   float prev = 0.0f;
-  for (uint64_t k = 0; k < (1u << 24); k += 4099) {
-    const uint32_t w = static_cast<uint32_t>(k << 8) | 0x5au;
+  for (uint64_t k = 0; k < (1u << 23); k += 2053) {
+    const uint32_t w = static_cast<uint32_t>(k << 9) | 0x15au;
     const float u = pygen::word_to_open_uniform(w);
-    const double centre = (static_cast<double>(k) + 0.5) / 16777216.0;
-    const double err = std::fabs(static_cast<double>(u) - centre);
-    bad += !(u > 0.0f && u <= 1.0f && u >= prev) || err > (k < (1u << 23) ? 0.0 : 0.5 / 16777216.0);
+    const double centre = (static_cast<double>(k) + 0.5) * kBin;
+    bad += !(u > 0.0f && u < 1.0f && u > prev) || static_cast<double>(u) != centre;
     prev = u;
   }
   PYGEN_CHECK_EQ(bad, int64_t{0});
   const float hi = pygen::word_to_open_uniform(0xffffffffu);
-  PYGEN_CHECK(hi <= 1.0f && hi >= 1.0f - 5.9604644775390625e-08f, "u(max) = ", hi);
+  PYGEN_CHECK_EQ(static_cast<double>(hi), 1.0 - 0.5 * kBin);  // strictly below 1
   const pygen::Normals4 z = pygen::words_to_normals(Words4{{0xffffffffu, 0xffffffffu, 0u, 0u}});
   for (int j = 0; j < 4; ++j) PYGEN_CHECK(std::isfinite(z.z[j]), "extreme words give non-finite z[", j, "]");
-  PYGEN_CHECK_NEAR(z.z[2], std::sqrt(-2.0 * std::log(std::ldexp(1.0, -25))), 1e-5);  // largest radius
+  PYGEN_CHECK(z.z[0] != 0.0f || z.z[1] != 0.0f, "u < 1 keeps the radius positive");
+  PYGEN_CHECK_NEAR(z.z[2], std::sqrt(-2.0 * std::log(std::ldexp(1.0, -24))), 1e-5);  // largest radius
 }
 
 static void test_box_muller_formula() {
