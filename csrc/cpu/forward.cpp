@@ -66,26 +66,6 @@ inline void for_each_row_segment(int64_t begin, int64_t end, int64_t row_len, Fn
   }
 }
 
-// Generate the noise of `layout` chunk by chunk (fill_normals: the numbers of
-// pygen.randn on this backend) and call fn(element_begin, element_end, normals)
-// for each chunk, where normals[k] is the noise of element element_begin + k.
-// A chunk never crosses a noise row.
-template <typename SeedFn, typename Fn>
-void for_each_noise_chunk(const NoiseLayout& layout, SeedFn seed_of_row, uint64_t stream, Fn&& fn) {
-  const int64_t chunks_per_row = (layout.row_len + kNoiseChunk - 1) / kNoiseChunk;
-  at::parallel_for(0, layout.rows * chunks_per_row, 1, [&](int64_t w_begin, int64_t w_end) {
-    alignas(64) float normals[kNoiseChunk];
-    for (int64_t w = w_begin; w < w_end; ++w) {
-      const int64_t r = w / chunks_per_row;
-      const int64_t i0 = (w - r * chunks_per_row) * kNoiseChunk;
-      const int64_t len = std::min(layout.row_len - i0, kNoiseChunk);
-      fill_normals(seed_of_row(r), stream, static_cast<uint64_t>(i0 / kGroup), len, normals);
-      const int64_t begin = r * layout.row_len + i0;
-      fn(begin, begin + len, static_cast<const float*>(normals));
-    }
-  });
-}
-
 // Call fn(std::integral_constant<int, TARGET>{}) for the runtime target.
 template <typename Fn>
 void dispatch_target(int64_t target, Fn&& fn) {
@@ -194,39 +174,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0
                                                              const std::optional<at::Tensor>& noise_in, int64_t seed,
                                                              int64_t stream, const std::optional<at::Tensor>& row_seeds_in,
                                                              int64_t interpolation, int64_t target) {
-  TORCH_CHECK(x0_in.dim() >= 1, "pygen: q_sample x0 must have a batch dimension, got a 0-d tensor");
-  const at::Tensor x0 = x0_in.contiguous();
-  const at::Tensor t = t_in.contiguous();
-  const at::Tensor table = table_in.contiguous();
-  check_cpu(x0, "x0");
-  check_cpu(t, "t");
-  check_cpu(table, "table");
-  const int64_t batch = x0.size(0);
-  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "pygen: q_sample t must be int64 or int32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.numel() == batch, "pygen: q_sample t must be 1-D with one timestep per row (", batch,
-              "), got shape ", t.sizes());
-  TORCH_CHECK(table.dim() == 1 && (table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble),
-              "pygen: q_sample table must be a 1-D float32/float64 tensor");
-  TORCH_CHECK(interpolation == kInterpVP || interpolation == kInterpFlow,
-              "pygen: q_sample interpolation must be 0 (vp) or 1 (flow), got ", interpolation);
-  TORCH_CHECK(target >= kTargetNone && target <= kTargetFlow, "pygen: q_sample target must be 0..4, got ", target);
-  at::Tensor noise;
-  if (noise_in.has_value()) {
-    noise = noise_in->contiguous();
-    check_cpu(noise, "noise");
-    TORCH_CHECK(noise.sizes() == x0.sizes() && noise.scalar_type() == x0.scalar_type(),
-                "pygen: q_sample noise must have the shape and dtype of x0");
-  }
-  const bool generate = !noise.defined();
-  const bool per_row = generate && row_seeds_in.has_value();
-  at::Tensor row_seeds;
-  if (per_row) {
-    row_seeds = row_seeds_in->contiguous();
-    check_cpu(row_seeds, "row_seeds");
-    TORCH_CHECK(row_seeds.scalar_type() == at::kLong && row_seeds.numel() == batch,
-                "pygen: row_seeds must be int64 with one seed per row");
-  }
+  const QSampleArgs args =
+      check_q_sample_args(x0_in, t_in, table_in, noise_in, row_seeds_in, interpolation, target, c10::kCPU);
+  const at::Tensor& x0 = args.x0;
+  const at::Tensor& t = args.t;
+  const at::Tensor& table = args.table;
+  const int64_t batch = args.batch;
+  const bool generate = !args.noise.has_value();
+  const bool per_row = args.row_seeds.has_value();
 
   at::Tensor xt = at::empty(x0.sizes(), x0.options());
   at::Tensor noise_out = generate ? at::empty(x0.sizes(), x0.options()) : at::empty({0}, x0.options());
@@ -243,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0
     dispatch_target(target, [&](auto target_tag) {
       constexpr int TARGET = decltype(target_tag)::value;
       if (!generate) {
-        const scalar_t* n = noise.data_ptr<scalar_t>();
+        const scalar_t* n = args.noise->data_ptr<scalar_t>();
         at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
           for_each_row_segment(begin, end, row_len, [&](int64_t row, int64_t p, int64_t q) {
             q_sample_segment<TARGET, false, scalar_t, scalar_t>(rc.a[row], rc.s[row], rc.valid[row] != 0, x + p, n + p,
@@ -252,11 +207,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0
         });
       } else {
         scalar_t* no = noise_out.data_ptr<scalar_t>();
-        const int64_t* seeds = per_row ? row_seeds.data_ptr<int64_t>() : nullptr;
+        const int64_t* seeds = per_row ? args.row_seeds->data_ptr<int64_t>() : nullptr;
         const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
-        for_each_noise_chunk(
+        for_each_normals_chunk(
             layout, [&](int64_t r) { return static_cast<uint64_t>(per_row ? seeds[r] : seed); },
-            static_cast<uint64_t>(stream), [&](int64_t begin, int64_t end, const float* normals) {
+            [&](int64_t) { return static_cast<uint64_t>(stream); },
+            [&](int64_t begin, int64_t end, const float* normals) {
               for_each_row_segment(begin, end, row_len, [&](int64_t row, int64_t p, int64_t q) {
                 q_sample_segment<TARGET, true, scalar_t, float>(rc.a[row], rc.s[row], rc.valid[row] != 0, x + p,
                                                                 normals + (p - begin), o + p, no + p,
@@ -287,30 +243,12 @@ PYGEN_VECTOR_CLONES void reparameterize_segment(const scalar_t* __restrict__ mu,
 std::tuple<at::Tensor, at::Tensor> reparameterize_cpu(const at::Tensor& mu_in, const at::Tensor& logvar_in,
                                                       const std::optional<at::Tensor>& noise_in, int64_t seed,
                                                       int64_t stream, const std::optional<at::Tensor>& row_seeds_in) {
-  const at::Tensor mu = mu_in.contiguous();
-  const at::Tensor logvar = logvar_in.contiguous();
-  check_cpu(mu, "mu");
-  check_cpu(logvar, "logvar");
-  TORCH_CHECK(logvar.sizes() == mu.sizes() && logvar.scalar_type() == mu.scalar_type(),
-              "pygen: reparameterize logvar must have the shape and dtype of mu");
-  at::Tensor noise;
-  if (noise_in.has_value()) {
-    noise = noise_in->contiguous();
-    check_cpu(noise, "noise");
-    TORCH_CHECK(noise.sizes() == mu.sizes() && noise.scalar_type() == mu.scalar_type(),
-                "pygen: reparameterize noise must have the shape and dtype of mu");
-  }
-  const bool generate = !noise.defined();
-  const bool per_row = generate && row_seeds_in.has_value();
-  const int64_t batch = mu.dim() > 0 ? mu.size(0) : 1;
-  at::Tensor row_seeds;
-  if (per_row) {
-    TORCH_CHECK(mu.dim() >= 1, "pygen: reparameterize with row_seeds needs a batch dimension");
-    row_seeds = row_seeds_in->contiguous();
-    check_cpu(row_seeds, "row_seeds");
-    TORCH_CHECK(row_seeds.scalar_type() == at::kLong && row_seeds.numel() == batch,
-                "pygen: row_seeds must be int64 with one seed per row");
-  }
+  const ReparameterizeArgs args = check_reparameterize_args(mu_in, logvar_in, noise_in, row_seeds_in, c10::kCPU);
+  const at::Tensor& mu = args.mu;
+  const at::Tensor& logvar = args.logvar;
+  const int64_t batch = args.batch;
+  const bool generate = !args.noise.has_value();
+  const bool per_row = args.row_seeds.has_value();
   at::Tensor z = at::empty(mu.sizes(), mu.options());
   at::Tensor noise_out = generate ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
   const int64_t numel = mu.numel();
@@ -321,18 +259,19 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_cpu(const at::Tensor& mu_in, c
     const scalar_t* lv = logvar.data_ptr<scalar_t>();
     scalar_t* o = z.data_ptr<scalar_t>();
     if (!generate) {
-      const scalar_t* n = noise.data_ptr<scalar_t>();
+      const scalar_t* n = args.noise->data_ptr<scalar_t>();
       at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
         reparameterize_segment<false, scalar_t, scalar_t>(m + begin, lv + begin, n + begin, o + begin, nullptr,
                                                           end - begin);
       });
     } else {
       scalar_t* no = noise_out.data_ptr<scalar_t>();
-      const int64_t* seeds = per_row ? row_seeds.data_ptr<int64_t>() : nullptr;
+      const int64_t* seeds = per_row ? args.row_seeds->data_ptr<int64_t>() : nullptr;
       const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
-      for_each_noise_chunk(
+      for_each_normals_chunk(
           layout, [&](int64_t r) { return static_cast<uint64_t>(per_row ? seeds[r] : seed); },
-          static_cast<uint64_t>(stream), [&](int64_t begin, int64_t end, const float* normals) {
+          [&](int64_t) { return static_cast<uint64_t>(stream); },
+          [&](int64_t begin, int64_t end, const float* normals) {
             reparameterize_segment<true, scalar_t, float>(m + begin, lv + begin, normals, o + begin, no + begin,
                                                           end - begin);
           });
