@@ -2,7 +2,8 @@
 // shared by their C++ CPU (csrc/cpu/*.cpp) and CUDA (csrc/cuda/*.cu)
 // implementations: one check_<op>_args per op, given the device type the
 // implementation serves (c10::kCPU or c10::kCUDA), so both backends accept
-// and reject exactly the same arguments.
+// and reject exactly the same arguments; plus the small pieces of op glue the
+// two share (output allocation of the forward ops, q_sample's target dispatch).
 //
 // The public Python API has already raised ValueError/TypeError for bad user
 // input; these checks guard direct torch.ops.pygen calls and keep anything a
@@ -11,11 +12,14 @@
 // csrc/include/pygen/ (which stays torch-free).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
+#include <type_traits>
 
 #include "pygen/forward.h"
 #include "pygen/step.h"
@@ -108,6 +112,34 @@ inline QSampleArgs check_q_sample_args(const at::Tensor& x0, const at::Tensor& t
   return a;
 }
 
+// q_sample's outputs, as the schema and the fake (pygen/ops/forward.py) give
+// them: x_t like x0; the drawn noise like x0, or empty when noise was given;
+// the training target like x0, or empty for target 0 (kTargetNone).
+struct QSampleOutputs {
+  at::Tensor x_t, noise, target;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> as_tuple() const { return {x_t, noise, target}; }
+};
+
+inline QSampleOutputs q_sample_outputs(const QSampleArgs& a, int64_t target) {
+  const auto like_x0 = [&](bool used) {
+    return used ? at::empty(a.x0.sizes(), a.x0.options()) : at::empty({0}, a.x0.options());
+  };
+  return {like_x0(true), like_x0(!a.noise.has_value()), like_x0(target != kTargetNone)};
+}
+
+// Call fn(std::integral_constant<int, TARGET>{}) for a checked runtime target.
+template <typename Fn>
+void dispatch_q_sample_target(int64_t target, Fn&& fn) {
+  switch (target) {
+    case kTargetNone: return fn(std::integral_constant<int, kTargetNone>{});
+    case kTargetEps: return fn(std::integral_constant<int, kTargetEps>{});
+    case kTargetV: return fn(std::integral_constant<int, kTargetV>{});
+    case kTargetX0: return fn(std::integral_constant<int, kTargetX0>{});
+    case kTargetFlow: return fn(std::integral_constant<int, kTargetFlow>{});
+    default: TORCH_CHECK(false, "pygen: q_sample target must be 0..4, got ", target);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // reparameterize(mu, logvar, noise, seed, stream, row_seeds)
 // ---------------------------------------------------------------------------
@@ -134,6 +166,18 @@ inline ReparameterizeArgs check_reparameterize_args(const at::Tensor& mu, const 
     check_row_seeds(*a.row_seeds, a.batch, a.mu, "mu", type);
   }
   return a;
+}
+
+// reparameterize's outputs, as the schema and the fake give them: z like mu;
+// the drawn noise like mu, or empty when noise was given.
+struct ReparameterizeOutputs {
+  at::Tensor z, noise;
+  std::tuple<at::Tensor, at::Tensor> as_tuple() const { return {z, noise}; }
+};
+
+inline ReparameterizeOutputs reparameterize_outputs(const ReparameterizeArgs& a) {
+  return {at::empty(a.mu.sizes(), a.mu.options()),
+          a.noise.has_value() ? at::empty({0}, a.mu.options()) : at::empty(a.mu.sizes(), a.mu.options())};
 }
 
 // ---------------------------------------------------------------------------

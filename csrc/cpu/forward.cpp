@@ -66,17 +66,17 @@ inline void for_each_row_segment(int64_t begin, int64_t end, int64_t row_len, Fn
   }
 }
 
-// Call fn(std::integral_constant<int, TARGET>{}) for the runtime target.
+// Draw the noise of an op's numel elements in `batch` rows chunk by chunk —
+// pygen.randn(shape, seed, stream), per-row seeds when given — and call
+// fn(begin, end, normals) per chunk (see for_each_normals_chunk).
 template <typename Fn>
-void dispatch_target(int64_t target, Fn&& fn) {
-  switch (target) {
-    case kTargetNone: return fn(std::integral_constant<int, kTargetNone>{});
-    case kTargetEps: return fn(std::integral_constant<int, kTargetEps>{});
-    case kTargetV: return fn(std::integral_constant<int, kTargetV>{});
-    case kTargetX0: return fn(std::integral_constant<int, kTargetX0>{});
-    case kTargetFlow: return fn(std::integral_constant<int, kTargetFlow>{});
-    default: TORCH_CHECK(false, "pygen: q_sample target must be 0..4, got ", target);
-  }
+void for_each_drawn_noise_chunk(int64_t numel, int64_t batch, const std::optional<at::Tensor>& row_seeds, int64_t seed,
+                                int64_t stream, Fn&& fn) {
+  const int64_t* seeds = row_seeds.has_value() ? row_seeds->data_ptr<int64_t>() : nullptr;
+  for_each_normals_chunk(
+      make_noise_layout(numel, batch, seeds != nullptr),
+      [&](int64_t r) { return static_cast<uint64_t>(seeds != nullptr ? seeds[r] : seed); },
+      [&](int64_t) { return static_cast<uint64_t>(stream); }, fn);
 }
 
 // ---------------------------------------------------------------------------
@@ -176,28 +176,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0
                                                              int64_t interpolation, int64_t target) {
   const QSampleArgs args =
       check_q_sample_args(x0_in, t_in, table_in, noise_in, row_seeds_in, interpolation, target, c10::kCPU);
-  const at::Tensor& x0 = args.x0;
-  const at::Tensor& t = args.t;
-  const at::Tensor& table = args.table;
-  const int64_t batch = args.batch;
-  const bool generate = !args.noise.has_value();
-  const bool per_row = args.row_seeds.has_value();
+  const QSampleOutputs outs = q_sample_outputs(args, target);
+  const int64_t numel = args.x0.numel();
+  if (numel == 0) return outs.as_tuple();
+  const int64_t row_len = numel / args.batch;
 
-  at::Tensor xt = at::empty(x0.sizes(), x0.options());
-  at::Tensor noise_out = generate ? at::empty(x0.sizes(), x0.options()) : at::empty({0}, x0.options());
-  at::Tensor target_out = target != kTargetNone ? at::empty(x0.sizes(), x0.options()) : at::empty({0}, x0.options());
-  const int64_t numel = x0.numel();
-  if (numel == 0) return {xt, noise_out, target_out};
-  const int64_t row_len = numel / batch;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
-    const auto rc = row_coefficients<scalar_t>(t, table, static_cast<int>(interpolation));
-    const scalar_t* x = x0.data_ptr<scalar_t>();
-    scalar_t* o = xt.data_ptr<scalar_t>();
-    scalar_t* tg = target != kTargetNone ? target_out.data_ptr<scalar_t>() : nullptr;
-    dispatch_target(target, [&](auto target_tag) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x0.scalar_type(), "q_sample_cpu", [&] {
+    const auto rc = row_coefficients<scalar_t>(args.t, args.table, static_cast<int>(interpolation));
+    const scalar_t* x = args.x0.data_ptr<scalar_t>();
+    scalar_t* o = outs.x_t.data_ptr<scalar_t>();
+    scalar_t* tg = target != kTargetNone ? outs.target.data_ptr<scalar_t>() : nullptr;
+    dispatch_q_sample_target(target, [&](auto target_tag) {
       constexpr int TARGET = decltype(target_tag)::value;
-      if (!generate) {
+      if (args.noise.has_value()) {
         const scalar_t* n = args.noise->data_ptr<scalar_t>();
         at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
           for_each_row_segment(begin, end, row_len, [&](int64_t row, int64_t p, int64_t q) {
@@ -206,13 +197,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0
           });
         });
       } else {
-        scalar_t* no = noise_out.data_ptr<scalar_t>();
-        const int64_t* seeds = per_row ? args.row_seeds->data_ptr<int64_t>() : nullptr;
-        const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
-        for_each_normals_chunk(
-            layout, [&](int64_t r) { return static_cast<uint64_t>(per_row ? seeds[r] : seed); },
-            [&](int64_t) { return static_cast<uint64_t>(stream); },
-            [&](int64_t begin, int64_t end, const float* normals) {
+        scalar_t* no = outs.noise.data_ptr<scalar_t>();
+        for_each_drawn_noise_chunk(
+            numel, args.batch, args.row_seeds, seed, stream, [&](int64_t begin, int64_t end, const float* normals) {
               for_each_row_segment(begin, end, row_len, [&](int64_t row, int64_t p, int64_t q) {
                 q_sample_segment<TARGET, true, scalar_t, float>(rc.a[row], rc.s[row], rc.valid[row] != 0, x + p,
                                                                 normals + (p - begin), o + p, no + p,
@@ -222,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0
       }
     });
   });
-  return {xt, noise_out, target_out};
+  return outs.as_tuple();
 }
 
 // ---------------------------------------------------------------------------
@@ -244,40 +231,30 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_cpu(const at::Tensor& mu_in, c
                                                       const std::optional<at::Tensor>& noise_in, int64_t seed,
                                                       int64_t stream, const std::optional<at::Tensor>& row_seeds_in) {
   const ReparameterizeArgs args = check_reparameterize_args(mu_in, logvar_in, noise_in, row_seeds_in, c10::kCPU);
-  const at::Tensor& mu = args.mu;
-  const at::Tensor& logvar = args.logvar;
-  const int64_t batch = args.batch;
-  const bool generate = !args.noise.has_value();
-  const bool per_row = args.row_seeds.has_value();
-  at::Tensor z = at::empty(mu.sizes(), mu.options());
-  at::Tensor noise_out = generate ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
-  const int64_t numel = mu.numel();
-  if (numel == 0) return {z, noise_out};
+  const ReparameterizeOutputs outs = reparameterize_outputs(args);
+  const int64_t numel = args.mu.numel();
+  if (numel == 0) return outs.as_tuple();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_cpu", [&] {
-    const scalar_t* m = mu.data_ptr<scalar_t>();
-    const scalar_t* lv = logvar.data_ptr<scalar_t>();
-    scalar_t* o = z.data_ptr<scalar_t>();
-    if (!generate) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.mu.scalar_type(), "reparameterize_cpu", [&] {
+    const scalar_t* m = args.mu.data_ptr<scalar_t>();
+    const scalar_t* lv = args.logvar.data_ptr<scalar_t>();
+    scalar_t* o = outs.z.data_ptr<scalar_t>();
+    if (args.noise.has_value()) {
       const scalar_t* n = args.noise->data_ptr<scalar_t>();
       at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
         reparameterize_segment<false, scalar_t, scalar_t>(m + begin, lv + begin, n + begin, o + begin, nullptr,
                                                           end - begin);
       });
     } else {
-      scalar_t* no = noise_out.data_ptr<scalar_t>();
-      const int64_t* seeds = per_row ? args.row_seeds->data_ptr<int64_t>() : nullptr;
-      const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
-      for_each_normals_chunk(
-          layout, [&](int64_t r) { return static_cast<uint64_t>(per_row ? seeds[r] : seed); },
-          [&](int64_t) { return static_cast<uint64_t>(stream); },
-          [&](int64_t begin, int64_t end, const float* normals) {
+      scalar_t* no = outs.noise.data_ptr<scalar_t>();
+      for_each_drawn_noise_chunk(
+          numel, args.batch, args.row_seeds, seed, stream, [&](int64_t begin, int64_t end, const float* normals) {
             reparameterize_segment<true, scalar_t, float>(m + begin, lv + begin, normals, o + begin, no + begin,
                                                           end - begin);
           });
     }
   });
-  return {z, noise_out};
+  return outs.as_tuple();
 }
 
 }  // namespace

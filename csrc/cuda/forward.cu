@@ -116,18 +116,6 @@ __global__ void reparameterize_kernel(const scalar_t* __restrict__ mu, const sca
   }
 }
 
-template <typename Fn>
-void dispatch_target(int64_t target, Fn&& fn) {
-  switch (target) {
-    case kTargetNone: return fn(std::integral_constant<int, kTargetNone>{});
-    case kTargetEps: return fn(std::integral_constant<int, kTargetEps>{});
-    case kTargetV: return fn(std::integral_constant<int, kTargetV>{});
-    case kTargetX0: return fn(std::integral_constant<int, kTargetX0>{});
-    case kTargetFlow: return fn(std::integral_constant<int, kTargetFlow>{});
-    default: TORCH_CHECK(false, "pygen: q_sample target must be 0..4, got ", target);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& t_in,
                                                               const at::Tensor& table_in,
                                                               const std::optional<at::Tensor>& noise_in, int64_t seed,
@@ -136,81 +124,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x
                                                               int64_t interpolation, int64_t target) {
   const QSampleArgs args =
       check_q_sample_args(x0_in, t_in, table_in, noise_in, row_seeds_in, interpolation, target, c10::kCUDA);
-  const at::Tensor& x0 = args.x0;
-  const at::Tensor& t = args.t;
-  const at::Tensor& table = args.table;
-  const int64_t batch = args.batch;
-  const bool generate = !args.noise.has_value();
-  const bool per_row = args.row_seeds.has_value();
-  at::Tensor xt = at::empty(x0.sizes(), x0.options());
-  at::Tensor noise_out = generate ? at::empty(x0.sizes(), x0.options()) : at::empty({0}, x0.options());
-  at::Tensor target_out = target != kTargetNone ? at::empty(x0.sizes(), x0.options()) : at::empty({0}, x0.options());
-  const int64_t numel = x0.numel();
-  if (numel == 0) return {xt, noise_out, target_out};
+  const QSampleOutputs outs = q_sample_outputs(args, target);
+  const int64_t numel = args.x0.numel();
+  if (numel == 0) return outs.as_tuple();
 
-  const c10::cuda::CUDAGuard guard(x0.device());
-  const int64_t row_len = numel / batch;
-  const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
+  const c10::cuda::CUDAGuard guard(args.x0.device());
+  const int64_t row_len = numel / args.batch;
+  const int64_t* seeds = args.row_seeds.has_value() ? args.row_seeds->data_ptr<int64_t>() : nullptr;
+  const NoiseLayout layout = make_noise_layout(numel, args.batch, seeds != nullptr);
   CoefficientSource src;
-  src.t = t.data_ptr();
-  src.table = table.data_ptr();
-  src.n_table = table.numel();
+  src.t = args.t.data_ptr();
+  src.table = args.table.data_ptr();
+  src.n_table = args.table.numel();
   src.interpolation = static_cast<int>(interpolation);
-  src.t64 = t.scalar_type() == at::kLong;
-  src.table64 = table.scalar_type() == at::kDouble;
-  const int64_t* seeds = per_row ? args.row_seeds->data_ptr<int64_t>() : nullptr;
+  src.t64 = args.t.scalar_type() == at::kLong;
+  src.table64 = args.table.scalar_type() == at::kDouble;
   auto cuda_stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cuda", [&] {
-    const scalar_t* x = x0.data_ptr<scalar_t>();
-    scalar_t* o = xt.data_ptr<scalar_t>();
-    scalar_t* tg = target != kTargetNone ? target_out.data_ptr<scalar_t>() : nullptr;
-    dispatch_target(target, [&](auto target_tag) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x0.scalar_type(), "q_sample_cuda", [&] {
+    const scalar_t* x = args.x0.data_ptr<scalar_t>();
+    scalar_t* o = outs.x_t.data_ptr<scalar_t>();
+    scalar_t* tg = target != kTargetNone ? outs.target.data_ptr<scalar_t>() : nullptr;
+    dispatch_q_sample_target(target, [&](auto target_tag) {
       constexpr int TARGET = decltype(target_tag)::value;
-      if (generate) {
-        q_sample_kernel<scalar_t, TARGET, true><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
-            x, src, nullptr, seeds, static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), layout, row_len, o,
-            noise_out.data_ptr<scalar_t>(), tg);
-      } else {
+      if (args.noise.has_value()) {
         q_sample_kernel<scalar_t, TARGET, false><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
             x, src, args.noise->data_ptr<scalar_t>(), nullptr, 0, 0, layout, row_len, o, nullptr, tg);
+      } else {
+        q_sample_kernel<scalar_t, TARGET, true><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
+            x, src, nullptr, seeds, static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), layout, row_len, o,
+            outs.noise.data_ptr<scalar_t>(), tg);
       }
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {xt, noise_out, target_out};
+  return outs.as_tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_cuda(const at::Tensor& mu_in, const at::Tensor& logvar_in,
                                                        const std::optional<at::Tensor>& noise_in, int64_t seed,
                                                        int64_t stream, const std::optional<at::Tensor>& row_seeds_in) {
   const ReparameterizeArgs args = check_reparameterize_args(mu_in, logvar_in, noise_in, row_seeds_in, c10::kCUDA);
-  const at::Tensor& mu = args.mu;
-  const at::Tensor& logvar = args.logvar;
-  const int64_t batch = args.batch;
-  const bool generate = !args.noise.has_value();
-  const bool per_row = args.row_seeds.has_value();
-  at::Tensor z = at::empty(mu.sizes(), mu.options());
-  at::Tensor noise_out = generate ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
-  const int64_t numel = mu.numel();
-  if (numel == 0) return {z, noise_out};
+  const ReparameterizeOutputs outs = reparameterize_outputs(args);
+  const int64_t numel = args.mu.numel();
+  if (numel == 0) return outs.as_tuple();
 
-  const c10::cuda::CUDAGuard guard(mu.device());
-  const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
-  const int64_t* seeds = per_row ? args.row_seeds->data_ptr<int64_t>() : nullptr;
+  const c10::cuda::CUDAGuard guard(args.mu.device());
+  const int64_t* seeds = args.row_seeds.has_value() ? args.row_seeds->data_ptr<int64_t>() : nullptr;
+  const NoiseLayout layout = make_noise_layout(numel, args.batch, seeds != nullptr);
   auto cuda_stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_cuda", [&] {
-    if (generate) {
-      reparameterize_kernel<scalar_t, true><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
-          mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), nullptr, seeds, static_cast<uint64_t>(seed),
-          static_cast<uint64_t>(stream), layout, z.data_ptr<scalar_t>(), noise_out.data_ptr<scalar_t>());
-    } else {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.mu.scalar_type(), "reparameterize_cuda", [&] {
+    const scalar_t* m = args.mu.data_ptr<scalar_t>();
+    const scalar_t* lv = args.logvar.data_ptr<scalar_t>();
+    if (args.noise.has_value()) {
       reparameterize_kernel<scalar_t, false><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
-          mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), args.noise->data_ptr<scalar_t>(), nullptr, 0, 0, layout,
-          z.data_ptr<scalar_t>(), nullptr);
+          m, lv, args.noise->data_ptr<scalar_t>(), nullptr, 0, 0, layout, outs.z.data_ptr<scalar_t>(), nullptr);
+    } else {
+      reparameterize_kernel<scalar_t, true><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
+          m, lv, nullptr, seeds, static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), layout,
+          outs.z.data_ptr<scalar_t>(), outs.noise.data_ptr<scalar_t>());
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {z, noise_out};
+  return outs.as_tuple();
 }
 
 }  // namespace
