@@ -5,7 +5,9 @@
 // csrc/cuda/<family>.cu (CUDA). Fake implementations, the Triton variants and
 // the fallback used when this extension is absent live in pygen/ops/.
 // pygen/ops/_schemas.py holds the same schema strings (checked by a test).
+#ifdef PYGEN_TORCH_EXTENSION
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
 TORCH_LIBRARY(pygen, m) {
@@ -28,9 +30,12 @@ TORCH_LIBRARY(pygen, m) {
       "float param1) -> Tensor");
 }
 
+#ifdef PYGEN_TORCH_EXTENSION
 // `import pygen._C` loads this library, which runs the registrations above and
 // those in csrc/cpu and csrc/cuda. The module itself has no attributes.
+// (The CMake build makes a plain shared library without this.)
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif

@@ -39,7 +39,7 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 @triton.jit
 def open_uniform(w):
-    return ((w >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    return ((w >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
 
 
 @triton.jit

@@ -137,7 +137,7 @@ def numpy_normals(seed, stream, groups):
     words = philox4x32_10(lo, hi, full(stream & 0xFFFFFFFF), full(stream >> 32), full(seed & 0xFFFFFFFF),
                           full(seed >> 32))
     w = [x.numpy().astype(np.uint32) for x in words]
-    u = [((x >> 8).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24) for x in w]
+    u = [((x >> 9).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23) for x in w]
     two_pi = np.float32(2 * math.pi)
     r0 = np.sqrt(np.float32(-2.0) * np.log(u[0]))
     r1 = np.sqrt(np.float32(-2.0) * np.log(u[2]))
@@ -150,7 +150,7 @@ def numpy_normals(seed, stream, groups):
 def test_first_group_of_seed0_stream0_is_the_first_kat(backend):
     """randn((4,), 0, 0) is Box–Muller of the words 6627e8d5 e169c58d bc57ac4c 9b00dbd8."""
     w = np.array(KAT[0][2], dtype=np.uint32)
-    u = ((w >> 8).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
+    u = ((w >> 9).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23)
     r0, r1 = np.sqrt(-2.0 * np.log(u[0].astype(np.float64))), np.sqrt(-2.0 * np.log(u[2].astype(np.float64)))
     t0, t1 = 2 * math.pi * float(u[1]), 2 * math.pi * float(u[3])
     exp = torch.tensor([r0 * math.cos(t0), r0 * math.sin(t0), r1 * math.cos(t1), r1 * math.sin(t1)], dtype=torch.float32)

@@ -65,7 +65,7 @@ inline void sincos_0_2pi(float theta, float* sin_out, float* cos_out) {
 }
 
 inline float open_uniform(uint32_t w) {
-  return (static_cast<float>(w >> 8) + 0.5f) * 5.9604644775390625e-08f;  // as word_to_open_uniform
+  return (static_cast<float>(w >> 9) + 0.5f) * 1.1920928955078125e-07f;  // as word_to_open_uniform
 }
 
 // z[4i + j] = normal j of Philox group g0 + i, for i < n <= kTileGroups.

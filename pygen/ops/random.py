@@ -64,7 +64,7 @@ def philox_words(seeds, stream, groups):
 
 
 def _uniform(w):
-    return ((w >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    return ((w >> 9).to(torch.float32) + 0.5) * (2.0**-23)
 
 
 def words_to_normals(w0, w1, w2, w3):

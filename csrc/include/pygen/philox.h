@@ -7,7 +7,8 @@
 //   * the four words of one call give four normals via two Box–Muller pairs:
 //       element 4g+0 = r(w0)·cos(2π u(w1)),  4g+1 = r(w0)·sin(2π u(w1)),
 //       element 4g+2 = r(w2)·cos(2π u(w3)),  4g+3 = r(w2)·sin(2π u(w3)),
-//     with u(w) = ((w >> 8) + 0.5) · 2^-24 in (0, 1) and r(w) = sqrt(-2 ln u(w)).
+//     with u(w) = ((w >> 9) + 0.5) · 2^-23 in (0, 1) (exact in fp32) and
+//     r(w) = sqrt(-2 ln u(w)).
 //   * All arithmetic after the words is fp32, so every backend agrees to
 //     within fp32 rounding of log/sin/cos; the words are bit-identical.
 // The Triton twin is kernels/random.py, the torch reference pygen/ops/random.py.
@@ -62,9 +63,11 @@ PYGEN_HD Words4 philox_group_words(uint64_t seed, uint64_t stream, uint64_t grou
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-// uint32 word -> uniform in (0, 1): 24 bits, centred, exact in fp32.
+// uint32 word -> uniform in (0, 1): the top 23 bits, centred in their bin.
+// (w >> 9) + 0.5 needs 24 significant bits, so every step is exact in fp32 and
+// u lies in [2^-24, 1 - 2^-24].
 PYGEN_HD float word_to_open_uniform(uint32_t w) {
-  return (static_cast<float>(w >> 8) + 0.5f) * 5.9604644775390625e-08f;  // 2^-24
+  return (static_cast<float>(w >> 9) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
 }
 
 struct Normals4 {
