@@ -456,22 +456,26 @@ def replica_exchange(x, energy_fn, betas, *, step_size, n_steps, swap_every=1, s
     swap_count = torch.zeros(reps, dtype=acc, device=dev)
     neg_inf = torch.full((), -math.inf, dtype=acc, device=dev)
 
-    def tempered(e, g, xx):
-        """(U_β = β·E + |x|²/2 per row, its score -β·∇E - x)."""
-        return beta_rows * e + 0.5 * _sqnorm(xx.to(acc)), (-beta_b * g - xx).contiguous()
+    def tempered_score(g, xx):
+        """Score of π_β: -β·∇E(x) - x."""
+        return (-beta_b * g - xx).contiguous()
+
+    def tempered_energy(e, xx):
+        """U_β = β·E + |x|²/2 per row (π_β ∝ exp(-U_β))."""
+        return beta_rows * e + 0.5 * _sqnorm(xx.to(acc))
 
     mh = _MH(ops, n_rows, dev, acc)
     swap_flags = torch.empty(n_rows, dtype=acc, device=dev)
     e, g = _energy_grad(energy_fn, state, acc)
     for i in range(n_steps):
-        u, s = tempered(e, g, state)
+        s = tempered_score(g, state)
         prop = ops.langevin(state, s, step_sizes, step_size, seed, noise_stream(stream, i, LANE_MOVE), None)
         ep, gp = _energy_grad(energy_fn, prop, acc)
         if move == "ula":
             state, e, g = prop, ep, gp
         else:
-            up, sp = tempered(ep, gp, prop)
-            log_accept = _mala_log_accept(state, prop, u, up, s, sp, half_dt, inv_2dt, acc)
+            log_accept = _mala_log_accept(state, prop, tempered_energy(e, state), tempered_energy(ep, prop), s,
+                                          tempered_score(gp, prop), half_dt, inv_2dt, acc)
             log_u = ops.log_uniform(n_rows, seed, noise_stream(stream, i, LANE_ACCEPT), None, device=dev, dtype=acc)
             mh.select(log_accept, log_u, [(state, prop), (g, gp), (e.view(-1, 1), ep.view(-1, 1))])
         swapped = None

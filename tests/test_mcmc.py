@@ -27,7 +27,8 @@ HAS_CPU = pygen.backends()["cpu"] == "available"
 BACKENDS = [
     "torch",
     pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CPU, reason="pygen._C not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="needs triton and TRITON_INTERPRET=1 or CUDA")),
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK,
+                                                    reason="needs triton and TRITON_INTERPRET=1 or CUDA")),
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(pygen.backends()["cuda"] != "available",
                                                                      reason="no CUDA device or CUDA kernels")]),
 ]
@@ -215,8 +216,7 @@ def test_opcheck(variant):
             pytest.skip("Triton opcheck on CPU tensors needs TRITON_INTERPRET=1")
         from pygen.ops._registry import TRITON_OPS
 
-        ns, name = TRITON_OPS["leapfrog_"].split("::")
-        lf = getattr(torch.ops.pygen, name)
+        lf = getattr(torch.ops.pygen, TRITON_OPS["leapfrog_"].split("::")[1])
         ms = getattr(torch.ops.pygen, TRITON_OPS["mh_select_"].split("::")[1])
     else:
         lf, ms = torch.ops.pygen.leapfrog_, torch.ops.pygen.mh_select_

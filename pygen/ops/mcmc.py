@@ -71,7 +71,8 @@ def mh_select_reference(x, x_prop, log_accept, log_u, accepted):
     accepted.copy_(torch.where(is_nan, nan, take.to(accepted.dtype)))
     if x.numel():
         out = torch.where(_rows_view(take, x.dim()), x_prop, x)
-        out = torch.where(_rows_view(is_nan, x.dim()), torch.full((), float("nan"), dtype=x.dtype, device=x.device), out)
+        nan_x = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
+        out = torch.where(_rows_view(is_nan, x.dim()), nan_x, out)
         x.copy_(out)
 
 
