@@ -420,3 +420,33 @@ def test_nan_propagates():
     x[1, 0] = float("nan")
     out = S.reverse_diffusion_step(score, sde, x, 0.5, seed=1)
     assert torch.isnan(out[1]).any() and torch.isfinite(out[0]).all()
+
+
+# ---------------------------------------------------------------------------
+# backends: the loops give the same samples on torch, cpu and triton
+# ---------------------------------------------------------------------------
+def _available(name):
+    return pygen.backends().get(name) == "available"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_backends_agree(backend, dtype):
+    if not _available(backend):
+        pytest.skip(f"backend {backend}: {pygen.backends().get(backend)}")
+    sde, score = make_sde("vp"), _score("vp", dim=3)
+    runs = {}
+    for name in ("torch", backend):
+        with pygen.use_backend(name):
+            pc = S.pc_sample(score, sde, (5, 3), predictor="euler_maruyama", corrector="langevin", n_steps=3,
+                             seed=7, dtype=dtype, norm="row")
+            ald = S.pc_sample(score, sde, (5, 3), predictor="ancestral", corrector="ald", n_steps=3, seed=7,
+                              dtype=dtype)
+            ode = S.ode_sample(score, sde, (5, 3), method="heun", n_steps=3, seed=7, dtype=dtype)
+            runs[name] = (pc, ald, ode)
+    # the normals are computed in fp32 on every backend (noise contract), so backends may differ
+    # by an fp32 ulp of the noise even for fp64 storage
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-6, atol=2e-6)
+    for a, b in zip(runs["torch"], runs[backend]):
+        assert a.dtype == dtype
+        torch.testing.assert_close(b, a, **tol)
