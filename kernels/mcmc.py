@@ -7,14 +7,12 @@ accepted[b] = 1/0, or NaN (and x[b] NaN) when log_accept[b] or log_u[b] is NaN.
 Arithmetic in fp32 (fp64 for fp64 storage). Both are 1-D grids over flat
 elements; a row's values are looked up per element (row = index // row_len).
 """
-import math
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
-_F32 = struct.Struct("f")
+from pygen.kernels._scalars import split_float
+
 BLOCK = 1024
 
 
@@ -71,20 +69,6 @@ def _mh_select_kernel(x_ptr, xp_ptr, la_ptr, lu_ptr, acc_ptr, numel, rows, row_l
     tl.store(acc_ptr + offs, flag, mask=rmask)
 
 
-def _to_f32(v):
-    try:
-        return _F32.unpack(_F32.pack(v))[0]
-    except OverflowError:
-        return math.copysign(math.inf, v)
-
-
-def _split_float(v):
-    """``v`` as fp32 hi + fp32 lo (hi + lo == v to ~2^-48 relative)."""
-    hi = _to_f32(v)
-    lo = _to_f32(v - hi) if math.isfinite(hi) else 0.0
-    return hi, lo
-
-
 def leapfrog_(x, p, grad, step_sizes, step_size, kick, drift):
     """Launch on contiguous tensors (arguments as in pygen::leapfrog_); updates x and p in place."""
     numel = x.numel()
@@ -95,8 +79,8 @@ def leapfrog_(x, p, grad, step_sizes, step_size, kick, drift):
         a, b = kick * step_size, drift * step_size
     else:
         a, b = kick, drift
-    a_hi, a_lo = _split_float(a)
-    b_hi, b_lo = _split_float(b)
+    a_hi, a_lo = split_float(a)
+    b_hi, b_lo = split_float(b)
     grid = (triton.cdiv(numel, BLOCK),)
     _leapfrog_kernel[grid](
         x, p, grad, step_sizes if step_sizes is not None else x, a_hi, a_lo, b_hi, b_lo, numel, row_len,

@@ -25,6 +25,8 @@ import numbers
 
 import torch
 
+from pygen.ops._common import check_int as _check_int
+
 __all__ = [
     "MMD_BANDWIDTH_FACTORS",
     "METRICS",
@@ -45,14 +47,6 @@ METRICS = ("sliced_wasserstein", "mmd", "mode_weight_error")
 
 _MEDIAN_POINTS = 1000  # points used by the median heuristic
 _BLOCK_ELEMENTS = 1 << 22  # pairwise distances held at once by the MMD kernel sums
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_generator(generator):

@@ -39,6 +39,9 @@ import numbers
 
 import torch
 
+from pygen.ops._common import check_int as _check_int
+from pygen.ops._common import check_real as _check_real
+
 __all__ = ["GaussianMixture", "clot", "ring", "CLOT_MEANS", "CLOT_STDS", "CLOT_WEIGHTS", "MODEL_KINDS"]
 
 _F64 = torch.float64
@@ -87,29 +90,6 @@ def _param(name, value):
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name} must be a tensor or a (nested) sequence of numbers, "
                         f"got {type(value).__name__}") from exc
-
-
-def _check_real(name, value, *, ge=None, gt=None):
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if ge is not None and not value >= ge:
-        raise ValueError(f"{name} must be >= {ge}, got {value}")
-    if gt is not None and not value > gt:
-        raise ValueError(f"{name} must be > {gt}, got {value}")
-    return value
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _compute_dtype(x):

@@ -60,6 +60,7 @@ import torch
 
 from pygen import _backend
 from pygen import schedules as _schedules
+from pygen.ops._common import check_int as _check_int
 from pygen.ops._common import check_like, check_stream, split_seed
 from pygen.ops.random import randn
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_HD, COL_HIST, COL_HX, COL_S, COL_SLOT, step_coefficients
@@ -98,14 +99,6 @@ def _check_sde(sde):
     if not isinstance(sde, (_schedules.VPSDE, _schedules.VESDE)):
         raise TypeError(f"sde must be a pygen.schedules VPSDE, SubVPSDE or VESDE, got {type(sde).__name__}")
     return sde
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_pos(name, value):

@@ -30,7 +30,7 @@ import numbers
 import torch
 
 from pygen import _backend
-from pygen.ops._common import STORAGE_DTYPES, check_like, check_tensor
+from pygen.ops._common import check_like, check_tensor
 
 __all__ = ["leapfrog_", "mh_select_"]
 
