@@ -28,6 +28,10 @@ TORCH_LIBRARY(pygen, m) {
   m.def(
       "step_coefficients(Tensor levels, int kind, int prediction, float eta, float param0, "
       "float param1) -> Tensor");
+  m.def(
+      "leapfrog_(Tensor(a!) x, Tensor(b!) p, Tensor grad, Tensor? step_sizes, float step_size, float kick, "
+      "float drift) -> ()");
+  m.def("mh_select_(Tensor(a!) x, Tensor x_prop, Tensor log_accept, Tensor log_u, Tensor(b!) accepted) -> ()");
 }
 
 #ifdef PYGEN_TORCH_EXTENSION

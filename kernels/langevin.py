@@ -9,15 +9,14 @@ Grid: (groups of 4*BLOCK elements, noise rows); a noise row is the whole
 tensor (given noise or int seed) or one batch row (per-row seeds).
 """
 import math
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
+from pygen.kernels._scalars import split_float
 from pygen.kernels.philox import interleave4, philox_normals
 
-_F32 = struct.Struct("f")
 BLOCK = 256  # Philox groups per program -> 1024 elements
 
 
@@ -63,20 +62,6 @@ def _langevin_step_kernel(
     tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _to_f32(v):
-    try:
-        return _F32.unpack(_F32.pack(v))[0]
-    except OverflowError:
-        return math.copysign(math.inf, v)
-
-
-def _split_float(v):
-    """``v`` as fp32 hi + fp32 lo (hi + lo == v to ~2^-48 relative)."""
-    hi = _to_f32(v)
-    lo = _to_f32(v - hi) if math.isfinite(hi) else 0.0
-    return hi, lo
-
-
 def langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seeds):
     """Launch on contiguous tensors (arguments as in pygen::langevin_step); returns x_next."""
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
@@ -88,8 +73,8 @@ def langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seed
     per_row_seed = noise is None and row_seeds is not None
     rows, row_len = (batch, batch_row_len) if per_row_seed else (1, numel)
     if step_sizes is None:
-        c1_hi, c1_lo = _split_float(0.5 * step_size)
-        c2_hi, c2_lo = _split_float(math.sqrt(step_size))
+        c1_hi, c1_lo = split_float(0.5 * step_size)
+        c2_hi, c2_lo = split_float(math.sqrt(step_size))
     else:
         c1_hi = c1_lo = c2_hi = c2_lo = 0.0
     grid = (triton.cdiv(row_len, 4 * BLOCK), rows)

@@ -43,3 +43,32 @@ def tolerances(dtype):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+def _marked(name, available, reason, extra=()):
+    return pytest.param(name, marks=[*extra, pytest.mark.skipif(not available, reason=reason)])
+
+
+# Every backend as a pytest parameter, skipped with its reason where unavailable.
+ALL_BACKENDS = [
+    "torch",
+    _marked("cpu", pygen.backends()["cpu"] == "available", "pygen._C not built"),
+    _marked("triton", HAS_TRITON and (TRITON_ON_CPU or torch.cuda.is_available()),
+            "needs triton and TRITON_INTERPRET=1 or CUDA"),
+    _marked("cuda", pygen.backends()["cuda"] == "available", "no CUDA device or CUDA kernels",
+            extra=(pytest.mark.cuda,)),
+]
+MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
+
+
+def device_for(backend):
+    """The device whose tensors ``backend`` runs in this process."""
+    if backend == "cuda" or (backend == "triton" and not TRITON_ON_CPU):
+        return "cuda"
+    return "cpu"
+
+
+def make(shape, dtype, device="cpu", seed=0, scale=1.0):
+    """Deterministic normal test data, drawn in float64 and rounded to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype=dtype, device=device)

@@ -12,33 +12,16 @@ import pytest
 import torch
 
 import pygen
+from conftest import ALL_BACKENDS as BACKENDS
+from conftest import MANTISSA_BITS, device_for, make
 from pygen.ops._common import to_signed64
 from pygen.ops.random import randn_reference
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_OK = HAS_TRITON and (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available())
 
-BACKENDS = [
-    "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(pygen.backends()["cpu"] != "available", reason="pygen._C not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="needs triton and TRITON_INTERPRET=1 or CUDA")),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(pygen.backends()["cuda"] != "available",
-                                                                     reason="no CUDA device or CUDA kernels")]),
-]
 SHAPES = [(3, 5, 7), (2, 1001), (1, 4), (5, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
-
-
-def device_for(backend):
-    if backend == "cuda" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
-        return "cuda"
-    return "cpu"
-
-
-def make(shape, dtype, device="cpu", seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype=dtype, device=device)
 
 
 def expected(x, score, dt, z):

@@ -7,8 +7,10 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 
+#include "../op_checks.h"
 #include "pygen/noise_layout.h"
 #include "pygen/philox.h"
 
@@ -29,29 +31,46 @@ void fill_normals(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t 
 constexpr int64_t kNoiseChunk = 1024;
 constexpr int64_t kNoiseTileGroups = kNoiseChunk / kGroup;
 
-// Visit every element of `layout` with its normal: fn(element_index, normal).
-// `seed_of_row(r)` gives the seed of noise row r; `stream_of_row(r)` its stream.
-// Rows are cut into chunks of kNoiseChunk elements; normals are generated a
-// chunk at a time with fill_normals, in parallel over chunks.
-template <typename SeedFn, typename StreamFn, typename Fn>
-void for_each_noise_element(const NoiseLayout& layout, SeedFn seed_of_row, StreamFn stream_of_row, Fn fn) {
+// Call fn(r, i0, len) for every chunk of every noise row of `layout`, in
+// parallel over chunks: elements [i0, i0 + len) of noise row r (flat indices
+// from r * layout.row_len + i0). Chunks are kNoiseChunk elements (fewer at the
+// end of a row), so a Philox group never straddles two chunks.
+template <typename Fn>
+void for_each_noise_chunk(const NoiseLayout& layout, Fn&& fn) {
   const int64_t chunks_per_row = (layout.row_len + kNoiseChunk - 1) / kNoiseChunk;
   at::parallel_for(0, layout.rows * chunks_per_row, 1, [&](int64_t begin, int64_t end) {
-    float z[kNoiseChunk];
     for (int64_t w = begin; w < end; ++w) {
       const int64_t r = w / chunks_per_row;
       const int64_t i0 = (w - r * chunks_per_row) * kNoiseChunk;
-      const int64_t len = layout.row_len - i0 < kNoiseChunk ? layout.row_len - i0 : kNoiseChunk;
-      fill_normals(seed_of_row(r), stream_of_row(r), static_cast<uint64_t>(i0 / kGroup), len, z);
-      const int64_t base = r * layout.row_len + i0;
-      for (int64_t i = 0; i < len; ++i) fn(base + i, z[i]);
+      fn(r, i0, std::min(layout.row_len - i0, kNoiseChunk));
     }
   });
 }
 
-inline void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "pygen: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), "pygen: ", name, " must be contiguous");
+// Generate the noise of `layout` a chunk at a time (fill_normals: the numbers
+// of pygen.randn on this backend) and call fn(begin, end, normals) for each
+// chunk, where normals[k] is the noise of flat element begin + k.
+// `seed_of_row(r)` gives the seed of noise row r; `stream_of_row(r)` its stream.
+template <typename SeedFn, typename StreamFn, typename Fn>
+void for_each_normals_chunk(const NoiseLayout& layout, SeedFn seed_of_row, StreamFn stream_of_row, Fn&& fn) {
+  for_each_noise_chunk(layout, [&](int64_t r, int64_t i0, int64_t len) {
+    alignas(64) float normals[kNoiseChunk];
+    fill_normals(seed_of_row(r), stream_of_row(r), static_cast<uint64_t>(i0 / kGroup), len, normals);
+    const int64_t begin = r * layout.row_len + i0;
+    fn(begin, begin + len, static_cast<const float*>(normals));
+  });
 }
+
+// Visit every element of `layout` with its normal: fn(element_index, normal)
+// (seed_of_row, stream_of_row as in for_each_normals_chunk).
+template <typename SeedFn, typename StreamFn, typename Fn>
+void for_each_noise_element(const NoiseLayout& layout, SeedFn seed_of_row, StreamFn stream_of_row, Fn fn) {
+  for_each_normals_chunk(layout, seed_of_row, stream_of_row, [&](int64_t begin, int64_t end, const float* normals) {
+    for (int64_t e = begin; e < end; ++e) fn(e, normals[e - begin]);
+  });
+}
+
+// t is a contiguous CPU tensor (argument checks of the ops: ../op_checks.h).
+inline void check_cpu(const at::Tensor& t, const char* name) { check_tensor_on(t, name, c10::kCPU); }
 
 }  // namespace pygen::cpu

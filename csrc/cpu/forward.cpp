@@ -66,37 +66,17 @@ inline void for_each_row_segment(int64_t begin, int64_t end, int64_t row_len, Fn
   }
 }
 
-// Generate the noise of `layout` chunk by chunk (fill_normals: the numbers of
-// pygen.randn on this backend) and call fn(element_begin, element_end, normals)
-// for each chunk, where normals[k] is the noise of element element_begin + k.
-// A chunk never crosses a noise row.
-template <typename SeedFn, typename Fn>
-void for_each_noise_chunk(const NoiseLayout& layout, SeedFn seed_of_row, uint64_t stream, Fn&& fn) {
-  const int64_t chunks_per_row = (layout.row_len + kNoiseChunk - 1) / kNoiseChunk;
-  at::parallel_for(0, layout.rows * chunks_per_row, 1, [&](int64_t w_begin, int64_t w_end) {
-    alignas(64) float normals[kNoiseChunk];
-    for (int64_t w = w_begin; w < w_end; ++w) {
-      const int64_t r = w / chunks_per_row;
-      const int64_t i0 = (w - r * chunks_per_row) * kNoiseChunk;
-      const int64_t len = std::min(layout.row_len - i0, kNoiseChunk);
-      fill_normals(seed_of_row(r), stream, static_cast<uint64_t>(i0 / kGroup), len, normals);
-      const int64_t begin = r * layout.row_len + i0;
-      fn(begin, begin + len, static_cast<const float*>(normals));
-    }
-  });
-}
-
-// Call fn(std::integral_constant<int, TARGET>{}) for the runtime target.
+// Draw the noise of an op's numel elements in `batch` rows chunk by chunk —
+// pygen.randn(shape, seed, stream), per-row seeds when given — and call
+// fn(begin, end, normals) per chunk (see for_each_normals_chunk).
 template <typename Fn>
-void dispatch_target(int64_t target, Fn&& fn) {
-  switch (target) {
-    case kTargetNone: return fn(std::integral_constant<int, kTargetNone>{});
-    case kTargetEps: return fn(std::integral_constant<int, kTargetEps>{});
-    case kTargetV: return fn(std::integral_constant<int, kTargetV>{});
-    case kTargetX0: return fn(std::integral_constant<int, kTargetX0>{});
-    case kTargetFlow: return fn(std::integral_constant<int, kTargetFlow>{});
-    default: TORCH_CHECK(false, "pygen: q_sample target must be 0..4, got ", target);
-  }
+void for_each_drawn_noise_chunk(int64_t numel, int64_t batch, const std::optional<at::Tensor>& row_seeds, int64_t seed,
+                                int64_t stream, Fn&& fn) {
+  const int64_t* seeds = row_seeds.has_value() ? row_seeds->data_ptr<int64_t>() : nullptr;
+  for_each_normals_chunk(
+      make_noise_layout(numel, batch, seeds != nullptr),
+      [&](int64_t r) { return static_cast<uint64_t>(seeds != nullptr ? seeds[r] : seed); },
+      [&](int64_t) { return static_cast<uint64_t>(stream); }, fn);
 }
 
 // ---------------------------------------------------------------------------
@@ -194,56 +174,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0
                                                              const std::optional<at::Tensor>& noise_in, int64_t seed,
                                                              int64_t stream, const std::optional<at::Tensor>& row_seeds_in,
                                                              int64_t interpolation, int64_t target) {
-  TORCH_CHECK(x0_in.dim() >= 1, "pygen: q_sample x0 must have a batch dimension, got a 0-d tensor");
-  const at::Tensor x0 = x0_in.contiguous();
-  const at::Tensor t = t_in.contiguous();
-  const at::Tensor table = table_in.contiguous();
-  check_cpu(x0, "x0");
-  check_cpu(t, "t");
-  check_cpu(table, "table");
-  const int64_t batch = x0.size(0);
-  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "pygen: q_sample t must be int64 or int32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.numel() == batch, "pygen: q_sample t must be 1-D with one timestep per row (", batch,
-              "), got shape ", t.sizes());
-  TORCH_CHECK(table.dim() == 1 && (table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble),
-              "pygen: q_sample table must be a 1-D float32/float64 tensor");
-  TORCH_CHECK(interpolation == kInterpVP || interpolation == kInterpFlow,
-              "pygen: q_sample interpolation must be 0 (vp) or 1 (flow), got ", interpolation);
-  TORCH_CHECK(target >= kTargetNone && target <= kTargetFlow, "pygen: q_sample target must be 0..4, got ", target);
-  at::Tensor noise;
-  if (noise_in.has_value()) {
-    noise = noise_in->contiguous();
-    check_cpu(noise, "noise");
-    TORCH_CHECK(noise.sizes() == x0.sizes() && noise.scalar_type() == x0.scalar_type(),
-                "pygen: q_sample noise must have the shape and dtype of x0");
-  }
-  const bool generate = !noise.defined();
-  const bool per_row = generate && row_seeds_in.has_value();
-  at::Tensor row_seeds;
-  if (per_row) {
-    row_seeds = row_seeds_in->contiguous();
-    check_cpu(row_seeds, "row_seeds");
-    TORCH_CHECK(row_seeds.scalar_type() == at::kLong && row_seeds.numel() == batch,
-                "pygen: row_seeds must be int64 with one seed per row");
-  }
+  const QSampleArgs args =
+      check_q_sample_args(x0_in, t_in, table_in, noise_in, row_seeds_in, interpolation, target, c10::kCPU);
+  const QSampleOutputs outs = q_sample_outputs(args, target);
+  const int64_t numel = args.x0.numel();
+  if (numel == 0) return outs.as_tuple();
+  const int64_t row_len = numel / args.batch;
 
-  at::Tensor xt = at::empty(x0.sizes(), x0.options());
-  at::Tensor noise_out = generate ? at::empty(x0.sizes(), x0.options()) : at::empty({0}, x0.options());
-  at::Tensor target_out = target != kTargetNone ? at::empty(x0.sizes(), x0.options()) : at::empty({0}, x0.options());
-  const int64_t numel = x0.numel();
-  if (numel == 0) return {xt, noise_out, target_out};
-  const int64_t row_len = numel / batch;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
-    const auto rc = row_coefficients<scalar_t>(t, table, static_cast<int>(interpolation));
-    const scalar_t* x = x0.data_ptr<scalar_t>();
-    scalar_t* o = xt.data_ptr<scalar_t>();
-    scalar_t* tg = target != kTargetNone ? target_out.data_ptr<scalar_t>() : nullptr;
-    dispatch_target(target, [&](auto target_tag) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x0.scalar_type(), "q_sample_cpu", [&] {
+    const auto rc = row_coefficients<scalar_t>(args.t, args.table, static_cast<int>(interpolation));
+    const scalar_t* x = args.x0.data_ptr<scalar_t>();
+    scalar_t* o = outs.x_t.data_ptr<scalar_t>();
+    scalar_t* tg = target != kTargetNone ? outs.target.data_ptr<scalar_t>() : nullptr;
+    dispatch_q_sample_target(target, [&](auto target_tag) {
       constexpr int TARGET = decltype(target_tag)::value;
-      if (!generate) {
-        const scalar_t* n = noise.data_ptr<scalar_t>();
+      if (args.noise.has_value()) {
+        const scalar_t* n = args.noise->data_ptr<scalar_t>();
         at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
           for_each_row_segment(begin, end, row_len, [&](int64_t row, int64_t p, int64_t q) {
             q_sample_segment<TARGET, false, scalar_t, scalar_t>(rc.a[row], rc.s[row], rc.valid[row] != 0, x + p, n + p,
@@ -251,12 +197,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0
           });
         });
       } else {
-        scalar_t* no = noise_out.data_ptr<scalar_t>();
-        const int64_t* seeds = per_row ? row_seeds.data_ptr<int64_t>() : nullptr;
-        const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
-        for_each_noise_chunk(
-            layout, [&](int64_t r) { return static_cast<uint64_t>(per_row ? seeds[r] : seed); },
-            static_cast<uint64_t>(stream), [&](int64_t begin, int64_t end, const float* normals) {
+        scalar_t* no = outs.noise.data_ptr<scalar_t>();
+        for_each_drawn_noise_chunk(
+            numel, args.batch, args.row_seeds, seed, stream, [&](int64_t begin, int64_t end, const float* normals) {
               for_each_row_segment(begin, end, row_len, [&](int64_t row, int64_t p, int64_t q) {
                 q_sample_segment<TARGET, true, scalar_t, float>(rc.a[row], rc.s[row], rc.valid[row] != 0, x + p,
                                                                 normals + (p - begin), o + p, no + p,
@@ -266,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0
       }
     });
   });
-  return {xt, noise_out, target_out};
+  return outs.as_tuple();
 }
 
 // ---------------------------------------------------------------------------
@@ -287,58 +230,31 @@ PYGEN_VECTOR_CLONES void reparameterize_segment(const scalar_t* __restrict__ mu,
 std::tuple<at::Tensor, at::Tensor> reparameterize_cpu(const at::Tensor& mu_in, const at::Tensor& logvar_in,
                                                       const std::optional<at::Tensor>& noise_in, int64_t seed,
                                                       int64_t stream, const std::optional<at::Tensor>& row_seeds_in) {
-  const at::Tensor mu = mu_in.contiguous();
-  const at::Tensor logvar = logvar_in.contiguous();
-  check_cpu(mu, "mu");
-  check_cpu(logvar, "logvar");
-  TORCH_CHECK(logvar.sizes() == mu.sizes() && logvar.scalar_type() == mu.scalar_type(),
-              "pygen: reparameterize logvar must have the shape and dtype of mu");
-  at::Tensor noise;
-  if (noise_in.has_value()) {
-    noise = noise_in->contiguous();
-    check_cpu(noise, "noise");
-    TORCH_CHECK(noise.sizes() == mu.sizes() && noise.scalar_type() == mu.scalar_type(),
-                "pygen: reparameterize noise must have the shape and dtype of mu");
-  }
-  const bool generate = !noise.defined();
-  const bool per_row = generate && row_seeds_in.has_value();
-  const int64_t batch = mu.dim() > 0 ? mu.size(0) : 1;
-  at::Tensor row_seeds;
-  if (per_row) {
-    TORCH_CHECK(mu.dim() >= 1, "pygen: reparameterize with row_seeds needs a batch dimension");
-    row_seeds = row_seeds_in->contiguous();
-    check_cpu(row_seeds, "row_seeds");
-    TORCH_CHECK(row_seeds.scalar_type() == at::kLong && row_seeds.numel() == batch,
-                "pygen: row_seeds must be int64 with one seed per row");
-  }
-  at::Tensor z = at::empty(mu.sizes(), mu.options());
-  at::Tensor noise_out = generate ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
-  const int64_t numel = mu.numel();
-  if (numel == 0) return {z, noise_out};
+  const ReparameterizeArgs args = check_reparameterize_args(mu_in, logvar_in, noise_in, row_seeds_in, c10::kCPU);
+  const ReparameterizeOutputs outs = reparameterize_outputs(args);
+  const int64_t numel = args.mu.numel();
+  if (numel == 0) return outs.as_tuple();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_cpu", [&] {
-    const scalar_t* m = mu.data_ptr<scalar_t>();
-    const scalar_t* lv = logvar.data_ptr<scalar_t>();
-    scalar_t* o = z.data_ptr<scalar_t>();
-    if (!generate) {
-      const scalar_t* n = noise.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.mu.scalar_type(), "reparameterize_cpu", [&] {
+    const scalar_t* m = args.mu.data_ptr<scalar_t>();
+    const scalar_t* lv = args.logvar.data_ptr<scalar_t>();
+    scalar_t* o = outs.z.data_ptr<scalar_t>();
+    if (args.noise.has_value()) {
+      const scalar_t* n = args.noise->data_ptr<scalar_t>();
       at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
         reparameterize_segment<false, scalar_t, scalar_t>(m + begin, lv + begin, n + begin, o + begin, nullptr,
                                                           end - begin);
       });
     } else {
-      scalar_t* no = noise_out.data_ptr<scalar_t>();
-      const int64_t* seeds = per_row ? row_seeds.data_ptr<int64_t>() : nullptr;
-      const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
-      for_each_noise_chunk(
-          layout, [&](int64_t r) { return static_cast<uint64_t>(per_row ? seeds[r] : seed); },
-          static_cast<uint64_t>(stream), [&](int64_t begin, int64_t end, const float* normals) {
+      scalar_t* no = outs.noise.data_ptr<scalar_t>();
+      for_each_drawn_noise_chunk(
+          numel, args.batch, args.row_seeds, seed, stream, [&](int64_t begin, int64_t end, const float* normals) {
             reparameterize_segment<true, scalar_t, float>(m + begin, lv + begin, normals, o + begin, no + begin,
                                                           end - begin);
           });
     }
   });
-  return {z, noise_out};
+  return outs.as_tuple();
 }
 
 }  // namespace

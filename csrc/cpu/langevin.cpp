@@ -64,8 +64,6 @@ inline void update_range(scalar_t* __restrict__ out, const scalar_t* __restrict_
   }
 }
 
-
-
 template <typename scalar_t>
 void langevin_cpu_kernel(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& step_sizes,
                          double step_size, const std::optional<at::Tensor>& noise, int64_t seed, int64_t stream,
@@ -120,40 +118,12 @@ void langevin_cpu_kernel(const at::Tensor& x, const at::Tensor& score, const std
 at::Tensor langevin_step_cpu(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& step_sizes,
                              double step_size, const std::optional<at::Tensor>& noise, int64_t seed, int64_t stream,
                              const std::optional<at::Tensor>& row_seeds) {
-  TORCH_CHECK(x.device().is_cpu(), "pygen: x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(score.sizes() == x.sizes() && score.scalar_type() == x.scalar_type(),
-              "pygen: score must have the shape and dtype of x");
-  const int64_t batch = x.dim() > 0 ? x.size(0) : 1;
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor sc = score.contiguous();
-  check_cpu(sc, "score");
-  std::optional<at::Tensor> nc, stc, rsc;
-  if (noise.has_value()) {
-    TORCH_CHECK(noise->sizes() == x.sizes() && noise->scalar_type() == x.scalar_type(),
-                "pygen: noise must have the shape and dtype of x");
-    nc = noise->contiguous();
-    check_cpu(*nc, "noise");
-  } else if (row_seeds.has_value()) {
-    TORCH_CHECK(x.dim() > 0, "pygen: row_seeds needs x with a batch dimension");
-    rsc = row_seeds->contiguous();
-    check_cpu(*rsc, "row_seeds");
-    TORCH_CHECK(rsc->scalar_type() == at::kLong && rsc->dim() == 1 && rsc->numel() == batch,
-                "pygen: row_seeds must be 1-D int64 with one seed per row");
-  }
-  if (step_sizes.has_value()) {
-    TORCH_CHECK(x.dim() > 0, "pygen: step_sizes needs x with a batch dimension");
-    stc = step_sizes->contiguous();
-    check_cpu(*stc, "step_sizes");
-    TORCH_CHECK((stc->scalar_type() == at::kFloat || stc->scalar_type() == at::kDouble) && stc->dim() == 1 &&
-                    stc->numel() == batch,
-                "pygen: step_sizes must be 1-D float32/float64 with one step per row");
-  } else {
-    TORCH_CHECK(step_size >= 0.0, "pygen: step_size must be non-negative, got ", step_size);
-  }
+  const LangevinArgs args = check_langevin_step_args(x, score, step_sizes, step_size, noise, row_seeds, c10::kCPU);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_step_cpu", [&] {
-    langevin_cpu_kernel<scalar_t>(xc, sc, stc, step_size, nc, seed, stream, rsc, out);
+    langevin_cpu_kernel<scalar_t>(args.x, args.score, args.step_sizes, step_size, args.noise, seed, stream,
+                                  args.row_seeds, out);
   });
   return out;
 }

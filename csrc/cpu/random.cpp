@@ -10,14 +10,9 @@ namespace pygen::cpu {
 namespace {
 
 void randn_fill_cpu(at::Tensor& out, int64_t seed, int64_t stream, const std::optional<at::Tensor>& row_seeds) {
-  check_cpu(out, "out");
+  check_randn_fill_args(out, row_seeds, c10::kCPU);
   const bool per_row = row_seeds.has_value();
   const int64_t batch = out.dim() > 0 ? out.size(0) : 1;
-  if (per_row) {
-    check_cpu(*row_seeds, "row_seeds");
-    TORCH_CHECK(row_seeds->scalar_type() == at::kLong && row_seeds->numel() == batch,
-                "pygen: row_seeds must be int64 with one seed per row");
-  }
   const NoiseLayout layout = make_noise_layout(out.numel(), batch, per_row);
   const int64_t* seeds = per_row ? row_seeds->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "randn_fill_cpu", [&] {

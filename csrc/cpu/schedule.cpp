@@ -11,9 +11,7 @@ namespace {
 
 at::Tensor step_coefficients_cpu(const at::Tensor& levels, int64_t kind, int64_t prediction, double eta, double p0,
                                  double p1) {
-  check_cpu(levels, "levels");
-  TORCH_CHECK(levels.dim() == 1 && levels.size(0) >= 2, "pygen: levels must be 1-D with at least 2 entries");
-  TORCH_CHECK(kind >= 0 && kind < step::kNumKinds, "pygen: unknown step kind ", kind);
+  check_step_coefficients_args(levels, kind, c10::kCPU);
   const int64_t n = levels.size(0) - 1;
   const int width = step::table_width(static_cast<int>(kind));
   const auto out_dtype = levels.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

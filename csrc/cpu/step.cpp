@@ -16,7 +16,8 @@
 namespace pygen::cpu {
 namespace {
 
-constexpr int64_t kChunk = 1024;  // elements per work item (multiple of 4)
+// Most history slots the kernel supports (it keeps a table row on the stack).
+constexpr int64_t kMaxHistory = 8;
 
 struct StepArgs {
   const int64_t* steps;
@@ -35,45 +36,39 @@ void step_kernel(const StepArgs& p, const NoiseLayout& layout, const scalar_t* x
                  const acc_t<scalar_t>* coeffs, scalar_t* hist, int64_t hist_stride, const scalar_t* noise,
                  scalar_t* out, scalar_t* pred) {
   using acc = acc_t<scalar_t>;
-  const int64_t chunks_per_row = (layout.row_len + kChunk - 1) / kChunk;
-  at::parallel_for(0, layout.rows * chunks_per_row, 1, [&](int64_t begin, int64_t end) {
-    acc z[kChunk];
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t r = w / chunks_per_row;
-      const int64_t i0 = (w - r * chunks_per_row) * kChunk;
-      const int64_t len = std::min(kChunk, layout.row_len - i0);
-      const int64_t step = p.steps[p.per_row_steps ? r : 0];
-      const bool valid = step >= 0 && step < p.num_steps;
-      acc c[step::kColHist + 8];
-      for (int64_t k = 0; k < p.width; ++k) c[k] = valid ? coeffs[step * p.width + k] : acc(NAN);
-      const acc cx = c[step::kColCx], cm = c[step::kColCm], a = c[step::kColA], b = c[step::kColB];
-      const acc s = c[step::kColS], hx = c[step::kColHx], hd = c[step::kColHd];
-      const int64_t slot = valid ? static_cast<int64_t>(c[step::kColSlot]) : -1;
-      const bool write_hist = slot >= 0 && slot < p.num_hist;
-      const int64_t base = r * layout.row_len + i0;
-      // Noise for this chunk: given, drawn (Philox groups i0/4 ...), or unused (s == 0).
-      if (noise != nullptr) {
-        for (int64_t i = 0; i < len; ++i) z[i] = static_cast<acc>(noise[base + i]);
-      } else if (s != acc(0)) {
-        const uint64_t key = p.row_seeds != nullptr ? static_cast<uint64_t>(p.row_seeds[r]) : p.seed;
-        float zf[kChunk];
-        fill_normals(key, p.stream + static_cast<uint64_t>(step), static_cast<uint64_t>(i0 / kGroup), len, zf);
-        for (int64_t i = 0; i < len; ++i) z[i] = static_cast<acc>(zf[i]);
-      } else {
-        for (int64_t i = 0; i < len; ++i) z[i] = acc(0);
-      }
-      const acc lim = static_cast<acc>(p.clamp);
-      for (int64_t i = 0; i < len; ++i) {
-        const int64_t e = base + i;
-        const acc xv = static_cast<acc>(x[e]);
-        acc d = cx * xv + cm * static_cast<acc>(m[e]);
-        if (lim > acc(0)) d = d < -lim ? -lim : (d > lim ? lim : d);  // keeps NaN
-        acc xn = a * xv + b * d + s * z[i];
-        for (int64_t j = 0; j < p.num_hist; ++j) xn += c[step::kColHist + j] * static_cast<acc>(hist[j * hist_stride + e]);
-        if (write_hist) hist[slot * hist_stride + e] = static_cast<scalar_t>(hx * xv + hd * d);
-        if (pred != nullptr) pred[e] = static_cast<scalar_t>(d);
-        out[e] = static_cast<scalar_t>(xn);
-      }
+  for_each_noise_chunk(layout, [&](int64_t r, int64_t i0, int64_t len) {
+    acc z[kNoiseChunk];
+    const int64_t step = p.steps[p.per_row_steps ? r : 0];
+    const bool valid = step >= 0 && step < p.num_steps;
+    acc c[step::kColHist + kMaxHistory];
+    for (int64_t k = 0; k < p.width; ++k) c[k] = valid ? coeffs[step * p.width + k] : acc(NAN);
+    const acc cx = c[step::kColCx], cm = c[step::kColCm], a = c[step::kColA], b = c[step::kColB];
+    const acc s = c[step::kColS], hx = c[step::kColHx], hd = c[step::kColHd];
+    const int64_t slot = valid ? static_cast<int64_t>(c[step::kColSlot]) : -1;
+    const bool write_hist = slot >= 0 && slot < p.num_hist;
+    const int64_t base = r * layout.row_len + i0;
+    // Noise for this chunk: given, drawn (Philox groups i0/4 ...), or unused (s == 0).
+    if (noise != nullptr) {
+      for (int64_t i = 0; i < len; ++i) z[i] = static_cast<acc>(noise[base + i]);
+    } else if (s != acc(0)) {
+      const uint64_t key = p.row_seeds != nullptr ? static_cast<uint64_t>(p.row_seeds[r]) : p.seed;
+      float zf[kNoiseChunk];
+      fill_normals(key, p.stream + static_cast<uint64_t>(step), static_cast<uint64_t>(i0 / kGroup), len, zf);
+      for (int64_t i = 0; i < len; ++i) z[i] = static_cast<acc>(zf[i]);
+    } else {
+      for (int64_t i = 0; i < len; ++i) z[i] = acc(0);
+    }
+    const acc lim = static_cast<acc>(p.clamp);
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t e = base + i;
+      const acc xv = static_cast<acc>(x[e]);
+      acc d = cx * xv + cm * static_cast<acc>(m[e]);
+      if (lim > acc(0)) d = d < -lim ? -lim : (d > lim ? lim : d);  // keeps NaN
+      acc xn = a * xv + b * d + s * z[i];
+      for (int64_t j = 0; j < p.num_hist; ++j) xn += c[step::kColHist + j] * static_cast<acc>(hist[j * hist_stride + e]);
+      if (write_hist) hist[slot * hist_stride + e] = static_cast<scalar_t>(hx * xv + hd * d);
+      if (pred != nullptr) pred[e] = static_cast<scalar_t>(d);
+      out[e] = static_cast<scalar_t>(xn);
     }
   });
 }
@@ -83,45 +78,11 @@ void sampler_step_out_cpu(const at::Tensor& x, const at::Tensor& model_out, cons
                           const std::optional<at::Tensor>& noise, at::Tensor& out,
                           const std::optional<at::Tensor>& pred_x0, int64_t seed, int64_t stream,
                           const std::optional<at::Tensor>& row_seeds, double clamp, bool advance) {
-  check_cpu(x, "x");
-  check_cpu(model_out, "model_out");
-  check_cpu(coeffs, "coeffs");
-  check_cpu(step_index, "step_index");
-  check_cpu(out, "out");
-  TORCH_CHECK(x.dim() >= 1, "pygen: x must have a batch dimension");
-  TORCH_CHECK(model_out.sizes() == x.sizes() && out.sizes() == x.sizes(), "pygen: model_out/out must match x");
-  TORCH_CHECK(model_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
-              "pygen: model_out/out must have x's dtype");
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(1) >= step::kColHist && coeffs.size(1) <= step::kColHist + 8,
-              "pygen: coeffs must be a (steps, 8 + H) table with H <= 8");
-  TORCH_CHECK(coeffs.scalar_type() == acc_type, "pygen: coeffs must be ", acc_type, " for ", x.scalar_type(), " x");
+  const int64_t num_hist =
+      check_sampler_step_args(x, model_out, coeffs, step_index, history, noise, out, pred_x0, row_seeds, c10::kCPU);
+  TORCH_CHECK(num_hist <= kMaxHistory, "pygen: coeffs must be a (steps, 8 + H) table with H <= ", kMaxHistory,
+              " on the CPU, got H = ", num_hist);
   const int64_t batch = x.size(0);
-  TORCH_CHECK(step_index.scalar_type() == at::kLong && step_index.dim() == 1 &&
-                  (step_index.size(0) == 1 || step_index.size(0) == batch),
-              "pygen: step_index must be int64 of shape (1,) or (batch,)");
-  const int64_t num_hist = coeffs.size(1) - step::kColHist;
-  if (num_hist > 0) {
-    TORCH_CHECK(history.has_value(), "pygen: history is required for this coefficient table");
-    check_cpu(*history, "history");
-    TORCH_CHECK(history->scalar_type() == x.scalar_type() && history->dim() == x.dim() + 1 &&
-                    history->size(0) == num_hist && history->numel() == num_hist * x.numel(),
-                "pygen: history must have shape (H, *x.shape) and x's dtype");
-  }
-  if (noise.has_value()) {
-    check_cpu(*noise, "noise");
-    TORCH_CHECK(noise->sizes() == x.sizes() && noise->scalar_type() == x.scalar_type(), "pygen: noise must match x");
-  }
-  if (pred_x0.has_value()) {
-    check_cpu(*pred_x0, "pred_x0");
-    TORCH_CHECK(pred_x0->sizes() == x.sizes() && pred_x0->scalar_type() == x.scalar_type(),
-                "pygen: pred_x0 must match x");
-  }
-  if (row_seeds.has_value()) {
-    check_cpu(*row_seeds, "row_seeds");
-    TORCH_CHECK(row_seeds->scalar_type() == at::kLong && row_seeds->numel() == batch,
-                "pygen: row_seeds must be int64 with one seed per row");
-  }
   const bool per_row_steps = step_index.size(0) > 1;
   StepArgs p;
   p.steps = step_index.data_ptr<int64_t>();

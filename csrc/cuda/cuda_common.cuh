@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "../op_checks.h"
 #include "pygen/noise_layout.h"
 #include "pygen/philox.h"
 
@@ -29,13 +30,38 @@ inline unsigned int blocks_for(int64_t work_items) {
   return static_cast<unsigned int>(b > 0 ? b : 1);
 }
 
-inline void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "pygen: ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), "pygen: ", name, " must be contiguous");
-}
+// t is a contiguous CUDA tensor (argument checks of the ops: ../op_checks.h).
+inline void check_cuda(const at::Tensor& t, const char* name) { check_tensor_on(t, name, c10::kCUDA); }
 
 __device__ __forceinline__ int64_t global_thread_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+// The Philox group of a NoiseLayout that work item w handles (one thread per
+// group): group `group` of noise row `row` (the group is the Philox counter),
+// elements first .. first + count - 1 (flat indices; count is kGroup, fewer at
+// the end of a noise row). Only for w < layout.work_items().
+struct NoiseGroup {
+  int64_t row;
+  int64_t group;
+  int64_t first;
+  int count;
+};
+
+__device__ __forceinline__ NoiseGroup noise_group(const NoiseLayout& layout, int64_t w) {
+  NoiseGroup ng;
+  ng.row = w / layout.groups_per_row;
+  ng.group = w - ng.row * layout.groups_per_row;
+  const int64_t i0 = ng.group * kGroup;
+  ng.first = ng.row * layout.row_len + i0;
+  const int64_t left = layout.row_len - i0;
+  ng.count = left < kGroup ? static_cast<int>(left) : kGroup;
+  return ng;
+}
+
+// The Philox key of noise row `row`: its per-row seed, or the one seed.
+__device__ __forceinline__ uint64_t noise_key(const int64_t* row_seeds, uint64_t seed, int64_t row) {
+  return row_seeds != nullptr ? static_cast<uint64_t>(row_seeds[row]) : seed;
 }
 
 }  // namespace pygen::cuda

@@ -53,24 +53,19 @@ __global__ void q_sample_kernel(const scalar_t* __restrict__ x0, CoefficientSour
   using coef_float = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t w = global_thread_index();
   if (w >= layout.work_items()) return;
-  const int64_t r = w / layout.groups_per_row;
-  const int64_t g = w - r * layout.groups_per_row;
-  const int64_t i0 = g * kGroup;
-  const int64_t base = r * layout.row_len + i0;
-  const int64_t n = layout.row_len - i0 < kGroup ? layout.row_len - i0 : kGroup;
+  const NoiseGroup ng = noise_group(layout, w);
   Normals4 z{};
   if constexpr (GENERATE) {
-    z = philox_normals(row_seeds != nullptr ? static_cast<uint64_t>(row_seeds[r]) : seed, stream,
-                       static_cast<uint64_t>(g));
+    z = philox_normals(noise_key(row_seeds, seed, ng.row), stream, static_cast<uint64_t>(ng.group));
   }
-  int64_t row = base / row_len;
+  int64_t row = ng.first / row_len;
   int64_t row_end = (row + 1) * row_len;
   ForwardCoefficients<acc> c = row_coefficients<acc, coef_float>(src, row);
   const acc nan = std::numeric_limits<acc>::quiet_NaN();
 #pragma unroll
   for (int j = 0; j < kGroup; ++j) {
-    if (j < n) {
-      const int64_t e = base + j;
+    if (j < ng.count) {
+      const int64_t e = ng.first + j;
       if (e >= row_end) {  // a group can straddle batch rows when rows are not a multiple of 4 long
         row = e / row_len;
         row_end = (row + 1) * row_len;
@@ -100,20 +95,15 @@ __global__ void reparameterize_kernel(const scalar_t* __restrict__ mu, const sca
   using acc = acc_t<scalar_t>;
   const int64_t w = global_thread_index();
   if (w >= layout.work_items()) return;
-  const int64_t r = w / layout.groups_per_row;
-  const int64_t g = w - r * layout.groups_per_row;
-  const int64_t i0 = g * kGroup;
-  const int64_t base = r * layout.row_len + i0;
-  const int64_t n = layout.row_len - i0 < kGroup ? layout.row_len - i0 : kGroup;
+  const NoiseGroup ng = noise_group(layout, w);
   Normals4 normals{};
   if constexpr (GENERATE) {
-    normals = philox_normals(row_seeds != nullptr ? static_cast<uint64_t>(row_seeds[r]) : seed, stream,
-                             static_cast<uint64_t>(g));
+    normals = philox_normals(noise_key(row_seeds, seed, ng.row), stream, static_cast<uint64_t>(ng.group));
   }
 #pragma unroll
   for (int j = 0; j < kGroup; ++j) {
-    if (j < n) {
-      const int64_t e = base + j;
+    if (j < ng.count) {
+      const int64_t e = ng.first + j;
       acc eps;
       if constexpr (GENERATE) {
         eps = static_cast<acc>(normals.z[j]);
@@ -126,148 +116,76 @@ __global__ void reparameterize_kernel(const scalar_t* __restrict__ mu, const sca
   }
 }
 
-template <typename Fn>
-void dispatch_target(int64_t target, Fn&& fn) {
-  switch (target) {
-    case kTargetNone: return fn(std::integral_constant<int, kTargetNone>{});
-    case kTargetEps: return fn(std::integral_constant<int, kTargetEps>{});
-    case kTargetV: return fn(std::integral_constant<int, kTargetV>{});
-    case kTargetX0: return fn(std::integral_constant<int, kTargetX0>{});
-    case kTargetFlow: return fn(std::integral_constant<int, kTargetFlow>{});
-    default: TORCH_CHECK(false, "pygen: q_sample target must be 0..4, got ", target);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& t_in,
                                                               const at::Tensor& table_in,
                                                               const std::optional<at::Tensor>& noise_in, int64_t seed,
                                                               int64_t stream,
                                                               const std::optional<at::Tensor>& row_seeds_in,
                                                               int64_t interpolation, int64_t target) {
-  TORCH_CHECK(x0_in.dim() >= 1, "pygen: q_sample x0 must have a batch dimension, got a 0-d tensor");
-  const at::Tensor x0 = x0_in.contiguous();
-  const at::Tensor t = t_in.contiguous();
-  const at::Tensor table = table_in.contiguous();
-  check_cuda(x0, "x0");
-  check_cuda(t, "t");
-  check_cuda(table, "table");
-  TORCH_CHECK(t.device() == x0.device() && table.device() == x0.device(),
-              "pygen: q_sample t and table must be on the device of x0");
-  const int64_t batch = x0.size(0);
-  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "pygen: q_sample t must be int64 or int32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.numel() == batch, "pygen: q_sample t must be 1-D with one timestep per row (", batch,
-              "), got shape ", t.sizes());
-  TORCH_CHECK(table.dim() == 1 && (table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble),
-              "pygen: q_sample table must be a 1-D float32/float64 tensor");
-  TORCH_CHECK(interpolation == kInterpVP || interpolation == kInterpFlow,
-              "pygen: q_sample interpolation must be 0 (vp) or 1 (flow), got ", interpolation);
-  TORCH_CHECK(target >= kTargetNone && target <= kTargetFlow, "pygen: q_sample target must be 0..4, got ", target);
-  at::Tensor noise;
-  if (noise_in.has_value()) {
-    noise = noise_in->contiguous();
-    check_cuda(noise, "noise");
-    TORCH_CHECK(noise.sizes() == x0.sizes() && noise.scalar_type() == x0.scalar_type() &&
-                    noise.device() == x0.device(),
-                "pygen: q_sample noise must have the shape, dtype and device of x0");
-  }
-  const bool generate = !noise.defined();
-  const bool per_row = generate && row_seeds_in.has_value();
-  at::Tensor row_seeds;
-  if (per_row) {
-    row_seeds = row_seeds_in->contiguous();
-    check_cuda(row_seeds, "row_seeds");
-    TORCH_CHECK(row_seeds.scalar_type() == at::kLong && row_seeds.numel() == batch && row_seeds.device() == x0.device(),
-                "pygen: row_seeds must be int64 on the device of x0 with one seed per row");
-  }
-  at::Tensor xt = at::empty(x0.sizes(), x0.options());
-  at::Tensor noise_out = generate ? at::empty(x0.sizes(), x0.options()) : at::empty({0}, x0.options());
-  at::Tensor target_out = target != kTargetNone ? at::empty(x0.sizes(), x0.options()) : at::empty({0}, x0.options());
-  const int64_t numel = x0.numel();
-  if (numel == 0) return {xt, noise_out, target_out};
+  const QSampleArgs args =
+      check_q_sample_args(x0_in, t_in, table_in, noise_in, row_seeds_in, interpolation, target, c10::kCUDA);
+  const QSampleOutputs outs = q_sample_outputs(args, target);
+  const int64_t numel = args.x0.numel();
+  if (numel == 0) return outs.as_tuple();
 
-  const c10::cuda::CUDAGuard guard(x0.device());
-  const int64_t row_len = numel / batch;
-  const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
+  const c10::cuda::CUDAGuard guard(args.x0.device());
+  const int64_t row_len = numel / args.batch;
+  const int64_t* seeds = args.row_seeds.has_value() ? args.row_seeds->data_ptr<int64_t>() : nullptr;
+  const NoiseLayout layout = make_noise_layout(numel, args.batch, seeds != nullptr);
   CoefficientSource src;
-  src.t = t.data_ptr();
-  src.table = table.data_ptr();
-  src.n_table = table.numel();
+  src.t = args.t.data_ptr();
+  src.table = args.table.data_ptr();
+  src.n_table = args.table.numel();
   src.interpolation = static_cast<int>(interpolation);
-  src.t64 = t.scalar_type() == at::kLong;
-  src.table64 = table.scalar_type() == at::kDouble;
-  const int64_t* seeds = per_row ? row_seeds.data_ptr<int64_t>() : nullptr;
+  src.t64 = args.t.scalar_type() == at::kLong;
+  src.table64 = args.table.scalar_type() == at::kDouble;
   auto cuda_stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cuda", [&] {
-    const scalar_t* x = x0.data_ptr<scalar_t>();
-    scalar_t* o = xt.data_ptr<scalar_t>();
-    scalar_t* tg = target != kTargetNone ? target_out.data_ptr<scalar_t>() : nullptr;
-    dispatch_target(target, [&](auto target_tag) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x0.scalar_type(), "q_sample_cuda", [&] {
+    const scalar_t* x = args.x0.data_ptr<scalar_t>();
+    scalar_t* o = outs.x_t.data_ptr<scalar_t>();
+    scalar_t* tg = target != kTargetNone ? outs.target.data_ptr<scalar_t>() : nullptr;
+    dispatch_q_sample_target(target, [&](auto target_tag) {
       constexpr int TARGET = decltype(target_tag)::value;
-      if (generate) {
+      if (args.noise.has_value()) {
+        q_sample_kernel<scalar_t, TARGET, false><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
+            x, src, args.noise->data_ptr<scalar_t>(), nullptr, 0, 0, layout, row_len, o, nullptr, tg);
+      } else {
         q_sample_kernel<scalar_t, TARGET, true><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
             x, src, nullptr, seeds, static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), layout, row_len, o,
-            noise_out.data_ptr<scalar_t>(), tg);
-      } else {
-        q_sample_kernel<scalar_t, TARGET, false><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
-            x, src, noise.data_ptr<scalar_t>(), nullptr, 0, 0, layout, row_len, o, nullptr, tg);
+            outs.noise.data_ptr<scalar_t>(), tg);
       }
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {xt, noise_out, target_out};
+  return outs.as_tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_cuda(const at::Tensor& mu_in, const at::Tensor& logvar_in,
                                                        const std::optional<at::Tensor>& noise_in, int64_t seed,
                                                        int64_t stream, const std::optional<at::Tensor>& row_seeds_in) {
-  const at::Tensor mu = mu_in.contiguous();
-  const at::Tensor logvar = logvar_in.contiguous();
-  check_cuda(mu, "mu");
-  check_cuda(logvar, "logvar");
-  TORCH_CHECK(logvar.sizes() == mu.sizes() && logvar.scalar_type() == mu.scalar_type() &&
-                  logvar.device() == mu.device(),
-              "pygen: reparameterize logvar must have the shape, dtype and device of mu");
-  at::Tensor noise;
-  if (noise_in.has_value()) {
-    noise = noise_in->contiguous();
-    check_cuda(noise, "noise");
-    TORCH_CHECK(noise.sizes() == mu.sizes() && noise.scalar_type() == mu.scalar_type() && noise.device() == mu.device(),
-                "pygen: reparameterize noise must have the shape, dtype and device of mu");
-  }
-  const bool generate = !noise.defined();
-  const bool per_row = generate && row_seeds_in.has_value();
-  const int64_t batch = mu.dim() > 0 ? mu.size(0) : 1;
-  at::Tensor row_seeds;
-  if (per_row) {
-    TORCH_CHECK(mu.dim() >= 1, "pygen: reparameterize with row_seeds needs a batch dimension");
-    row_seeds = row_seeds_in->contiguous();
-    check_cuda(row_seeds, "row_seeds");
-    TORCH_CHECK(row_seeds.scalar_type() == at::kLong && row_seeds.numel() == batch && row_seeds.device() == mu.device(),
-                "pygen: row_seeds must be int64 on the device of mu with one seed per row");
-  }
-  at::Tensor z = at::empty(mu.sizes(), mu.options());
-  at::Tensor noise_out = generate ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
-  const int64_t numel = mu.numel();
-  if (numel == 0) return {z, noise_out};
+  const ReparameterizeArgs args = check_reparameterize_args(mu_in, logvar_in, noise_in, row_seeds_in, c10::kCUDA);
+  const ReparameterizeOutputs outs = reparameterize_outputs(args);
+  const int64_t numel = args.mu.numel();
+  if (numel == 0) return outs.as_tuple();
 
-  const c10::cuda::CUDAGuard guard(mu.device());
-  const NoiseLayout layout = make_noise_layout(numel, batch, per_row);
-  const int64_t* seeds = per_row ? row_seeds.data_ptr<int64_t>() : nullptr;
+  const c10::cuda::CUDAGuard guard(args.mu.device());
+  const int64_t* seeds = args.row_seeds.has_value() ? args.row_seeds->data_ptr<int64_t>() : nullptr;
+  const NoiseLayout layout = make_noise_layout(numel, args.batch, seeds != nullptr);
   auto cuda_stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_cuda", [&] {
-    if (generate) {
-      reparameterize_kernel<scalar_t, true><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
-          mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), nullptr, seeds, static_cast<uint64_t>(seed),
-          static_cast<uint64_t>(stream), layout, z.data_ptr<scalar_t>(), noise_out.data_ptr<scalar_t>());
-    } else {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.mu.scalar_type(), "reparameterize_cuda", [&] {
+    const scalar_t* m = args.mu.data_ptr<scalar_t>();
+    const scalar_t* lv = args.logvar.data_ptr<scalar_t>();
+    if (args.noise.has_value()) {
       reparameterize_kernel<scalar_t, false><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
-          mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), noise.data_ptr<scalar_t>(), nullptr, 0, 0, layout,
-          z.data_ptr<scalar_t>(), nullptr);
+          m, lv, args.noise->data_ptr<scalar_t>(), nullptr, 0, 0, layout, outs.z.data_ptr<scalar_t>(), nullptr);
+    } else {
+      reparameterize_kernel<scalar_t, true><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
+          m, lv, nullptr, seeds, static_cast<uint64_t>(seed), static_cast<uint64_t>(stream), layout,
+          outs.z.data_ptr<scalar_t>(), outs.noise.data_ptr<scalar_t>());
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {z, noise_out};
+  return outs.as_tuple();
 }
 
 }  // namespace

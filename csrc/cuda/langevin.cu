@@ -47,12 +47,10 @@ __global__ void langevin_step_kernel(const scalar_t* __restrict__ x, const scala
   using acc = acc_t<scalar_t>;
   const int64_t w = global_thread_index();
   if (w >= p.layout.work_items()) return;
-  const int64_t r = w / p.layout.groups_per_row;
-  const int64_t g = w - r * p.layout.groups_per_row;
-  const int64_t i0 = g * kGroup;
-  const int64_t base = r * p.layout.row_len + i0;
-  const int64_t left = p.layout.row_len - i0;
-  const int n = left < kGroup ? static_cast<int>(left) : kGroup;
+  const NoiseGroup ng = noise_group(p.layout, w);
+  const int64_t r = ng.row;
+  const int64_t base = ng.first;
+  const int n = ng.count;
 
   scalar_t xv[kGroup], sv[kGroup], nv[kGroup];
   if (kVec && n == kGroup) {
@@ -83,8 +81,7 @@ __global__ void langevin_step_kernel(const scalar_t* __restrict__ x, const scala
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) z[j] = static_cast<acc>(nv[j]);
   } else {
-    const uint64_t key = p.row_seeds != nullptr ? static_cast<uint64_t>(p.row_seeds[r]) : p.seed;
-    const Normals4 nz = philox_normals(key, p.stream, static_cast<uint64_t>(g));
+    const Normals4 nz = philox_normals(noise_key(p.row_seeds, p.seed, r), p.stream, static_cast<uint64_t>(ng.group));
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) z[j] = static_cast<acc>(nz.z[j]);
   }
@@ -168,72 +165,41 @@ void launch(const at::Tensor& x, const at::Tensor& score, const scalar_t* noise,
 at::Tensor langevin_step_cuda(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& step_sizes,
                               double step_size, const std::optional<at::Tensor>& noise, int64_t seed, int64_t stream,
                               const std::optional<at::Tensor>& row_seeds) {
-  TORCH_CHECK(x.is_cuda(), "pygen: x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(score.sizes() == x.sizes() && score.scalar_type() == x.scalar_type(),
-              "pygen: score must have the shape and dtype of x");
+  const LangevinArgs args = check_langevin_step_args(x, score, step_sizes, step_size, noise, row_seeds, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t batch = x.dim() > 0 ? x.size(0) : 1;
-  // contiguous() is free (no copy) for the contiguous tensors the public API passes.
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor sc = score.contiguous();
-  check_cuda(sc, "score");
-  TORCH_CHECK(sc.device() == xc.device(), "pygen: score must be on the device of x");
-  std::optional<at::Tensor> nc, stc, rsc;
-  if (noise.has_value()) {
-    TORCH_CHECK(noise->sizes() == x.sizes() && noise->scalar_type() == x.scalar_type(),
-                "pygen: noise must have the shape and dtype of x");
-    nc = noise->contiguous();
-    check_cuda(*nc, "noise");
-    TORCH_CHECK(nc->device() == xc.device(), "pygen: noise must be on the device of x");
-  } else if (row_seeds.has_value()) {
-    TORCH_CHECK(x.dim() > 0, "pygen: row_seeds needs x with a batch dimension");
-    rsc = row_seeds->contiguous();
-    check_cuda(*rsc, "row_seeds");
-    TORCH_CHECK(rsc->device() == xc.device(), "pygen: row_seeds must be on the device of x");
-    TORCH_CHECK(rsc->scalar_type() == at::kLong && rsc->dim() == 1 && rsc->numel() == batch,
-                "pygen: row_seeds must be 1-D int64 with one seed per row");
-  }
-  if (step_sizes.has_value()) {
-    TORCH_CHECK(x.dim() > 0, "pygen: step_sizes needs x with a batch dimension");
-    stc = step_sizes->contiguous();
-    check_cuda(*stc, "step_sizes");
-    TORCH_CHECK(stc->device() == xc.device(), "pygen: step_sizes must be on the device of x");
-    TORCH_CHECK((stc->scalar_type() == at::kFloat || stc->scalar_type() == at::kDouble) && stc->dim() == 1 &&
-                    stc->numel() == batch,
-                "pygen: step_sizes must be 1-D float32/float64 with one step per row");
-  } else {
-    TORCH_CHECK(step_size >= 0.0, "pygen: step_size must be non-negative, got ", step_size);
-  }
+  // args.* are contiguous: contiguous() in the checks is free (no copy) for the
+  // contiguous tensors the public API passes.
+  const std::optional<at::Tensor>& stc = args.step_sizes;
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t numel = out.numel();
   if (numel == 0) return out;
 
-  const bool per_row_seed = !nc.has_value() && rsc.has_value();
+  const bool per_row_seed = args.row_seeds.has_value();  // only set when the noise is drawn
   auto cuda_stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_step_cuda", [&] {
     using acc = acc_t<scalar_t>;
     LangevinParams<acc> p;
-    p.layout = make_noise_layout(numel, batch, per_row_seed);
-    p.batch_row_len = numel / batch;
+    p.layout = make_noise_layout(numel, args.batch, per_row_seed);
+    p.batch_row_len = numel / args.batch;
     p.c1 = static_cast<acc>(0.5 * step_size);
     p.c2 = static_cast<acc>(step_sizes.has_value() ? 0.0 : std::sqrt(step_size));
     p.steps_f32 = stc.has_value() && stc->scalar_type() == at::kFloat ? stc->data_ptr<float>() : nullptr;
     p.steps_f64 = stc.has_value() && stc->scalar_type() == at::kDouble ? stc->data_ptr<double>() : nullptr;
-    p.row_seeds = per_row_seed ? rsc->data_ptr<int64_t>() : nullptr;
+    p.row_seeds = per_row_seed ? args.row_seeds->data_ptr<int64_t>() : nullptr;
     p.seed = static_cast<uint64_t>(seed);
     p.stream = static_cast<uint64_t>(stream);
-    const scalar_t* np = nc.has_value() ? nc->data_ptr<scalar_t>() : nullptr;
-    if (nc.has_value()) {
+    const scalar_t* np = args.noise.has_value() ? args.noise->data_ptr<scalar_t>() : nullptr;
+    if (args.noise.has_value()) {
       if (stc.has_value()) {
-        launch<scalar_t, true, true>(xc, sc, np, out, p, cuda_stream);
+        launch<scalar_t, true, true>(args.x, args.score, np, out, p, cuda_stream);
       } else {
-        launch<scalar_t, true, false>(xc, sc, np, out, p, cuda_stream);
+        launch<scalar_t, true, false>(args.x, args.score, np, out, p, cuda_stream);
       }
     } else {
       if (stc.has_value()) {
-        launch<scalar_t, false, true>(xc, sc, np, out, p, cuda_stream);
+        launch<scalar_t, false, true>(args.x, args.score, np, out, p, cuda_stream);
       } else {
-        launch<scalar_t, false, false>(xc, sc, np, out, p, cuda_stream);
+        launch<scalar_t, false, false>(args.x, args.score, np, out, p, cuda_stream);
       }
     }
   });

@@ -15,27 +15,19 @@ __global__ void randn_fill_kernel(scalar_t* __restrict__ out, const int64_t* __r
                                   uint64_t stream, NoiseLayout layout) {
   const int64_t w = global_thread_index();
   if (w >= layout.work_items()) return;
-  const int64_t r = w / layout.groups_per_row;
-  const int64_t g = w - r * layout.groups_per_row;
-  const uint64_t key = row_seeds != nullptr ? static_cast<uint64_t>(row_seeds[r]) : seed;
-  const Normals4 z = philox_normals(key, stream, static_cast<uint64_t>(g));
-  const int64_t i0 = g * kGroup;
-  scalar_t* o = out + r * layout.row_len + i0;
+  const NoiseGroup ng = noise_group(layout, w);
+  const Normals4 z = philox_normals(noise_key(row_seeds, seed, ng.row), stream, static_cast<uint64_t>(ng.group));
+  scalar_t* o = out + ng.first;
 #pragma unroll
   for (int j = 0; j < kGroup; ++j) {
-    if (i0 + j < layout.row_len) o[j] = static_cast<scalar_t>(z.z[j]);
+    if (j < ng.count) o[j] = static_cast<scalar_t>(z.z[j]);
   }
 }
 
 void randn_fill_cuda(at::Tensor& out, int64_t seed, int64_t stream, const std::optional<at::Tensor>& row_seeds) {
-  check_cuda(out, "out");
+  check_randn_fill_args(out, row_seeds, c10::kCUDA);
   const bool per_row = row_seeds.has_value();
   const int64_t batch = out.dim() > 0 ? out.size(0) : 1;
-  if (per_row) {
-    check_cuda(*row_seeds, "row_seeds");
-    TORCH_CHECK(row_seeds->scalar_type() == at::kLong && row_seeds->numel() == batch,
-                "pygen: row_seeds must be int64 with one seed per row");
-  }
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   const NoiseLayout layout = make_noise_layout(out.numel(), batch, per_row);

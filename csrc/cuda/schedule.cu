@@ -21,9 +21,7 @@ __global__ void step_coefficients_kernel(const double* __restrict__ levels, int6
 
 at::Tensor step_coefficients_cuda(const at::Tensor& levels, int64_t kind, int64_t prediction, double eta, double p0,
                                   double p1) {
-  check_cuda(levels, "levels");
-  TORCH_CHECK(levels.dim() == 1 && levels.size(0) >= 2, "pygen: levels must be 1-D with at least 2 entries");
-  TORCH_CHECK(kind >= 0 && kind < step::kNumKinds, "pygen: unknown step kind ", kind);
+  check_step_coefficients_args(levels, kind, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(levels.device());
   const int64_t n = levels.size(0) - 1;
   const int width = step::table_width(static_cast<int>(kind));

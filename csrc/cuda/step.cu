@@ -36,9 +36,8 @@ __global__ void sampler_step_kernel(StepParams p, NoiseLayout layout, const scal
   using acc = acc_t<scalar_t>;
   const int64_t w = global_thread_index();
   if (w >= layout.work_items()) return;
-  const int64_t r = w / layout.groups_per_row;
-  const int64_t g = w - r * layout.groups_per_row;
-  const int64_t step = p.steps[p.per_row_steps ? r : 0];
+  const NoiseGroup ng = noise_group(layout, w);
+  const int64_t step = p.steps[p.per_row_steps ? ng.row : 0];
   const bool valid = step >= 0 && step < p.num_steps;
   const acc* row = coeffs + (valid ? step : 0) * p.width;
   const acc nan = acc(NAN);
@@ -50,18 +49,16 @@ __global__ void sampler_step_kernel(StepParams p, NoiseLayout layout, const scal
 
   float z[kGroup] = {0.f, 0.f, 0.f, 0.f};
   if (noise == nullptr && s != acc(0)) {
-    const uint64_t key = p.row_seeds != nullptr ? static_cast<uint64_t>(p.row_seeds[r]) : p.seed;
-    const Normals4 n4 = philox_normals(key, p.stream + static_cast<uint64_t>(step), static_cast<uint64_t>(g));
+    const Normals4 n4 = philox_normals(noise_key(p.row_seeds, p.seed, ng.row), p.stream + static_cast<uint64_t>(step),
+                                       static_cast<uint64_t>(ng.group));
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) z[j] = n4.z[j];
   }
   const acc lim = static_cast<acc>(p.clamp);
-  const int64_t i0 = g * kGroup;
-  const int64_t base = r * layout.row_len + i0;
 #pragma unroll
   for (int j = 0; j < kGroup; ++j) {
-    if (i0 + j >= layout.row_len) break;
-    const int64_t e = base + j;
+    if (j >= ng.count) break;
+    const int64_t e = ng.first + j;
     const acc xv = static_cast<acc>(x[e]);
     acc d = cx * xv + cm * static_cast<acc>(m[e]);
     if (lim > acc(0)) d = d < -lim ? -lim : (d > lim ? lim : d);  // keeps NaN
@@ -88,44 +85,9 @@ void sampler_step_out_cuda(const at::Tensor& x, const at::Tensor& model_out, con
                            const std::optional<at::Tensor>& noise, at::Tensor& out,
                            const std::optional<at::Tensor>& pred_x0, int64_t seed, int64_t stream,
                            const std::optional<at::Tensor>& row_seeds, double clamp, bool advance) {
-  check_cuda(x, "x");
-  check_cuda(model_out, "model_out");
-  check_cuda(coeffs, "coeffs");
-  check_cuda(step_index, "step_index");
-  check_cuda(out, "out");
-  TORCH_CHECK(x.dim() >= 1, "pygen: x must have a batch dimension");
-  TORCH_CHECK(model_out.sizes() == x.sizes() && out.sizes() == x.sizes(), "pygen: model_out/out must match x");
-  TORCH_CHECK(model_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
-              "pygen: model_out/out must have x's dtype");
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(1) >= step::kColHist, "pygen: coeffs must be a (steps, 8 + H) table");
-  TORCH_CHECK(coeffs.scalar_type() == acc_type, "pygen: coeffs must be ", acc_type, " for ", x.scalar_type(), " x");
+  const int64_t num_hist =
+      check_sampler_step_args(x, model_out, coeffs, step_index, history, noise, out, pred_x0, row_seeds, c10::kCUDA);
   const int64_t batch = x.size(0);
-  TORCH_CHECK(step_index.scalar_type() == at::kLong && step_index.dim() == 1 &&
-                  (step_index.size(0) == 1 || step_index.size(0) == batch),
-              "pygen: step_index must be int64 of shape (1,) or (batch,)");
-  const int64_t num_hist = coeffs.size(1) - step::kColHist;
-  if (num_hist > 0) {
-    TORCH_CHECK(history.has_value(), "pygen: history is required for this coefficient table");
-    check_cuda(*history, "history");
-    TORCH_CHECK(history->scalar_type() == x.scalar_type() && history->size(0) == num_hist &&
-                    history->numel() == num_hist * x.numel(),
-                "pygen: history must have shape (H, *x.shape) and x's dtype");
-  }
-  if (noise.has_value()) {
-    check_cuda(*noise, "noise");
-    TORCH_CHECK(noise->sizes() == x.sizes() && noise->scalar_type() == x.scalar_type(), "pygen: noise must match x");
-  }
-  if (pred_x0.has_value()) {
-    check_cuda(*pred_x0, "pred_x0");
-    TORCH_CHECK(pred_x0->sizes() == x.sizes() && pred_x0->scalar_type() == x.scalar_type(),
-                "pygen: pred_x0 must match x");
-  }
-  if (row_seeds.has_value()) {
-    check_cuda(*row_seeds, "row_seeds");
-    TORCH_CHECK(row_seeds->scalar_type() == at::kLong && row_seeds->numel() == batch,
-                "pygen: row_seeds must be int64 with one seed per row");
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   auto cuda_stream = c10::cuda::getCurrentCUDAStream();
   const bool per_row_steps = step_index.size(0) > 1;

@@ -4,6 +4,9 @@ Checks run once at the public boundary (or at sampler set-up), never inside a
 kernel. They raise ValueError/TypeError naming the argument and what was
 expected.
 """
+import math
+import numbers
+
 import torch
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -77,3 +80,26 @@ def check_stream(stream, name="stream"):
     if not -(1 << 63) <= stream < _U64:
         raise ValueError(f"{name} must fit in 64 bits, got {stream}")
     return to_signed64(stream)
+
+
+def check_int(name, value, minimum):
+    """``value`` as an int >= ``minimum`` (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(name, value, *, ge=None, gt=None):
+    """``value`` as a finite float, optionally >= ``ge`` / > ``gt`` (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if ge is not None and not value >= ge:
+        raise ValueError(f"{name} must be >= {ge}, got {value}")
+    if gt is not None and not value > gt:
+        raise ValueError(f"{name} must be > {gt}, got {value}")
+    return value

@@ -1,18 +1,19 @@
 """torch.library registration of every ``pygen::`` op.
 
-* Schemas come from C++ (csrc/bindings.cpp). If the extension is missing,
-  they are defined here from pygen/ops/_schemas.py and the torch reference is
-  registered as the implementation, so ``torch.ops.pygen.<op>`` always works.
+* Schemas come from C++ (csrc/bindings.cpp). If the extension is missing —
+  or is an older build that lacks some ops — those schemas are defined here
+  from pygen/ops/_schemas.py and the torch reference is registered as their
+  implementation, so ``torch.ops.pygen.<op>`` always works.
 * Fake (meta) implementations are registered here for every op, so ops work
   under torch.compile, FakeTensor tracing and opcheck.
-* The Triton kernels are registered as ``pygen::<op>_triton`` with
-  ``torch.library.triton_op`` (for torch.compile/opcheck; the eager hot path
-  launches the kernels directly).
+* The Triton launchers are registered as custom ops ``pygen::<op>_triton``
+  (for torch.compile/opcheck; the eager hot path launches the kernels directly).
 
-Each op family module registers its own fake/reference/Triton impls through
-``register_family`` below; this module only owns the library objects.
+Each op family module registers its fake/reference/Triton impls through the
+``register_*`` functions below; this module only owns the library object.
 """
 import importlib.util
+import warnings
 
 import torch
 
@@ -23,18 +24,27 @@ COMPILED = _extension.C is not None
 
 if not COMPILED:
     _lib = torch.library.Library("pygen", "DEF")  # noqa: TOR901
-    for _schema in SCHEMAS.values():
-        _lib.define(_schema)
+    MISSING = frozenset(SCHEMAS)
 else:
     _lib = torch.library.Library("pygen", "FRAGMENT")  # noqa: TOR901
+    MISSING = frozenset(name for name in SCHEMAS if not hasattr(torch.ops.pygen, name))
+    if MISSING:
+        warnings.warn(
+            f"pygen._C is older than this pygen (no {sorted(MISSING)}); those ops run on the torch "
+            "reference until the extension is rebuilt (pip install . / setup.py build_ext)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+for _name in sorted(MISSING):
+    _lib.define(SCHEMAS[_name])
 
 
 TRITON_OPS = {}
 
 
 def register_reference(name, fn):
-    """Use the torch reference as ``pygen::name`` when the extension is missing."""
-    if not COMPILED:
+    """Use the torch reference as ``pygen::name`` when the extension lacks it."""
+    if name in MISSING:
         _lib.impl(name, fn, "CompositeExplicitAutograd")
 
 
@@ -64,7 +74,7 @@ def register_triton(name, fn, *, mutates_args=()):
 
 def _import_families():
     # Imported for their registration side effects.
-    from pygen.ops import forward, langevin, random, schedule, step  # noqa: F401
+    from pygen.ops import forward, langevin, mcmc, random, schedule, step  # noqa: F401
 
 
 _import_families()

@@ -30,4 +30,9 @@ SCHEMAS = {
         "step_coefficients(Tensor levels, int kind, int prediction, float eta, float param0, "
         "float param1) -> Tensor"
     ),
+    "leapfrog_": (
+        "leapfrog_(Tensor(a!) x, Tensor(b!) p, Tensor grad, Tensor? step_sizes, float step_size, float kick, "
+        "float drift) -> ()"
+    ),
+    "mh_select_": "mh_select_(Tensor(a!) x, Tensor x_prop, Tensor log_accept, Tensor log_u, Tensor(b!) accepted) -> ()",
 }

@@ -18,7 +18,7 @@ import numbers
 import torch
 
 from pygen import _backend
-from pygen.ops._common import STORAGE_DTYPES, check_like, check_stream, check_tensor, contiguous, split_seed
+from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, split_seed
 from pygen.ops.random import randn_reference
 
 __all__ = ["langevin_step"]

@@ -1,0 +1,612 @@
+"""Score-SDE samplers (Song et al. 2021, score_sde): predictors, correctors, the PC loop and the
+probability-flow ODE, on top of the fused ops.
+
+Convention: ``score_fn(x, t)`` returns grad log p_t(x), with ``t`` a per-row tensor of shape
+(B,) on x's device (e.g. ``pygen.models.GaussianMixture.model_fn("score", sde=sde)``);
+``sde`` is a ``pygen.schedules`` ``VPSDE``, ``SubVPSDE`` or ``VESDE``. Step functions take the
+loop time ``t`` as a Python float and return the new ``x``.
+
+What is fused
+-------------
+Every predictor and ODE update is one ``pygen.sampler_step`` launch: its coefficient table
+(x_next = a·x + b·score + s·z, plus one history slot for Heun) is built once per loop on the
+CPU in float64 from the SDE's closed forms and moved to the device once, the step index lives
+on the device (``advance=True``), and the noise z is drawn in the kernel
+(``pygen.randn(x.shape, seed, stream + i)``). The Langevin updates use ``pygen.langevin_step``
+(in-kernel noise for annealed Langevin; for the SNR corrector z is drawn first with
+``pygen.randn`` because its norm sets the step). The SNR corrector's per-row norms are torch
+reductions on the device (``torch.linalg.vector_norm``, no fused kernel of our own) and the step
+size stays a device tensor: no ``.item()`` and no host sync anywhere in the loops.
+
+Predictors (time grid ``t_i``, i = 0..N-1; ``grid="score_sde"``: t = linspace(T, eps, N) and
+dt = -1/N as in score_sde; ``grid="uniform"``: t_i from linspace(T, eps, N+1), dt = t_{i+1} - t_i)
+
+- ``"euler_maruyama"``: x_mean = x + (f(t)·x - g(t)²·score)·dt, x = x_mean + g(t)·sqrt(-dt)·z.
+  VP and VE use ``pygen.step_coefficients``' "euler_maruyama_vp"/"_ve" kinds, with levels
+  (t_0, t_0 + dt_0, t_1, t_1 + dt_1, ...) so that row 2i is exactly score_sde's step i;
+  sub-VP (no fused kind) takes the same formula from its f and g.
+- ``"reverse_diffusion"``: (F, G) = sde.discretize(t); x_mean = x - F·x + G²·score, x = x_mean + G·z.
+- ``"ancestral"``: VP: x_mean = (x + beta_i·score)/sqrt(1 - beta_i), x = x_mean + sqrt(beta_i)·z;
+  VE: x_mean = x + (sigma_i² - sigma_{i-1}²)·score,
+  x = x_mean + sqrt(sigma_{i-1}²·(sigma_i² - sigma_{i-1}²)/sigma_i²)·z (sigma_{-1} = 0);
+  i = (t·(N - 1)/T).long() into the SDE's discrete tables (sub-VP: not defined, ValueError).
+- ``"none"``: no predictor.
+
+Correctors (alpha = 1 - beta_i for VP/sub-VP, 1 for VE; i as above)
+
+- ``"langevin"``: for each of ``n_steps``: z ~ N(0, I); step = 2·alpha·(snr·|z|/|score|)²,
+  x = x + step·score + sqrt(2·step)·z. ``norm="batch"`` (score_sde): |.| is the batch mean of
+  the per-row norms; ``norm="row"``: each row's own norms.
+- ``"ald"`` (score_sde's AnnealedLangevinDynamics): step = 2·alpha·(snr·std(t))², same update.
+- ``"none"``.
+
+``pc_sample`` runs, for i = 0..N-1: corrector then predictor at t_i; with ``denoise=True`` the
+last predictor step returns x_mean (no noise), as score_sde does.
+
+``annealed_langevin`` is NCSN's sampler (seed 001): for levels sigma_1 > ... > sigma_L,
+step_i = step_lr·sigma_i²/sigma_L², and M steps x = x + step_i·score + sqrt(2·step_i)·z each.
+
+``ode_sample``: the probability-flow ODE dx/dt = f(t)·x - g(t)²·score/2 from T to eps on
+t = linspace(T, eps, N+1), by Euler or Heun (Heun: two fused launches per step, the first also
+storing x + dt/2·drift_1 in a history slot; the second adds dt/2·drift_2 to it).
+
+Noise streams (with ``stream`` = s): the prior uses s, predictor step i uses s + 1 + i,
+corrector iteration j of loop step i uses s + 1 + N + i·n_corrector_steps + j.
+"""
+import math
+import numbers
+
+import torch
+
+from pygen import _backend
+from pygen import schedules as _schedules
+from pygen.ops._common import check_int as _check_int
+from pygen.ops._common import check_like, check_stream, split_seed
+from pygen.ops.random import randn
+from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_HD, COL_HIST, COL_HX, COL_S, COL_SLOT, step_coefficients
+from pygen.ops.step import sampler_step
+
+__all__ = [
+    "PREDICTORS",
+    "CORRECTORS",
+    "ODE_METHODS",
+    "time_grid",
+    "euler_maruyama_step",
+    "reverse_diffusion_step",
+    "ancestral_step",
+    "langevin_corrector",
+    "annealed_langevin_corrector",
+    "ode_euler_step",
+    "ode_heun_step",
+    "pc_sample",
+    "annealed_langevin",
+    "ode_sample",
+]
+
+PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
+CORRECTORS = ("langevin", "ald", "none")
+ODE_METHODS = ("euler", "heun")
+GRIDS = ("score_sde", "uniform")
+NORMS = ("batch", "row")
+
+_F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------
+def _check_sde(sde):
+    if not isinstance(sde, (_schedules.VPSDE, _schedules.VESDE)):
+        raise TypeError(f"sde must be a pygen.schedules VPSDE, SubVPSDE or VESDE, got {type(sde).__name__}")
+    return sde
+
+
+def _check_pos(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def _check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return value
+
+
+def _check_time(name, t, sde):
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise TypeError(f"{name} must be a real number (the loop time), got {type(t).__name__}")
+    t = float(t)
+    if not 0.0 <= t <= sde.T:
+        raise ValueError(f"{name} must lie in [0, {sde.T}], got {t}")
+    return t
+
+
+def _check_eps(eps, sde):
+    eps = _check_pos("eps", eps)
+    if not eps < sde.T:
+        raise ValueError(f"eps must be < T = {sde.T}, got {eps}")
+    return eps
+
+
+def _check_callback(callback):
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+
+
+def _acc(x):
+    return _F64 if x.dtype == _F64 else torch.float32
+
+
+def _is_subvp(sde):
+    return isinstance(sde, _schedules.SubVPSDE)
+
+
+def _is_vp(sde):
+    return isinstance(sde, _schedules.VPSDE) and not _is_subvp(sde)
+
+
+# ---------------------------------------------------------------------------
+# time grids and coefficient tables (CPU float64, then one move to the device)
+# ---------------------------------------------------------------------------
+def time_grid(sde, n_steps, eps=1e-3, grid="score_sde"):
+    """(times, dts): float64 CPU tensors of the N loop times and their steps dt (< 0).
+
+    "score_sde": times = linspace(T, eps, N), dt = -1/N each (score_sde's PC loop);
+    "uniform": times = linspace(T, eps, N+1)[:-1], dt = the grid spacing (ends exactly at eps).
+    """
+    _check_sde(sde)
+    n = _check_int("n_steps", n_steps, 1)
+    eps = _check_eps(eps, sde)
+    _check_choice("grid", grid, GRIDS)
+    if grid == "score_sde":
+        times = torch.linspace(sde.T, eps, n, dtype=_F64)
+        return times, torch.full((n,), -1.0 / n, dtype=_F64)
+    levels = torch.linspace(sde.T, eps, n + 1, dtype=_F64)
+    return levels[:-1].clone(), levels[1:] - levels[:-1]
+
+
+def _f_g2(sde, t):
+    """f(t) (drift factor on x) and g(t)² at float64 CPU times t."""
+    g = sde.diffusion_coeff(t)
+    return sde.drift_coeff(t), g * g
+
+
+def _index(sde, t):
+    """score_sde's discrete index (t·(N - 1)/T).long()."""
+    return (t * (sde.N - 1) / sde.T).long()
+
+
+def _blank(n, width=COL_HIST):
+    cols = torch.zeros(n, width, dtype=_F64)
+    cols[:, COL_SLOT] = -1.0
+    cols[:, COL_CM] = 1.0  # d = model_out = the score
+    return cols
+
+
+def _predictor_table(name, sde, times, dts):
+    """(N, 8) float64 CPU table of sampler_step for predictor ``name`` at ``times``."""
+    n = times.shape[0]
+    if name == "euler_maruyama":
+        if _is_subvp(sde):
+            f, g2 = _f_g2(sde, times)
+            cols = _blank(n)
+            cols[:, COL_A] = 1 + f * dts
+            cols[:, COL_B] = -g2 * dts
+            cols[:, COL_S] = torch.sqrt(g2 * -dts)
+            return cols
+        levels = torch.stack([times, times + dts], dim=1).reshape(-1)
+        if _is_vp(sde):
+            table = step_coefficients(levels, "euler_maruyama_vp", prediction="score", beta_min=sde.beta_min,
+                                      beta_max=sde.beta_max)
+        else:
+            table = step_coefficients(levels, "euler_maruyama_ve", prediction="score", sigma_min=sde.sigma_min,
+                                      sigma_max=sde.sigma_max)
+        return table[0::2].to(_F64).clone()
+    cols = _blank(n)
+    if name == "reverse_diffusion":
+        fd, G = sde.discretize(times)
+        cols[:, COL_A] = 1 - fd
+        cols[:, COL_B] = G * G
+        cols[:, COL_S] = G
+        return cols
+    # ancestral
+    i = _index(sde, times)
+    if _is_vp(sde):
+        beta = sde.discrete_betas()[i]
+        cols[:, COL_A] = 1 / torch.sqrt(1 - beta)
+        cols[:, COL_B] = beta / torch.sqrt(1 - beta)
+        cols[:, COL_S] = torch.sqrt(beta)
+        return cols
+    table = sde.discrete_sigmas()
+    sigma = table[i]
+    adj = torch.where(i == 0, torch.zeros_like(sigma), table[(i - 1).clamp(min=0)])
+    diff = sigma * sigma - adj * adj
+    cols[:, COL_A] = 1.0
+    cols[:, COL_B] = diff
+    cols[:, COL_S] = torch.sqrt(adj * adj * diff / (sigma * sigma))
+    return cols
+
+
+def _check_predictor(name, sde):
+    _check_choice("predictor", name, PREDICTORS)
+    if name == "ancestral" and _is_subvp(sde):
+        raise ValueError("predictor 'ancestral' is defined for VPSDE and VESDE only (score_sde), not SubVPSDE")
+    return name
+
+
+def _ode_table(method, sde, times, dts):
+    """Euler: (N, 8) rows; Heun: (2N, 9) rows (stage 1, stage 2 per step), float64 CPU."""
+    n = times.shape[0]
+    f1, g1 = _f_g2(sde, times)
+    if method == "euler":
+        cols = _blank(n)
+        cols[:, COL_A] = 1 + f1 * dts
+        cols[:, COL_B] = -0.5 * g1 * dts
+        return cols
+    f2, g2 = _f_g2(sde, times + dts)
+    cols = _blank(2 * n, COL_HIST + 1)
+    s1, s2 = cols[0::2], cols[1::2]
+    s1[:, COL_A] = 1 + f1 * dts  # x_e = x + dt·drift_1
+    s1[:, COL_B] = -0.5 * g1 * dts
+    s1[:, COL_HX] = 1 + 0.5 * f1 * dts  # history = x + dt/2·drift_1
+    s1[:, COL_HD] = -0.25 * g1 * dts
+    s1[:, COL_SLOT] = 0.0
+    s2[:, COL_A] = 0.5 * f2 * dts  # x_next = history + dt/2·drift_2(x_e)
+    s2[:, COL_B] = -0.25 * g2 * dts
+    s2[:, COL_HIST] = 1.0
+    cols[0::2], cols[1::2] = s1, s2
+    return cols
+
+
+def _to_device(table, x):
+    return table.to(device=x.device, dtype=_acc(x))
+
+
+def _row_times(times, x):
+    """Per-loop-step (B,) time views: times moved once, then t_i = times_dev[i].expand(B)."""
+    return times.to(device=x.device, dtype=_acc(x))
+
+
+def _alpha(sde, t):
+    """score_sde's corrector alpha: 1 - beta_i (VP, sub-VP), 1 (VE); float64 CPU tensor of t's shape."""
+    if isinstance(sde, _schedules.VPSDE):
+        return 1 - sde.discrete_betas()[_index(sde, t)]
+    return torch.ones_like(t)
+
+
+# ---------------------------------------------------------------------------
+# fused Langevin update with a per-row step held on the device
+# ---------------------------------------------------------------------------
+def _langevin_rows(x, score, dt_rows, noise):
+    """x + dt/2·score + sqrt(dt)·noise with per-row dt (a device tensor), via the langevin_step op.
+
+    Same op and backends as ``pygen.langevin_step``, minus its host-side check that every
+    step is >= 0 (a host sync on CUDA); the steps here are >= 0 by construction (or NaN).
+    """
+    backend = _backend.resolve(x.device)
+    args = (x, score, dt_rows, 0.0, noise, 0, 0, None)
+    if backend == "torch":
+        from pygen.ops.langevin import langevin_step_reference
+
+        return langevin_step_reference(*args)
+    if backend == "triton":
+        from pygen.kernels import langevin as tk
+
+        return tk.langevin_step(*args)
+    return torch.ops.pygen.langevin_step(*args)
+
+
+def _norm_ratio2(score, z, norm):
+    """(|z|/|score|)² per row, computed on the device in fp32 (fp64 for fp64)."""
+    acc = _acc(score)
+    b = score.shape[0]
+    gn = torch.linalg.vector_norm(score.reshape(b, -1), dim=1, dtype=acc)
+    zn = torch.linalg.vector_norm(z.reshape(b, -1), dim=1, dtype=acc)
+    if norm == "batch":
+        gn, zn = gn.mean().expand(b), zn.mean().expand(b)
+    return (zn / gn) ** 2
+
+
+def _langevin_iter(score_fn, x, t_rows, four_alpha_snr2, norm, seed, stream, noise):
+    """One SNR-Langevin corrector iteration; ``four_alpha_snr2`` = 4·alpha·snr² (a float)."""
+    grad = score_fn(x, t_rows)
+    check_like("score_fn(x, t)", grad, "x", x)
+    z = randn(x.shape, seed, stream, device=x.device, dtype=x.dtype) if noise is None else noise
+    dt = four_alpha_snr2 * _norm_ratio2(grad, z, norm)  # = 2·step
+    return _langevin_rows(x.contiguous(), grad.contiguous(), dt.contiguous(), z.contiguous())
+
+
+def _ald_iter(score_fn, x, t_rows, dt, seed, stream, noise):
+    grad = score_fn(x, t_rows)
+    check_like("score_fn(x, t)", grad, "x", x)
+    from pygen.ops.langevin import langevin_step
+
+    if noise is None:
+        return langevin_step(x, grad, dt, seed, stream)
+    return langevin_step(x, grad, dt, None, stream, noise=noise)
+
+
+# ---------------------------------------------------------------------------
+# single steps (for tests and custom loops; each one fused launch for the update)
+# ---------------------------------------------------------------------------
+def _t_rows(t, x):
+    return torch.full((x.shape[0],), t, dtype=_acc(x), device=x.device)
+
+
+def _check_x(x):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 1:
+        raise TypeError("x must be a floating tensor with a batch dimension of size >= 1")
+
+
+def _one_step(table, score_fn, x, t, seed, stream, noise, denoise):
+    if denoise:
+        table = table.clone()
+        table[:, COL_S] = 0.0
+    table = _to_device(table, x)
+    score = score_fn(x, _t_rows(t, x))
+    check_like("score_fn(x, t)", score, "x", x)
+    idx = torch.zeros(1, dtype=torch.int64, device=x.device)
+    if noise is None and denoise:
+        noise = score  # s = 0: no noise term, nothing to draw
+    if noise is None:
+        return sampler_step(x, score, table, idx, seed=seed, stream=stream)
+    return sampler_step(x, score, table, idx, noise=noise)
+
+
+def euler_maruyama_step(score_fn, sde, x, t, dt=None, *, seed=0, stream=0, noise=None, denoise=False):
+    """Euler–Maruyama step of the reverse SDE at time ``t`` with step ``dt`` (< 0; default -1/N).
+
+    Returns x_mean + g·sqrt(-dt)·z, or x_mean with ``denoise=True``. ``noise``: a given z;
+    else z = pygen.randn(x.shape, seed, stream).
+    """
+    _check_sde(sde)
+    _check_x(x)
+    t = _check_time("t", t, sde)
+    dt = -1.0 / sde.N if dt is None else float(dt)
+    if not dt < 0:
+        raise ValueError(f"dt must be < 0 (reverse time), got {dt}")
+    table = _predictor_table("euler_maruyama", sde, torch.tensor([t], dtype=_F64), torch.tensor([dt], dtype=_F64))
+    return _one_step(table, score_fn, x, t, seed, stream, noise, denoise)
+
+
+def reverse_diffusion_step(score_fn, sde, x, t, *, seed=0, stream=0, noise=None, denoise=False):
+    """score_sde's ReverseDiffusionPredictor at time ``t`` (see the module docstring)."""
+    _check_sde(sde)
+    _check_x(x)
+    t = _check_time("t", t, sde)
+    table = _predictor_table("reverse_diffusion", sde, torch.tensor([t], dtype=_F64), None)
+    return _one_step(table, score_fn, x, t, seed, stream, noise, denoise)
+
+
+def ancestral_step(score_fn, sde, x, t, *, seed=0, stream=0, noise=None, denoise=False):
+    """score_sde's AncestralSamplingPredictor at time ``t`` (VPSDE or VESDE)."""
+    _check_sde(sde)
+    _check_predictor("ancestral", sde)
+    _check_x(x)
+    t = _check_time("t", t, sde)
+    table = _predictor_table("ancestral", sde, torch.tensor([t], dtype=_F64), None)
+    return _one_step(table, score_fn, x, t, seed, stream, noise, denoise)
+
+
+def _check_noise_stack(noise, n_steps, x):
+    if noise is None:
+        return None
+    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (n_steps,) + tuple(x.shape):
+        raise ValueError(f"noise must be a tensor of shape {(n_steps,) + tuple(x.shape)} (one z per corrector step)")
+    return noise
+
+
+def langevin_corrector(score_fn, sde, x, t, *, snr=0.16, n_steps=1, seed=0, stream=0, noise=None, norm="batch"):
+    """score_sde's LangevinCorrector: ``n_steps`` SNR-scaled Langevin steps at time ``t``.
+
+    Iteration j draws z = pygen.randn(x.shape, seed, stream + j) (or takes noise[j]).
+    """
+    _check_sde(sde)
+    _check_x(x)
+    t = _check_time("t", t, sde)
+    snr = _check_pos("snr", snr)
+    n_steps = _check_int("n_steps", n_steps, 1)
+    _check_choice("norm", norm, NORMS)
+    noise = _check_noise_stack(noise, n_steps, x)
+    stream = check_stream(stream)
+    k = 4.0 * float(_alpha(sde, torch.tensor(t, dtype=_F64))) * snr * snr
+    rows = _t_rows(t, x)
+    for j in range(n_steps):
+        x = _langevin_iter(score_fn, x, rows, k, norm, seed, stream + j, None if noise is None else noise[j])
+    return x
+
+
+def annealed_langevin_corrector(score_fn, sde, x, t, *, snr=0.16, n_steps=1, seed=0, stream=0, noise=None):
+    """score_sde's AnnealedLangevinDynamics corrector: step = 2·alpha·(snr·std(t))²."""
+    _check_sde(sde)
+    _check_x(x)
+    t = _check_time("t", t, sde)
+    snr = _check_pos("snr", snr)
+    n_steps = _check_int("n_steps", n_steps, 1)
+    noise = _check_noise_stack(noise, n_steps, x)
+    stream = check_stream(stream)
+    dt = _ald_dt(sde, torch.tensor([t], dtype=_F64), snr)[0].item()  # CPU tensor: no device sync
+    rows = _t_rows(t, x)
+    for j in range(n_steps):
+        x = _ald_iter(score_fn, x, rows, dt, seed, stream + j, None if noise is None else noise[j])
+    return x
+
+
+def _ald_dt(sde, times, snr):
+    """Langevin dt (= 2·step) of the ALD corrector at float64 CPU times."""
+    std = sde.marginal_std(times)
+    return 4.0 * _alpha(sde, times) * (snr * std) ** 2
+
+
+def ode_euler_step(score_fn, sde, x, t, dt):
+    """Euler step of the probability-flow ODE: x + (f·x - g²·score/2)·dt."""
+    return _ode_step("euler", score_fn, sde, x, t, dt)
+
+
+def ode_heun_step(score_fn, sde, x, t, dt):
+    """Heun step of the probability-flow ODE (2 score evaluations: at t and at t + dt)."""
+    return _ode_step("heun", score_fn, sde, x, t, dt)
+
+
+def _ode_step(method, score_fn, sde, x, t, dt):
+    _check_sde(sde)
+    _check_x(x)
+    t = _check_time("t", t, sde)
+    dt = float(dt)
+    _check_time("t + dt", t + dt, sde)
+    table = _ode_table(method, sde, torch.tensor([t], dtype=_F64), torch.tensor([dt], dtype=_F64))
+    return _ode_run(method, score_fn, x.clone(memory_format=torch.contiguous_format), _to_device(table, x),
+                    torch.tensor([t], dtype=_F64), torch.tensor([dt], dtype=_F64), None)
+
+
+def _ode_run(method, score_fn, x, table, times, dts, callback):
+    """Run the ODE loop in place on the contiguous ``x``."""
+    idx = torch.zeros(1, dtype=torch.int64, device=x.device)
+    t_dev = _row_times(times, x)
+    t2_dev = _row_times(times + dts, x)
+    b = x.shape[0]
+    hist = torch.zeros((1,) + tuple(x.shape), dtype=x.dtype, device=x.device) if method == "heun" else None
+    for i in range(times.shape[0]):
+        s = score_fn(x, t_dev[i].expand(b))
+        check_like("score_fn(x, t)", s, "x", x)
+        sampler_step(x, s, table, idx, history=hist, noise=s, advance=True, out=x)
+        if method == "heun":
+            s = score_fn(x, t2_dev[i].expand(b))
+            check_like("score_fn(x, t)", s, "x", x)
+            sampler_step(x, s, table, idx, history=hist, noise=s, advance=True, out=x)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# loops
+# ---------------------------------------------------------------------------
+def _init(sde, shape, x_T, seed, stream, device, dtype):
+    if x_T is not None:
+        _check_x(x_T)
+        return x_T.clone(memory_format=torch.contiguous_format)
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or len(shape) < 1 or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise ValueError(f"shape must be a non-empty tuple of positive ints, got {shape!r}")
+    if device is None and isinstance(seed, torch.Tensor):
+        device = seed.device
+    x = randn(tuple(shape), seed, stream, device=device, dtype=dtype)
+    return x.mul_(sde.prior_std)
+
+
+def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corrector="langevin", n_steps=None,
+              snr=0.16, n_corrector_steps=1, eps=1e-3, seed=0, stream=0, denoise=True, x_T=None, grid="score_sde",
+              norm="batch", device=None, dtype=torch.float32, callback=None):
+    """score_sde's predictor-corrector sampler.
+
+    Starts from x_T (or sde.prior_std·pygen.randn(shape, seed, stream)); for each loop time
+    t_i of ``time_grid(sde, n_steps, eps, grid)`` (``n_steps`` defaults to sde.N) runs the
+    corrector (``n_corrector_steps`` iterations) and then the predictor. ``callback(i, x)``
+    is called after each step. Returns the samples (x_mean of the last predictor step when
+    ``denoise``).
+    """
+    _check_sde(sde)
+    _check_predictor(predictor, sde)
+    _check_choice("corrector", corrector, CORRECTORS)
+    n_steps = sde.N if n_steps is None else n_steps
+    times, dts = time_grid(sde, n_steps, eps, grid)
+    n = times.shape[0]
+    snr = _check_pos("snr", snr)
+    n_corr = _check_int("n_corrector_steps", n_corrector_steps, 1)
+    _check_choice("norm", norm, NORMS)
+    if not isinstance(denoise, bool):
+        raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
+    _check_callback(callback)
+    stream = check_stream(stream)
+    x = _init(sde, shape, x_T, seed, stream, device, dtype)
+    if isinstance(seed, torch.Tensor):
+        split_seed(seed, x.shape[0], x.device)  # validates per-row seeds
+    b = x.shape[0]
+    t_dev = _row_times(times, x)
+    if predictor != "none":
+        table = _predictor_table(predictor, sde, times, dts)
+        if denoise:
+            table[-1, COL_S] = 0.0
+        table = _to_device(table, x)
+        idx = torch.zeros(1, dtype=torch.int64, device=x.device)
+    if corrector == "langevin":
+        ks = (4.0 * _alpha(sde, times) * snr * snr).tolist()
+    elif corrector == "ald":
+        ks = _ald_dt(sde, times, snr).tolist()
+    corr_base = stream + 1 + n
+    for i in range(n):
+        rows = t_dev[i].expand(b)
+        for j in range(n_corr if corrector != "none" else 0):
+            st = corr_base + i * n_corr + j
+            if corrector == "langevin":
+                x = _langevin_iter(score_fn, x, rows, ks[i], norm, seed, st, None)
+            else:
+                x = _ald_iter(score_fn, x, rows, ks[i], seed, st, None)
+        if predictor != "none":
+            s = score_fn(x, rows)
+            check_like("score_fn(x, t)", s, "x", x)
+            x = x.contiguous()
+            sampler_step(x, s, table, idx, seed=seed, stream=stream + 1, advance=True, out=x)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def annealed_langevin(score_fn, sde, shape=None, *, n_levels=10, n_steps_each=100, step_lr=2e-5, eps=1e-3, seed=0,
+                      stream=0, denoise=False, x_T=None, device=None, dtype=torch.float32, callback=None):
+    """NCSN annealed Langevin dynamics (seed 001).
+
+    Levels: t_i = linspace(T, eps, n_levels), sigma_i = sde.marginal_std(t_i) (the VE sigma);
+    step_i = step_lr·sigma_i²/sigma_L²; at each level ``n_steps_each`` updates
+    x = x + step_i·score(x, t_i) + sqrt(2·step_i)·z (one fused ``langevin_step`` each, z drawn
+    in the kernel from stream + 1 + i·n_steps_each + m). ``denoise=True`` ends with Tweedie's
+    x = (x + sigma_L²·score(x, t_L)) / mean_coeff(t_L).
+    """
+    _check_sde(sde)
+    n_levels = _check_int("n_levels", n_levels, 1)
+    m = _check_int("n_steps_each", n_steps_each, 1)
+    step_lr = _check_pos("step_lr", step_lr)
+    eps = _check_eps(eps, sde)
+    if not isinstance(denoise, bool):
+        raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
+    _check_callback(callback)
+    stream = check_stream(stream)
+    x = _init(sde, shape, x_T, seed, stream, device, dtype)
+    times = torch.linspace(sde.T, eps, n_levels, dtype=_F64)
+    sig = sde.marginal_std(times)
+    dts = (2.0 * step_lr * (sig / sig[-1]) ** 2).tolist()
+    t_dev = _row_times(times, x)
+    b = x.shape[0]
+    for i in range(n_levels):
+        rows = t_dev[i].expand(b)
+        for k in range(m):
+            x = _ald_iter(score_fn, x, rows, dts[i], seed, stream + 1 + i * m + k, None)
+        if callback is not None:
+            callback(i, x)
+    if denoise:
+        s = score_fn(x, t_dev[-1].expand(b))
+        check_like("score_fn(x, t)", s, "x", x)
+        x = ((x.to(_acc(x)) + float(sig[-1]) ** 2 * s.to(_acc(x))) / float(sde.mean_coeff(times[-1]))).to(x.dtype)
+    return x
+
+
+def ode_sample(score_fn, sde, shape=None, *, method="heun", n_steps=100, eps=1e-3, seed=0, stream=0, x_T=None,
+               device=None, dtype=torch.float32, callback=None):
+    """Probability-flow ODE from T to eps on linspace(T, eps, n_steps + 1) by Euler or Heun.
+
+    Starts from x_T or sde.prior_std·pygen.randn(shape, seed, stream); deterministic afterwards.
+    """
+    _check_sde(sde)
+    _check_choice("method", method, ODE_METHODS)
+    times, dts = time_grid(sde, n_steps, eps, "uniform")
+    _check_callback(callback)
+    stream = check_stream(stream)
+    x = _init(sde, shape, x_T, seed, stream, device, dtype)
+    return _ode_run(method, score_fn, x, _to_device(_ode_table(method, sde, times, dts), x), times, dts, callback)
