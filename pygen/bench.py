@@ -193,6 +193,23 @@ def versions():
     return out
 
 
+def _git_commit():
+    """``git describe``-style commit of the pygen source checkout that is imported, if any."""
+    import subprocess
+
+    import pygen
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pygen.__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        out = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def environment(device):
     """Device, versions, date and CPU count, for the JSON and markdown reports."""
     import pygen
@@ -212,6 +229,9 @@ def environment(device):
         "backends": pygen.backends(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
+    commit = _git_commit()
+    if commit:
+        env["git_commit"] = commit
     if hasattr(os, "getloadavg"):  # other work on the machine skews CPU timings: record it
         env["loadavg_1m"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":

@@ -120,7 +120,8 @@ def format_markdown(report):
         f"- date: {env['date']}",
         f"- device: {dev['type']} — {dev['name']}; {dev['cpu_count']} CPU cores "
         f"({dev['cpu_model']}), torch threads {dev['torch_threads']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items())
+        + (f" (source commit {env['git_commit']})" if env.get("git_commit") else ""),
         "- backends: " + "; ".join(f"{k}: {v}" for k, v in env["backends"].items()),
         f"- settings: {json.dumps(report['settings'])}",
         f"- other processes' CPU use during the run: {env.get('foreign_cpu_cores', '?')} cores on average; "
