@@ -6,9 +6,10 @@ implementation:
 
 * ``eager``  the eager-PyTorch composite of the same math (what a user writes
   without pygen; noise from ``torch.randn`` with a ``torch.Generator``),
-* ``cuda`` / ``triton`` / ``cpu`` / ``torch``: the pygen op forced onto that
-  backend with ``pygen.use_backend`` (``torch`` is pygen's plain-PyTorch
-  reference, the spec, not a performance path).
+* ``cuda`` / ``triton`` / ``cpu`` / ``torch``: the public pygen op on that
+  backend (forced with ``pygen.use_backend`` unless it is the device's
+  default, so the default dispatch path is what gets timed; ``torch`` is
+  pygen's plain-PyTorch reference, the spec, not a performance path).
 
 Op variants (``OPS``): ``randn``, ``q_sample`` (noise given), ``q_sample+rng``
 (noise drawn in the kernel and returned), ``reparameterize``,
@@ -18,7 +19,11 @@ Op variants (``OPS``): ``randn``, ``q_sample`` (noise given), ``q_sample+rng``
 the bandwidth baseline). An op whose pygen API is not on this build stays
 defined and is reported as skipped with the reason.
 
-Timing (``measure``): a few warm-up calls, then each implementation's batch
+Triton is not timed on CPU tensors (it only runs under the interpreter
+there); on CUDA it is.
+
+Timing (``measure``): a few warm-up calls (one for implementations slower
+than 0.25 s a call), then each implementation's batch
 size is calibrated so one batch lasts at least ``min_time``; the batches of
 all implementations of a case are then interleaved (``eager``, ``cpu``,
 ``torch``, ``eager``, ...) for ``repeats`` rounds and the median time per call
