@@ -37,7 +37,7 @@ void step_kernel(const StepArgs& p, const NoiseLayout& layout, const scalar_t* x
                  scalar_t* out, scalar_t* pred) {
   using acc = acc_t<scalar_t>;
   for_each_noise_chunk(layout, [&](int64_t r, int64_t i0, int64_t len) {
-    acc z[kNoiseChunk];
+    acc z[kNoiseChunk], d[kNoiseChunk], res[kNoiseChunk];
     const int64_t step = p.steps[p.per_row_steps ? r : 0];
     const bool valid = step >= 0 && step < p.num_steps;
     acc c[step::kColHist + kMaxHistory];
@@ -58,18 +58,35 @@ void step_kernel(const StepArgs& p, const NoiseLayout& layout, const scalar_t* x
     } else {
       for (int64_t i = 0; i < len; ++i) z[i] = acc(0);
     }
+    // Branch-free passes over chunk-local buffers (they cannot alias x, out
+    // or history, so each loop vectorises; out may be x: it is written last).
     const acc lim = static_cast<acc>(p.clamp);
+    const bool use_clamp = lim > acc(0);
+    const scalar_t* xs = x + base;
+    const scalar_t* ms = m + base;
     for (int64_t i = 0; i < len; ++i) {
-      const int64_t e = base + i;
-      const acc xv = static_cast<acc>(x[e]);
-      acc d = cx * xv + cm * static_cast<acc>(m[e]);
-      if (lim > acc(0)) d = d < -lim ? -lim : (d > lim ? lim : d);  // keeps NaN
-      acc xn = a * xv + b * d + s * z[i];
-      for (int64_t j = 0; j < p.num_hist; ++j) xn += c[step::kColHist + j] * static_cast<acc>(hist[j * hist_stride + e]);
-      if (write_hist) hist[slot * hist_stride + e] = static_cast<scalar_t>(hx * xv + hd * d);
-      if (pred != nullptr) pred[e] = static_cast<scalar_t>(d);
-      out[e] = static_cast<scalar_t>(xn);
+      const acc xv = static_cast<acc>(xs[i]);
+      const acc raw = cx * xv + cm * static_cast<acc>(ms[i]);
+      const acc clamped = raw < -lim ? -lim : (raw > lim ? lim : raw);  // keeps NaN
+      const acc dv = use_clamp ? clamped : raw;
+      d[i] = dv;
+      res[i] = a * xv + b * dv + s * z[i];
     }
+    for (int64_t j = 0; j < p.num_hist; ++j) {
+      const acc cj = c[step::kColHist + j];
+      const scalar_t* hj = hist + j * hist_stride + base;
+      for (int64_t i = 0; i < len; ++i) res[i] += cj * static_cast<acc>(hj[i]);
+    }
+    if (write_hist) {
+      scalar_t* hs = hist + slot * hist_stride + base;
+      for (int64_t i = 0; i < len; ++i) hs[i] = static_cast<scalar_t>(hx * static_cast<acc>(xs[i]) + hd * d[i]);
+    }
+    if (pred != nullptr) {
+      scalar_t* ps = pred + base;
+      for (int64_t i = 0; i < len; ++i) ps[i] = static_cast<scalar_t>(d[i]);
+    }
+    scalar_t* os = out + base;
+    for (int64_t i = 0; i < len; ++i) os[i] = static_cast<scalar_t>(res[i]);
   });
 }
 
