@@ -175,10 +175,11 @@ def _device_slug(env):
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", dev["name"].lower()).strip("-")
 
 
-def default_json_path(env):
+def default_json_path(env, quick=False):
     """<checkout>/benchmarks/results/bench-<device>-<date>.json when the cwd is in a pygen source
-    checkout, else ./pygen-bench-<device>-<date>.json."""
-    name = f"bench-{_device_slug(env)}-{env['date'][:10]}.json"
+    checkout, else ./pygen-bench-<device>-<date>.json. A --quick run gets a "-quick" suffix (git
+    ignores those), so it never overwrites a recorded full run."""
+    name = f"bench-{_device_slug(env)}-{env['date'][:10]}{'-quick' if quick else ''}.json"
     root = checkout_root()
     if root is not None:
         return os.path.join(root, "benchmarks", "results", name)
@@ -286,7 +287,7 @@ def _cmd_bench(args):
         print("\nskipped:")
         print("\n".join(format_skipped(skipped, ops)))
     if not args.no_json:
-        path = _write_text(args.json or default_json_path(env), json.dumps(report, indent=2) + "\n", "JSON")
+        path = _write_text(args.json or default_json_path(env, quick=args.quick), json.dumps(report, indent=2) + "\n", "JSON")
         if path:
             print(f"\nJSON: {path}")
     if args.markdown:
@@ -350,7 +351,7 @@ def build_parser():
                    help="small subset: fp32, two sizes, no torch-reference timing (well under a minute)")
     b.add_argument("--json", metavar="PATH", default=None,
                    help="where to write JSON (default: benchmarks/results/bench-<device>-<date>.json in a "
-                        "source checkout, else ./pygen-bench-<device>-<date>.json)")
+                        "source checkout, else ./pygen-bench-<device>-<date>.json; --quick adds -quick)")
     b.add_argument("--no-json", action="store_true", help="do not write JSON")
     b.add_argument("--markdown", metavar="PATH", default=None, help="also write a markdown report")
     b.add_argument("--repeats", type=int, default=None, help="timed batches per implementation (median)")

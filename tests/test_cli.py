@@ -131,6 +131,7 @@ def test_default_json_path(tmp_path, monkeypatch):
     assert cli.default_json_path(env) == str(tmp_path / "benchmarks" / "results" / "bench-cpu-2026-11-23.json")
     env_gpu = {"device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}, "date": "2026-11-23"}
     assert cli.default_json_path(env_gpu).endswith("bench-cuda-nvidia-h100-80gb-hbm3-2026-11-23.json")
+    assert cli.default_json_path(env, quick=True).endswith("bench-cpu-2026-11-23-quick.json")
 
 
 def test_checkout_detection(tmp_path, monkeypatch):
