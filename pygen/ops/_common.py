@@ -74,6 +74,26 @@ def split_seed(seed, batch, device, *, name="seed"):
     raise TypeError(f"{name} must be an int or a 1-D int64 tensor, got {type(seed).__name__}")
 
 
+def noise_source(op, noise, seed, ref_name, ref, *, seed_with_noise_ok=True):
+    """Where an op's noise comes from: ``(noise or None, int64 seed, per-row seeds or None)``.
+
+    ``noise`` given: it must match ``ref`` (and ``seed`` must be None unless
+    ``seed_with_noise_ok``). Otherwise ``seed`` is required and split as in
+    ``split_seed`` over the rows of ``ref``; the op draws the noise in its kernel.
+    """
+    if noise is not None:
+        check_like("noise", noise, ref_name, ref)
+        if seed is not None and not seed_with_noise_ok:
+            raise ValueError("pass either seed (in-kernel noise) or noise, not both; seed must be None with noise")
+        return contiguous(noise), 0, None
+    if seed is None:
+        raise ValueError(f"seed is required when noise is None ({op} draws the noise in its kernel)")
+    if isinstance(seed, torch.Tensor) and ref.dim() == 0:
+        raise ValueError(f"{ref_name} must have a batch dimension when seed is a per-row tensor")
+    seed_i, row_seeds = split_seed(seed, ref.shape[0] if ref.dim() else 1, ref.device)
+    return None, seed_i, row_seeds
+
+
 def check_stream(stream, name="stream"):
     if isinstance(stream, bool) or not isinstance(stream, int):
         raise TypeError(f"{name} must be an int, got {type(stream).__name__}")

@@ -32,7 +32,7 @@ import numbers
 import torch
 
 from pygen import _backend
-from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, split_seed
+from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, noise_source
 from pygen.ops.random import randn_reference
 
 __all__ = ["q_sample", "reparameterize"]
@@ -237,14 +237,7 @@ def q_sample(x0, t, alphas_cumprod, noise=None, seed=None, stream=0, *, target=N
     batch = x0.shape[0]
     t = _check_t(t, batch, alphas_cumprod.shape[0], device)
     stream = check_stream(stream)
-    if noise is not None:
-        check_like("noise", noise, "x0", x0)
-        noise = contiguous(noise)
-        seed_i, row_seeds = 0, None
-    elif seed is None:
-        raise ValueError("seed is required when noise is None (q_sample draws the noise in its kernel)")
-    else:
-        seed_i, row_seeds = split_seed(seed, batch, device)
+    noise, seed_i, row_seeds = noise_source("q_sample", noise, seed, "x0", x0)
     x0 = contiguous(x0)
     table = contiguous(alphas_cumprod)
 
@@ -330,16 +323,7 @@ def reparameterize(mu, logvar, seed=None, stream=0, *, noise=None, return_noise=
     check_like("logvar", logvar, "mu", mu)
     device = mu.device
     stream = check_stream(stream)
-    if noise is not None:
-        check_like("noise", noise, "mu", mu)
-        noise = contiguous(noise)
-        seed_i, row_seeds = 0, None
-    elif seed is None:
-        raise ValueError("seed is required when noise is None (reparameterize draws the noise in its kernel)")
-    else:
-        if isinstance(seed, torch.Tensor) and mu.dim() == 0:
-            raise ValueError("mu must have a batch dimension when seed is a per-row tensor")
-        seed_i, row_seeds = split_seed(seed, mu.shape[0] if mu.dim() else 1, device)
+    noise, seed_i, row_seeds = noise_source("reparameterize", noise, seed, "mu", mu)
     mu = contiguous(mu)
     logvar = contiguous(logvar)
 

@@ -18,7 +18,7 @@ import numbers
 import torch
 
 from pygen import _backend
-from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, split_seed
+from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, noise_source
 from pygen.ops.random import randn_reference
 
 __all__ = ["langevin_step"]
@@ -102,18 +102,7 @@ def langevin_step(x, score, step_size, seed=None, stream=0, *, noise=None):
     check_tensor("x", x)
     check_like("score", score, "x", x)
     step_sizes, step_size = _check_step_size(step_size, x)
-    if noise is not None:
-        check_like("noise", noise, "x", x)
-        if seed is not None:
-            raise ValueError("pass either seed (in-kernel noise) or noise, not both; seed must be None with noise")
-        seed_i, row_seeds = 0, None
-        noise = contiguous(noise)
-    else:
-        if seed is None:
-            raise ValueError("seed must be given (an int or per-row int64 tensor) when noise is None")
-        if isinstance(seed, torch.Tensor) and x.dim() == 0:
-            raise ValueError("seed can only be a per-row tensor when x has a batch dimension; x is 0-d")
-        seed_i, row_seeds = split_seed(seed, x.shape[0] if x.dim() else 1, x.device)
+    noise, seed_i, row_seeds = noise_source("langevin_step", noise, seed, "x", x, seed_with_noise_ok=False)
     stream = check_stream(stream)
     x, score = contiguous(x), contiguous(score)
 
