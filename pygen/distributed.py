@@ -313,8 +313,10 @@ def sample(sampler_fn, x_T_or_shape, *, seed, group=None, **kwargs):
     """Run ``sampler_fn`` on this rank's rows and gather the whole batch on every rank.
 
     Args:
-        sampler_fn: ``sampler_fn(x_T_or_shape, *, seed, **kwargs)`` -> tensor with one row
-            per input row (batch first). See the module docstring and :func:`shape_or_x_T`.
+        sampler_fn: ``sampler_fn(x_T_or_shape, *, seed, **kwargs)`` -> a tensor with one row
+            per input row (batch first), or a tuple/list of such tensors (gathered one by
+            one, e.g. mala's ``(x, accept_rate)``). See the module docstring and
+            :func:`shape_or_x_T`.
         x_T_or_shape: the starting batch (a tensor, split by rows) or its shape (rank r
             passes ``(rows_r,) + shape[1:]``).
         seed: per-row seeds, a 1-D int64 tensor of length n (moved to x_T's device, or to
@@ -326,7 +328,7 @@ def sample(sampler_fn, x_T_or_shape, *, seed, group=None, **kwargs):
     A rank with no rows (n < world size) does not call ``sampler_fn``; it still joins the
     gather and takes the result's trailing shape and dtype from the other ranks. Without
     ``torch.distributed`` this is ``sampler_fn(x_T_or_shape, seed=seeds, **kwargs)``.
-    Returns the (n, ...) result on every rank.
+    Returns the (n, ...) result (or tuple/list of them) on every rank.
     """
     if not callable(sampler_fn):
         raise TypeError(f"sampler_fn must be callable, got {type(sampler_fn).__name__}")
@@ -355,18 +357,42 @@ def sample(sampler_fn, x_T_or_shape, *, seed, group=None, **kwargs):
 
     world = get_world_size(group)
     if world == 1:
-        return sampler_fn(x_T_or_shape if x_T is not None else shape, seed=seeds, **kwargs)
+        return _call(sampler_fn, x_T if x_T is not None else shape, seeds, kwargs, n)
     start, stop = shard_range(n, get_rank(group), world)
     local = None
     if stop > start:
         arg = x_T[start:stop] if x_T is not None else (stop - start,) + shape[1:]
-        local = sampler_fn(arg, seed=seeds[start:stop], **kwargs)
-        if not isinstance(local, torch.Tensor):
-            raise TypeError(f"sampler_fn must return a tensor, got {type(local).__name__}")
-        if local.dim() < 1 or local.shape[0] != stop - start:
-            raise ValueError(f"sampler_fn returned shape {tuple(local.shape)} for {stop - start} rows; "
+        local = _call(sampler_fn, arg, seeds[start:stop], kwargs, stop - start)
+    # the structure (tensor, or tuple/list of k tensors) from a rank with rows; ranks with
+    # rows agree on it (same sampler), ranks without rows learn it here
+    kinds = [None] * world
+    _dist().all_gather_object(kinds, None if local is None else _structure(local), group=group)
+    kind = next(k for k in kinds if k is not None)
+    if any(k is not None and k != kind for k in kinds):
+        raise ValueError(f"sampler_fn returned different structures on different ranks: {kinds}")
+    if kind == "tensor":
+        return gather(local, n=n, group=group)
+    parts = [gather(None if local is None else t, n=n, group=group) for t in
+             (local if local is not None else [None] * kind[1])]
+    return tuple(parts) if kind[0] == "tuple" else parts
+
+
+def _structure(out):
+    return "tensor" if isinstance(out, torch.Tensor) else (type(out).__name__, len(out))
+
+
+def _call(sampler_fn, arg, seeds, kwargs, rows):
+    """sampler_fn on rows: a tensor or a tuple/list of tensors, each with ``rows`` rows
+    (e.g. ``pygen.mcmc.mala`` returns ``(x, accept_rate)``)."""
+    out = sampler_fn(arg, seed=seeds, **kwargs)
+    items = [out] if isinstance(out, torch.Tensor) else out if isinstance(out, (tuple, list)) else None
+    if not items or not all(isinstance(t, torch.Tensor) for t in items):
+        raise TypeError(f"sampler_fn must return a tensor or a tuple/list of tensors, got {type(out).__name__}")
+    for t in items:
+        if t.dim() < 1 or t.shape[0] != rows:
+            raise ValueError(f"sampler_fn returned shape {tuple(t.shape)} for {rows} rows; "
                              "it must return one row per input row")
-    return gather(local, n=n, group=group)
+    return out
 
 
 # ---------------------------------------------------------------------------
