@@ -22,6 +22,10 @@ NOT row-local: ``pc_sample`` with its default ``norm="batch"`` (the Langevin cor
 averages gradient norms over the batch), ``pygen.mcmc.replica_exchange`` (swaps couple
 chains), and any model whose output for a row depends on the other rows (batch norm in
 training mode, ...). Those still run sharded, but each rank's slice is its own batch.
+Bits also need the same backend and device type on every rank as in the reference run,
+and a model whose output for a row does not depend on the batch size: true of
+``pygen.models``; a neural network on a GPU may get other GEMM/conv kernels for another
+batch size (cuBLAS/cuDNN heuristics), and then rows agree to rounding, not to the bit.
 
 ``sampler_fn`` is called with x_T (or the shape) as its first positional argument and
 everything else as keywords: the convention of ``pygen.mcmc`` (``ula(x, score_fn=...)``)

@@ -47,6 +47,8 @@ def _cases():
     score = mix.model_fn("score", sde=sde)
     pc = pd.shape_or_x_T(pygen.sde.pc_sample, score, sde)
     ode = pd.shape_or_x_T(pygen.sde.ode_sample, score, sde)
+    ve = pygen.schedules.VESDE(0.01, 10.0, 1000)
+    ald = pd.shape_or_x_T(pygen.sde.annealed_langevin, mix.model_fn("score", sde=ve), ve)
     g = torch.Generator().manual_seed(11)
     seeds = torch.randint(-(1 << 62), 1 << 62, (N,), generator=g, dtype=torch.int64)
     x0 = (3.0 * torch.randn(N, 2, generator=g)).float()
@@ -58,6 +60,7 @@ def _cases():
         "pc_x_T": (pc, x0, seeds, dict(n_steps=20, norm="row", predictor="ancestral")),
         "pc_one_row": (pc, (1, 2), seeds[:1], dict(n_steps=20, norm="row")),  # rank 1 has no rows
         "ode": (ode, (N, 2), seeds, dict(n_steps=20, method="heun")),
+        "annealed_langevin": (ald, (N, 2), seeds, dict(n_levels=4, n_steps_each=3, denoise=True)),
         "ula": (pygen.mcmc.ula, x0, seeds, dict(score_fn=glp, step_size=0.05, n_steps=20)),
         "ula_one_row": (pygen.mcmc.ula, x0[:1], 3, dict(score_fn=glp, step_size=0.05, n_steps=20)),
         "mala": (pygen.mcmc.mala, x0.double(), seeds, dict(energy_fn=energy, step_size=0.05, n_steps=20)),
