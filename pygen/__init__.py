@@ -21,7 +21,7 @@ from pygen import _extension  # noqa: E402,F401  (loads torch.ops.pygen.* if bui
 from pygen._backend import backends, use_backend  # noqa: E402
 from pygen.ops import _registry  # noqa: E402,F401  (schemas fallback, fakes, triton ops)
 from pygen.samplers import sample  # noqa: E402,F401  (imports pygen.kdiffusion)
-from pygen import kdiffusion, mcmc, metrics, models, schedules, sde  # noqa: E402,F401
+from pygen import distributed, kdiffusion, mcmc, metrics, models, schedules, sde  # noqa: E402,F401
 from pygen.ops.forward import *  # noqa: E402,F401,F403  (q_sample, reparameterize)
 from pygen.ops.langevin import *  # noqa: E402,F401,F403  (langevin_step)
 from pygen.ops.mcmc import *  # noqa: E402,F401,F403  (leapfrog_, mh_select_)

@@ -54,6 +54,7 @@ def _cases():
     x0 = (3.0 * torch.randn(N, 2, generator=g)).float()
     glp = mix.model_fn("grad_log_prob")
     energy = mix.model_fn("energy")
+    ac = pygen.schedules.NoiseSchedule().alphas_cumprod
     return {
         "pc_shape_row": (pc, (N, 2), seeds, dict(n_steps=20, norm="row")),
         "pc_int_seed_ald": (pc, (N, 2), 5, dict(n_steps=20, predictor="euler_maruyama", corrector="ald")),
@@ -66,6 +67,10 @@ def _cases():
         "mala": (pygen.mcmc.mala, x0.double(), seeds, dict(energy_fn=energy, step_size=0.05, n_steps=20)),
         "hmc_one_row": (pygen.mcmc.hmc, x0[:1], seeds[:1], dict(energy_fn=energy, step_size=0.1, n_leapfrog=3,
                                                                  n_steps=10)),
+        "sample_dpmpp_2m_sde": (functools.partial(pygen.sample, mix.model_fn("denoiser")), (N, 2), seeds,
+                                dict(sampler="dpmpp_2m_sde", steps=10, prediction_type="denoiser", progress=False)),
+        "sample_dpmpp_sde_eps": (functools.partial(pygen.sample, mix.model_fn("eps", alphas_cumprod=ac)), x0, seeds,
+                                 dict(sampler="dpmpp_sde", steps=8, prediction_type="eps", progress=False)),
         # not row-local (the corrector averages norms over the batch): the split changes it
         "pc_norm_batch": (pc, (N, 2), seeds, dict(n_steps=20, norm="batch")),
     }
