@@ -380,7 +380,8 @@ def _add_demo_parser(sub):
     d.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed runs per backend after one warm-up (median; default 3, --quick 1)")
     d.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch CPU threads (default: torch's default, one per core)")
+                   help="torch CPU threads (default on CPU: 1, the demo's tensors are too small to gain from more; "
+                        "on CUDA: torch's default)")
     d.add_argument("--quick", action="store_true",
                    help=f"smaller and faster: n={QUICK_N}, fewer steps, one timed run")
     d.add_argument("--no-progress", action="store_true", help="no progress output on stderr")

@@ -44,7 +44,7 @@ TARGETS = ("clot", "ring")
 #: k-diffusion-compatible samplers from pygen.kdiffusion: name -> (default steps, quick steps)
 KDIFFUSION_SAMPLERS = {
     "euler": (40, 15),
-    "euler_ancestral": (40, 15),
+    "euler_ancestral": (100, 40),  # first-order stochastic: needs many steps (as in k-diffusion)
     "heun": (15, 8),
     "dpm_2": (15, 8),
     "dpm_2_ancestral": (20, 10),
@@ -59,7 +59,7 @@ KDIFFUSION_SAMPLERS = {
 KD_SIGMA_MIN, KD_SIGMA_MAX = 0.002, 80.0
 
 #: default sampler list, in table order (those not available are left out) ...
-PREFERRED = ("dpmpp_2m", "heun", "euler_ancestral", "pc", "ode_heun", "hmc")
+PREFERRED = ("dpmpp_2m", "heun", "dpmpp_2m_sde", "pc", "ode_heun", "hmc")
 #: ... and the list used when pygen.kdiffusion is not importable
 FALLBACK = ("pc", "ode_heun", "em", "ald", "hmc")
 
@@ -67,6 +67,7 @@ DEFAULT_N, QUICK_N = 4096, 1024
 PLOT_POINTS = 2000  # samples drawn per panel
 CALIBRATION_TRIALS, QUICK_CALIBRATION_TRIALS = 32, 16
 DEFAULT_REPEATS, QUICK_REPEATS = 3, 1
+DEFAULT_CPU_THREADS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,8 +445,10 @@ def run_demo(names=None, *, steps=None, n=None, device=None, out="pygen-demo.png
         repeats: timed runs per backend (median; default 3, quick 1).
         json_path: also write the report as JSON there.
         progress: callable(str) for progress messages (e.g. printing to stderr).
-        threads: torch CPU threads for the run (default: leave torch's setting);
-            restored afterwards.
+        threads: torch CPU threads for the run, restored afterwards. Default on
+            CPU: 1 (the demo's (n, 2) tensors are far too small to gain from
+            more, and on a busy machine OpenMP regions over them cost far more
+            than they save); on CUDA: torch's setting.
 
     Raises ValueError for unknown samplers or targets, steps < 1, n < 2, a bad
     device, before anything runs.
@@ -468,6 +471,8 @@ def run_demo(names=None, *, steps=None, n=None, device=None, out="pygen-demo.png
     best = _backend.resolve(dev)
     mixture = _target(target, dev)
     saved_threads = torch.get_num_threads()
+    if threads is None and dev.type == "cpu":
+        threads = DEFAULT_CPU_THREADS
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -526,9 +531,9 @@ def _run(names, available, mixture, dev, best, *, n, steps, seed, target, quick,
           f"thr: 99% quantile of the same distances between two exact samples ({trials} pairs); "
           f"verdict ok = both within their thresholds.", file=file)
     if any(r["sampler"] in ("hmc", "mala", "ula") and r["verdict"] != "ok" for r in rows):
-        print("note: the MCMC samplers (hmc, mala, ula) move locally and barely cross between modes in this "
-              "many steps, so their mode weights stay those of the starting points; 'pt' (replica exchange) "
-              "mixes across modes.", file=file)
+        print("note: the MCMC samplers (hmc, mala, ula) move locally and rarely cross between modes in this "
+              "many steps, so their mode weights stay close to those of their starting points (replica exchange, "
+              "'pt', crosses modes through its hotter replicas, at 6x the cost).", file=file)
     for r in rows:
         if r["non_finite"]:
             print(f"warning: {r['sampler']} produced {r['non_finite']} non-finite samples", file=file)
