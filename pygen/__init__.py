@@ -2,9 +2,9 @@
 
 Public API (see README.md):
     pygen.randn, pygen.q_sample, pygen.reparameterize, pygen.langevin_step,
-    pygen.sampler_step, pygen.step_coefficients, pygen.schedules,
+    pygen.sampler_step, pygen.step_coefficients, pygen.sample (every sampler), pygen.schedules,
     pygen.models (GaussianMixture, clot, ring), pygen.metrics, pygen.sde (score-SDE samplers),
-    pygen.mcmc (ULA, MALA, HMC, replica exchange),
+    pygen.mcmc (ULA, MALA, HMC, replica exchange), pygen.kdiffusion (k-diffusion-compatible samplers),
     pygen.backends(), pygen.use_backend(name)
 """
 import os as _os
@@ -20,7 +20,8 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")):
 from pygen import _extension  # noqa: E402,F401  (loads torch.ops.pygen.* if built)
 from pygen._backend import backends, use_backend  # noqa: E402
 from pygen.ops import _registry  # noqa: E402,F401  (schemas fallback, fakes, triton ops)
-from pygen import mcmc, metrics, models, schedules, sde  # noqa: E402,F401
+from pygen.samplers import sample  # noqa: E402,F401  (imports pygen.kdiffusion)
+from pygen import kdiffusion, mcmc, metrics, models, schedules, sde  # noqa: E402,F401
 from pygen.ops.forward import *  # noqa: E402,F401,F403  (q_sample, reparameterize)
 from pygen.ops.langevin import *  # noqa: E402,F401,F403  (langevin_step)
 from pygen.ops.mcmc import *  # noqa: E402,F401,F403  (leapfrog_, mh_select_)

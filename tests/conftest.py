@@ -72,3 +72,40 @@ def make(shape, dtype, device="cpu", seed=0, scale=1.0):
     """Deterministic normal test data, drawn in float64 and rounded to ``dtype``."""
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def load_kdiffusion_sampling():
+    """k-diffusion's ``sampling`` module, loaded without its package ``__init__``.
+
+    ``k_diffusion/__init__.py`` imports heavy packages (and ``utils`` imports PIL,
+    safetensors, ...); the samplers need only ``utils.append_dims``, given here.
+    Skips the test when k-diffusion or its sampling dependencies are missing.
+    """
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("k-diffusion is not installed (pip install k-diffusion --no-deps)")
+    for dep in ("scipy", "torchdiffeq", "torchsde", "tqdm"):
+        pytest.importorskip(dep)
+    name = "_pygen_test_kd_sampling"
+    if name + ".sampling" not in sys.modules:
+        pkg_dir = spec.submodule_search_locations[0]
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [pkg_dir]
+        sys.modules[name] = pkg
+        utils = types.ModuleType(name + ".utils")
+
+        def append_dims(x, target_dims):
+            return x[(...,) + (None,) * (target_dims - x.ndim)]
+
+        utils.append_dims = append_dims
+        sys.modules[name + ".utils"] = utils
+        pkg.utils = utils
+        sub_spec = importlib.util.spec_from_file_location(name + ".sampling", f"{pkg_dir}/sampling.py")
+        module = importlib.util.module_from_spec(sub_spec)
+        sys.modules[name + ".sampling"] = module
+        sub_spec.loader.exec_module(module)
+        pkg.sampling = module
+    return sys.modules[name + ".sampling"]

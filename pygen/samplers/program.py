@@ -1,0 +1,83 @@
+"""A sampler as a coefficient program: a table on the device plus one fused step per model call.
+
+``StepProgram`` holds what a sampler loop needs to run with no host sync after
+set-up: the coefficient table (one row per model evaluation, columns of
+csrc/include/pygen/step.h), the step index on the device (advanced by the
+step itself), the history buffer of multistep / two-stage methods, and the
+backend launcher of ``torch.ops.pygen.sampler_step_out`` resolved once.
+
+Per model evaluation the loop calls ``program.step(x, model_out, out)``: one
+launch of the fused step (plus the index increment on CUDA/Triton), no
+allocation, no ``.item()``. In-kernel noise of row ``k`` is
+``pygen.randn(x.shape, seed, stream + k)``.
+"""
+import torch
+
+from pygen import _backend
+from pygen.ops._common import check_stream, split_seed
+from pygen.ops.schedule import COL_HIST
+
+__all__ = ["StepProgram", "check_model_out", "resolve_step_launcher"]
+
+
+def resolve_step_launcher(device):
+    """The sampler_step_out implementation of the backend chosen for ``device`` (resolved once)."""
+    backend = _backend.resolve(device)
+    if backend == "torch":
+        from pygen.ops.step import sampler_step_reference
+
+        return sampler_step_reference
+    if backend == "triton":
+        from pygen.kernels import step as tk
+
+        return tk.sampler_step_out
+    return torch.ops.pygen.sampler_step_out.default
+
+
+def check_model_out(out, x, what="model(x, sigma)"):
+    """A model output must match x in shape, dtype and device (a metadata check, no sync)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{what} must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"{what} returned shape {tuple(out.shape)}, expected the shape of x {tuple(x.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"{what} returned dtype {out.dtype}, expected the dtype of x ({x.dtype})")
+    if out.device != x.device:
+        raise ValueError(f"{what} returned a tensor on {out.device}, expected x's device ({x.device})")
+    return out if out.is_contiguous() else out.contiguous()
+
+
+class StepProgram:
+    """A coefficient table (K rows, one per model evaluation) run by the fused step.
+
+    Args:
+        rows: float64 tensor (K, 8 + H) on any device (moved/cast once).
+        x: a tensor with the sample's shape, dtype and device.
+        seed: int or per-row int64 seeds (for rows with in-kernel noise).
+        stream: in-kernel noise of row k uses stream ``stream + k``.
+    """
+
+    def __init__(self, rows, x, *, seed=0, stream=0):
+        if rows.dim() != 2 or rows.shape[1] < COL_HIST or rows.shape[0] < 1:
+            raise ValueError(f"rows must be a (K >= 1, 8 + H) table, got {tuple(rows.shape)}")
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.coeffs = rows.to(device=x.device, dtype=acc).contiguous()
+        self.num_rows = rows.shape[0]
+        self.index = torch.zeros(1, dtype=torch.int64, device=x.device)
+        num_hist = rows.shape[1] - COL_HIST
+        self.history = torch.zeros((num_hist,) + tuple(x.shape), dtype=x.dtype, device=x.device) if num_hist else None
+        self.seed, self.row_seeds = split_seed(seed, x.shape[0], x.device)
+        self.stream = check_stream(stream)
+        self._launch = resolve_step_launcher(x.device)
+
+    def reset(self):
+        """Back to row 0 (history cleared), for a replay of the same program."""
+        self.index.zero_()
+        if self.history is not None:
+            self.history.zero_()
+
+    def step(self, x, model_out, out, noise=None):
+        """One fused update with the current row; advances the row index on the device."""
+        self._launch(x, model_out, self.coeffs, self.index, self.history, noise, out, None, self.seed, self.stream,
+                     self.row_seeds, 0.0, True)
+        return out

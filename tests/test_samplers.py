@@ -1,0 +1,175 @@
+"""pygen.sample: every sampler through the one entry point, prediction-type conversions,
+per-row seeds, progress bar, CUDA-graph fallback and bad input."""
+import warnings
+
+import pytest
+import torch
+
+import pygen
+from pygen import kdiffusion as K
+from pygen.samplers import DIFFUSION_SAMPLERS, MCMC_SAMPLERS, SAMPLERS, SDE_SAMPLERS
+
+MIX = pygen.models.clot(dtype=torch.float32)
+SCHED = pygen.schedules.NoiseSchedule()
+
+
+def model_for(pt):
+    if pt in ("eps", "x0", "v"):
+        return MIX.model_fn(pt, alphas_cumprod=SCHED.alphas_cumprod)
+    return MIX.model_fn({"flow": "flow", "denoiser": "denoiser"}[pt])
+
+
+def noise(n=16, seed=0):
+    return pygen.randn((n, 2), seed)
+
+
+@pytest.mark.parametrize("sampler", DIFFUSION_SAMPLERS)
+@pytest.mark.parametrize("pt", ["eps", "x0", "v", "flow", "denoiser"])
+def test_diffusion_samplers_run(sampler, pt):
+    x = pygen.sample(model_for(pt), (9, 2), sampler=sampler, steps=6, prediction_type=pt, seed=3, progress=False)
+    assert x.shape == (9, 2) and x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm_2", "lms", "dpmpp_2m"])
+def test_same_as_kdiffusion_function(sampler):
+    """Noise-free samplers: pygen.sample(denoiser) is exactly pygen.kdiffusion.sample_<name>."""
+    eps = noise()
+    x = pygen.sample(MIX.model_fn("denoiser"), eps, sampler=sampler, steps=8, prediction_type="denoiser",
+                     progress=False, sigma_min=0.01, sigma_max=30.0)
+    sigmas = K.get_sigmas_karras(8, 0.01, 30.0).double()
+    ref = getattr(K, "sample_" + sampler)(MIX.model_fn("denoiser"), eps * 30.0, sigmas.float(), disable=True)
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "euler_ancestral", "dpmpp_sde"])
+def test_prediction_types_agree(sampler):
+    """eps, x0, v and denoiser models of one mixture give one trajectory: the conversions are exact."""
+    eps = noise(32)
+    lo, hi = float(SCHED.sigmas[0]), float(SCHED.sigmas[-1])
+    outs = {pt: pygen.sample(model_for(pt), eps, sampler=sampler, steps=10, prediction_type=pt, seed=5,
+                             progress=False, sigma_min=lo, sigma_max=hi)
+            for pt in ("denoiser", "eps", "x0", "v")}
+    for pt in ("eps", "x0", "v"):
+        # the discrete schedule's timestep interpolation is not exactly the continuous sigma
+        torch.testing.assert_close(outs[pt], outs["denoiser"], rtol=2e-3, atol=2e-3)
+
+
+def test_per_row_seeds_batch_split():
+    eps = noise(6)
+    seeds = torch.tensor([11, 12, 13, 14, 15, 16])
+    for sampler in ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde"):
+        full = pygen.sample(MIX.model_fn("denoiser"), eps, sampler=sampler, steps=7, prediction_type="denoiser",
+                            seed=seeds, progress=False)
+        a = pygen.sample(MIX.model_fn("denoiser"), eps[:2], sampler=sampler, steps=7, prediction_type="denoiser",
+                         seed=seeds[:2], progress=False)
+        b = pygen.sample(MIX.model_fn("denoiser"), eps[2:], sampler=sampler, steps=7, prediction_type="denoiser",
+                         seed=seeds[2:], progress=False)
+        assert torch.equal(full, torch.cat([a, b]))
+        other = pygen.sample(MIX.model_fn("denoiser"), eps, sampler=sampler, steps=7, prediction_type="denoiser",
+                             seed=seeds + 100, progress=False)
+        assert not torch.equal(full, other)
+
+
+@pytest.mark.parametrize("sampler", SDE_SAMPLERS)
+def test_sde_samplers(sampler):
+    sde = pygen.schedules.VPSDE()
+    score = MIX.model_fn("score", sde=sde)
+    x = pygen.sample(score, (8, 2), sampler=sampler, steps=12, schedule=sde, prediction_type="score", seed=2,
+                     progress=False)
+    assert x.shape == (8, 2) and torch.isfinite(x).all()
+
+
+def test_sde_eps_prediction_matches_score():
+    sde = pygen.schedules.VPSDE()
+    score = MIX.model_fn("score", sde=sde)
+
+    def eps_model(x, t):
+        return -score(x, t) * sde.marginal_std(t).to(x.dtype)[:, None]
+
+    kw = dict(sampler="pc", steps=15, schedule=sde, seed=4, progress=False, corrector="none")
+    a = pygen.sample(score, noise(), prediction_type="score", **kw)
+    b = pygen.sample(eps_model, noise(), prediction_type="eps", **kw)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", MCMC_SAMPLERS)
+def test_mcmc_samplers(sampler):
+    energy = MIX.model_fn("energy")
+    opts = dict(step_size=0.05)
+    if sampler == "hmc":
+        opts["n_leapfrog"] = 3
+    if sampler == "replica_exchange":
+        opts["betas"] = [0.2, 0.5, 1.0]
+    x = pygen.sample(energy, (8, 2), sampler=sampler, steps=10, prediction_type="energy", seed=2, progress=False,
+                     **opts)
+    assert x.shape == (8, 2) and torch.isfinite(x).all()
+
+
+def test_every_name_is_covered():
+    assert set(SAMPLERS) == set(DIFFUSION_SAMPLERS) | set(SDE_SAMPLERS) | set(MCMC_SAMPLERS)
+    assert len(SAMPLERS) == 11 + 2 + 4 + 4
+
+
+def test_progress_bar_and_callback(capsys):
+    seen = []
+    pygen.sample(MIX.model_fn("denoiser"), (4, 2), sampler="heun", steps=5, prediction_type="denoiser",
+                 progress=True, callback=lambda i, x: seen.append(i))
+    err = capsys.readouterr().err
+    assert "9/9" in err  # Heun: 2·5 - 1 model evaluations
+    assert seen == list(range(9))
+    pygen.sample(MIX.model_fn("denoiser"), (4, 2), sampler="euler", steps=5, prediction_type="denoiser",
+                 progress=False)
+    assert "5/5" not in capsys.readouterr().err
+
+
+def test_cuda_graph_on_cpu_warns_and_matches_eager():
+    kw = dict(sampler="dpmpp_2m_sde", steps=6, prediction_type="denoiser", seed=1, progress=False)
+    eager = pygen.sample(MIX.model_fn("denoiser"), noise(), **kw)
+    with pytest.warns(UserWarning, match="cuda_graph=True needs CUDA"):
+        graphed = pygen.sample(MIX.model_fn("denoiser"), noise(), cuda_graph=True, **kw)
+    assert torch.equal(eager, graphed)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "dpmpp_sde", "lms"])
+def test_cuda_graph_matches_eager(sampler):
+    eps = pygen.randn((64, 2), 0, device="cuda")
+    model = pygen.models.clot(device="cuda", dtype=torch.float32).model_fn("denoiser")
+    kw = dict(sampler=sampler, steps=8, prediction_type="denoiser", seed=1, progress=False)
+    eager = pygen.sample(model, eps, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graphed = pygen.sample(model, eps, cuda_graph=True, **kw)
+    torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_input():
+    den = MIX.model_fn("denoiser")
+    with pytest.raises(ValueError, match="unknown sampler 'dpmpp_9m'.*euler"):
+        pygen.sample(den, (4, 2), sampler="dpmpp_9m")
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        pygen.sample(den, (4, 2), sampler="euler", steps=0, prediction_type="denoiser")
+    with pytest.raises(ValueError, match="unknown prediction_type"):
+        pygen.sample(den, (4, 2), prediction_type="epsilon")
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        pygen.sample(den, (4, 2), sampler="euler", prediction_type="denoiser", sigmas=torch.tensor([1.0, 2.0, 0.0]))
+    with pytest.raises(ValueError, match="returned shape"):
+        pygen.sample(lambda x, s: x[:, :1], (4, 2), sampler="euler", prediction_type="denoiser", progress=False)
+    with pytest.raises(TypeError, match="returned dtype"):
+        pygen.sample(lambda x, s: x.double(), (4, 2), sampler="euler", prediction_type="denoiser", progress=False)
+    with pytest.raises(ValueError, match="not valid for the diffusion samplers"):
+        pygen.sample(den, (4, 2), sampler="euler", prediction_type="score")
+    with pytest.raises(ValueError, match="not valid for 'hmc'"):
+        pygen.sample(den, (4, 2), sampler="hmc", prediction_type="score", step_size=0.1)
+    with pytest.raises(TypeError, match="step_size"):
+        pygen.sample(MIX.model_fn("energy"), (4, 2), sampler="mala", prediction_type="energy")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        pygen.sample(MIX.model_fn("energy"), (4, 2), sampler="replica_exchange", prediction_type="energy",
+                     step_size=0.1, betas=[0.5, 1.5], progress=False)
+    with pytest.raises(TypeError, match="unexpected option"):
+        pygen.sample(den, (4, 2), sampler="dpmpp_2m", prediction_type="denoiser", eta=0.5)
+    with pytest.raises(ValueError, match="x_T_or_shape"):
+        pygen.sample(den, (4, 0), sampler="euler", prediction_type="denoiser")
+    with pytest.raises(TypeError, match="NoiseSchedule"):
+        pygen.sample(den, (4, 2), sampler="euler", prediction_type="eps", schedule=pygen.schedules.VPSDE())
