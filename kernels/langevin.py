@@ -1,4 +1,5 @@
-"""Triton backend of ``pygen.langevin_step`` (op ``pygen::langevin_step``).
+"""Triton backend of ``pygen.langevin_step`` (op ``pygen::langevin_step``) and of
+``langevin_snr_step`` (op ``pygen::langevin_snr_step``, score_sde's SNR Langevin corrector).
 
 x_next = x + (dt/2)·score + sqrt(dt)·z, with dt a scalar or one step per batch
 row and z a given noise tensor or exactly pygen.randn(x.shape, seed, stream)
@@ -7,6 +8,16 @@ per-row seeds). Arithmetic in fp32 (fp64 for fp64 storage).
 
 Grid: (groups of 4*BLOCK elements, noise rows); a noise row is the whole
 tensor (given noise or int seed) or one batch row (per-row seeds).
+
+langevin_snr_step: three launches, no host sync, deterministic (no atomics):
+1. ``_snr_partials_kernel``, grid (batch rows, windows): each program sums
+   score² and z² over one window of 4*RB noise elements (RB <= BLOCK, smaller for short rows) (Philox-group
+   aligned, masked to its batch row) and writes the two partial sums; in-kernel
+   z is regenerated from Philox, never stored.
+2. ``_snr_finalize_kernel``: per row g = sqrt(Σ score²), n = sqrt(Σ z²) (partials
+   added in window order); batch means of both when batch_norm (one program,
+   fixed tile order); dt = four_alpha_snr2·(n/g)² into ``step``.
+3. ``_langevin_step_kernel`` with per-row steps = ``step`` (same z again).
 """
 import math
 
@@ -86,3 +97,130 @@ def langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seed
         ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK=BLOCK,
     )
     return out
+
+
+# ---------------------------------------------------------------------------
+# langevin_snr_step
+# ---------------------------------------------------------------------------
+SNR_ROWS = 128  # rows per finalize tile
+
+
+@triton.jit
+def _snr_partials_kernel(
+    score_ptr, noise_ptr, row_seeds_ptr, part_ptr, seed, stream, row_len, windows,
+    HAS_NOISE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1).to(tl.int64)
+    # noise index of the row's first element: within the row (per-row seeds) or flat
+    if PER_ROW_SEED:
+        nb = row * 0
+    else:
+        nb = row * row_len
+    g0 = nb // 4 + w * BLOCK  # first Philox group of this window
+    n = g0 * 4 + tl.arange(0, 4 * BLOCK)
+    local = n - nb  # element index within the batch row
+    mask = (local >= 0) & (local < row_len)
+    idx = row * row_len + local
+    s = tl.load(score_ptr + idx, mask=mask, other=0.0).to(ACC)
+    if HAS_NOISE:
+        z = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(ACC)
+    else:
+        if PER_ROW_SEED:
+            seed = tl.load(row_seeds_ptr + row)
+        z0, z1, z2, z3 = philox_normals(seed, stream, g0 + tl.arange(0, BLOCK))
+        z = interleave4(z0, z1, z2, z3).to(ACC)
+    zero = tl.zeros_like(s)
+    ss = tl.sum(tl.where(mask, s * s, zero), axis=0)
+    zz = tl.sum(tl.where(mask, z * z, zero), axis=0)
+    p = (row * windows + w) * 2
+    tl.store(part_ptr + p, ss)
+    tl.store(part_ptr + p + 1, zz)
+
+
+@triton.jit
+def _snr_row_norms(part_ptr, rows, windows, batch, ACC: tl.constexpr):
+    """(g, n) of the rows ``rows`` (masked to < batch): partial sums added in window order."""
+    mask = rows < batch
+    g2 = tl.zeros(rows.shape, ACC)
+    n2 = tl.zeros(rows.shape, ACC)
+    for w in range(windows):
+        p = (rows * windows + w) * 2
+        g2 += tl.load(part_ptr + p, mask=mask, other=0.0)
+        n2 += tl.load(part_ptr + p + 1, mask=mask, other=0.0)
+    g2 = tl.where(mask, g2, 1.0)  # rows past the batch: no 0/0 (never stored)
+    return tl.sqrt(g2), tl.sqrt(n2)
+
+
+@triton.jit
+def _snr_dt(n, g, k_hi, k_lo, ACC: tl.constexpr):
+    one = tl.full([], 1.0, ACC)
+    k = k_hi * one + k_lo * one
+    r = n / g
+    return k * (r * r)
+
+
+@triton.jit
+def _snr_finalize_kernel(
+    part_ptr, step_ptr, batch, windows, k_hi, k_lo,
+    BATCH_NORM: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
+):
+    if BATCH_NORM:
+        # one program: batch means of the row norms, tiles added in a fixed order
+        g_sum = tl.zeros([], ACC)
+        n_sum = tl.zeros([], ACC)
+        for t in range(0, batch, ROWS):
+            rows = t + tl.arange(0, ROWS).to(tl.int64)
+            g, n = _snr_row_norms(part_ptr, rows, windows, batch, ACC)
+            zero = tl.zeros_like(g)
+            g_sum += tl.sum(tl.where(rows < batch, g, zero), axis=0)
+            n_sum += tl.sum(tl.where(rows < batch, n, zero), axis=0)
+        dt = _snr_dt(n_sum / batch, g_sum / batch, k_hi, k_lo, ACC)
+        for t in range(0, batch, ROWS):
+            rows = t + tl.arange(0, ROWS).to(tl.int64)
+            tl.store(step_ptr + rows, tl.zeros([ROWS], ACC) + dt, mask=rows < batch)
+    else:
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        g, n = _snr_row_norms(part_ptr, rows, windows, batch, ACC)
+        tl.store(step_ptr + rows, _snr_dt(n, g, k_hi, k_lo, ACC), mask=rows < batch)
+
+
+def _launch_update(x, score, noise, steps, seed, stream, row_seeds, out):
+    """out = x + steps[row]/2·score + sqrt(steps[row])·z (the langevin_step kernel, per-row steps)."""
+    numel = x.numel()
+    batch = x.shape[0]
+    batch_row_len = numel // batch
+    per_row_seed = noise is None and row_seeds is not None
+    rows, row_len = (batch, batch_row_len) if per_row_seed else (1, numel)
+    grid = (triton.cdiv(row_len, 4 * BLOCK), rows)
+    _langevin_step_kernel[grid](
+        x, score, noise if noise is not None else x, steps, row_seeds if per_row_seed else x, out,
+        seed, stream, 0.0, 0.0, 0.0, 0.0, row_len, batch_row_len,
+        HAS_NOISE=noise is not None, PER_ROW_SEED=per_row_seed, PER_ROW_STEP=True,
+        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK=BLOCK,
+    )
+
+
+def langevin_snr_step(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm):
+    """Launch on contiguous tensors (arguments as in pygen::langevin_snr_step); writes out and step."""
+    numel = x.numel()
+    batch = x.shape[0]
+    if numel == 0:
+        step.fill_(float("nan"))  # 0/0: the formula's value for empty rows
+        return
+    row_len = numel // batch
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rb = min(BLOCK, max(4, triton.next_power_of_2(triton.cdiv(row_len + 3, 4))))  # Philox groups per window
+    windows = triton.cdiv(row_len + 3, 4 * rb)
+    part = torch.empty(batch * windows * 2, dtype=acc_dtype, device=x.device)
+    per_row_seed = noise is None and row_seeds is not None
+    _snr_partials_kernel[(batch, windows)](
+        score, noise if noise is not None else score, row_seeds if per_row_seed else score, part,
+        seed, stream, row_len, windows,
+        HAS_NOISE=noise is not None, PER_ROW_SEED=per_row_seed, ACC=acc, BLOCK=rb,
+    )
+    k_hi, k_lo = split_float(four_alpha_snr2)
+    grid = (1,) if batch_norm else (triton.cdiv(batch, SNR_ROWS),)
+    _snr_finalize_kernel[grid](part, step, batch, windows, k_hi, k_lo, BATCH_NORM=batch_norm, ACC=acc, ROWS=SNR_ROWS)
+    _launch_update(x, score, noise, step, seed, stream, row_seeds, out)

@@ -12,11 +12,12 @@ Every predictor and ODE update is one ``pygen.sampler_step`` launch: its coeffic
 (x_next = a·x + b·score + s·z, plus one history slot for Heun) is built once per loop on the
 CPU in float64 from the SDE's closed forms and moved to the device once, the step index lives
 on the device (``advance=True``), and the noise z is drawn in the kernel
-(``pygen.randn(x.shape, seed, stream + i)``). The Langevin updates use ``pygen.langevin_step``
-(in-kernel noise for annealed Langevin; for the SNR corrector z is drawn first with
-``pygen.randn`` because its norm sets the step). The SNR corrector's per-row norms are torch
-reductions on the device (``torch.linalg.vector_norm``, no fused kernel of our own) and the step
-size stays a device tensor: no ``.item()`` and no host sync anywhere in the loops.
+(``pygen.randn(x.shape, seed, stream + i)``). Annealed Langevin uses ``pygen.langevin_step``
+with in-kernel noise. Each SNR-corrector iteration is one fused ``langevin_snr_step`` op
+(pygen/ops/langevin.py): a device reduction of the per-row norms of the score and of
+z = pygen.randn(x.shape, seed, stream) (z regenerated in the kernels, never stored), the step
+size computed on the device into a (B,) tensor, then the update: no ``.item()`` and no host
+sync anywhere in the loops.
 
 Predictors (time grid ``t_i``, i = 0..N-1; ``grid="score_sde"``: t = linspace(T, eps, N) and
 dt = -1/N as in score_sde; ``grid="uniform"``: t_i from linspace(T, eps, N+1), dt = t_{i+1} - t_i)
@@ -62,6 +63,7 @@ from pygen import _backend
 from pygen import schedules as _schedules
 from pygen.ops._common import check_int as _check_int
 from pygen.ops._common import check_like, check_stream, split_seed
+from pygen.ops.langevin import run_langevin_snr_step
 from pygen.ops.random import randn
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_HD, COL_HIST, COL_HX, COL_S, COL_SLOT, step_coefficients
 from pygen.ops.step import sampler_step
@@ -279,45 +281,29 @@ def _alpha(sde, t):
 
 
 # ---------------------------------------------------------------------------
-# fused Langevin update with a per-row step held on the device
+# fused SNR Langevin corrector iteration (norms, step and update on the device)
 # ---------------------------------------------------------------------------
-def _langevin_rows(x, score, dt_rows, noise):
-    """x + dt/2·score + sqrt(dt)·noise with per-row dt (a device tensor), via the langevin_step op.
-
-    Same op and backends as ``pygen.langevin_step``, minus its host-side check that every
-    step is >= 0 (a host sync on CUDA); the steps here are >= 0 by construction (or NaN).
-    """
-    backend = _backend.resolve(x.device)
-    args = (x, score, dt_rows, 0.0, noise, 0, 0, None)
-    if backend == "torch":
-        from pygen.ops.langevin import langevin_step_reference
-
-        return langevin_step_reference(*args)
-    if backend == "triton":
-        from pygen.kernels import langevin as tk
-
-        return tk.langevin_step(*args)
-    return torch.ops.pygen.langevin_step(*args)
-
-
-def _norm_ratio2(score, z, norm):
-    """(|z|/|score|)² per row, computed on the device in fp32 (fp64 for fp64)."""
-    acc = _acc(score)
-    b = score.shape[0]
-    gn = torch.linalg.vector_norm(score.reshape(b, -1), dim=1, dtype=acc)
-    zn = torch.linalg.vector_norm(z.reshape(b, -1), dim=1, dtype=acc)
-    if norm == "batch":
-        gn, zn = gn.mean().expand(b), zn.mean().expand(b)
-    return (zn / gn) ** 2
-
-
 def _langevin_iter(score_fn, x, t_rows, four_alpha_snr2, norm, seed, stream, noise):
-    """One SNR-Langevin corrector iteration; ``four_alpha_snr2`` = 4·alpha·snr² (a float)."""
+    """One SNR-Langevin corrector iteration; ``four_alpha_snr2`` = 4·alpha·snr² (a float).
+
+    One ``langevin_snr_step`` op on the backend resolved here (the torch reference, the Triton
+    launcher or torch.ops.pygen), with z = ``noise`` or pygen.randn(x.shape, seed, stream)
+    drawn in its kernels; the per-row step stays on the device.
+    """
     grad = score_fn(x, t_rows)
     check_like("score_fn(x, t)", grad, "x", x)
-    z = randn(x.shape, seed, stream, device=x.device, dtype=x.dtype) if noise is None else noise
-    dt = four_alpha_snr2 * _norm_ratio2(grad, z, norm)  # = 2·step
-    return _langevin_rows(x.contiguous(), grad.contiguous(), dt.contiguous(), z.contiguous())
+    if noise is not None:
+        check_like("noise", noise, "x", x)
+        noise, seed_i, row_seeds = noise.contiguous(), 0, None
+    else:
+        seed_i, row_seeds = split_seed(seed, x.shape[0], x.device)
+    stream = check_stream(stream)  # loop streams may pass 2^63: as the signed int64 the op takes
+    x, grad = x.contiguous(), grad.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    step = torch.empty(x.shape[0], dtype=_acc(x), device=x.device)
+    run_langevin_snr_step(_backend.resolve(x.device), x, grad, noise, out, step, seed_i, stream, row_seeds,
+                          four_alpha_snr2, norm == "batch")
+    return out
 
 
 def _ald_iter(score_fn, x, t_rows, dt, seed, stream, noise):

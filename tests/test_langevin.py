@@ -1,4 +1,6 @@
-"""Tests of pygen.langevin_step (op pygen::langevin_step) on the torch, cpu and triton backends.
+"""Tests of pygen.langevin_step (op pygen::langevin_step) and of the SNR Langevin corrector step
+pygen.ops.langevin.langevin_snr_step (op pygen::langevin_snr_step) on the torch, cpu, triton
+(and, on a GPU, cuda) backends.
 
 x_next = x + (dt/2)·score + sqrt(dt)·z with z given or exactly pygen.randn(x.shape, seed, stream).
 Expected values are computed here in float64 from the formula and randn_reference, independently
@@ -412,7 +414,7 @@ def test_fake_tensor_shape():
 def test_public_names():
     import pygen.ops.langevin as mod
 
-    assert mod.__all__ == ["langevin_step"]
+    assert mod.__all__ == ["langevin_step", "langevin_snr_step"]
     assert pygen.langevin_step is mod.langevin_step
 
 
@@ -436,3 +438,280 @@ def test_large_rows_cpu(backend, shape, mode):
         z = randn_reference(shape, 0 if isinstance(seed, torch.Tensor) else seed, 9,
                             seed if isinstance(seed, torch.Tensor) else None)
     torch.testing.assert_close(out, expected(x, score, dt, z).float(), rtol=1e-5, atol=4e-6)
+
+
+
+# ---------------------------------------------------------------------------
+# langevin_snr_step (score_sde's SNR Langevin corrector)
+# ---------------------------------------------------------------------------
+from pygen.ops.langevin import langevin_snr_step  # noqa: E402
+
+SNR_SHAPES = [(3, 5, 7), (2, 1001), (1, 4), (5, 1)]
+SNR_MODES = ["noise", "seed", "rowseed"]
+
+
+def snr_expected(x, score, z, k, batch_norm):
+    """float64 (out, dt) straight from score_sde's LangevinCorrector with dt = 2·step_size."""
+    b = x.shape[0]
+    s, z = score.double().cpu(), z.double().cpu()
+    g = torch.linalg.vector_norm(s.reshape(b, -1), dim=1)
+    n = torch.linalg.vector_norm(z.reshape(b, -1), dim=1)
+    if batch_norm:
+        g, n = g.mean().expand(b), n.mean().expand(b)
+    step_size = (n / g) ** 2 * (k / 2)  # score_sde: (snr·|z|/|g|)²·2·alpha, k = 4·alpha·snr²
+    view = (-1,) + (1,) * (x.dim() - 1)
+    out = x.double().cpu() + step_size.view(view) * s + torch.sqrt(2 * step_size).view(view) * z
+    return out, 2 * step_size
+
+
+def _snr_noise(mode, shape, dtype, dev, stream):
+    """(seed argument, noise argument, the z the op must use as float64 CPU)."""
+    if mode == "noise":
+        z = make(shape, dtype, dev, seed=43)
+        return None, z, z.double().cpu()
+    if mode == "rowseed":
+        values = [7, -1, 2**62 + 3, 0, 12345] + [1000 + 3 * r for r in range(shape[0])]
+        seed = torch.tensor(values[: shape[0]], dtype=torch.int64, device=dev)
+        return seed, None, randn_reference(shape, 0, to_signed64(stream), seed.cpu()).double()
+    seed = 2**64 - 5
+    return seed, None, randn_reference(shape, to_signed64(seed), to_signed64(stream)).double()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SNR_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", SNR_MODES)
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_snr_matches_score_sde(backend, shape, dtype, mode, batch_norm):
+    if dtype == torch.float64 and backend not in ("torch", "cpu"):
+        pytest.skip("fp64 storage: torch and cpu backends")
+    dev = device_for(backend)
+    x = make(shape, dtype, dev, seed=41)
+    score = make(shape, dtype, dev, seed=42, scale=3.0)
+    stream = 2**63 + 11
+    seed, noise, z = _snr_noise(mode, shape, dtype, dev, stream)
+    k = 4 * 0.93 * 0.16**2
+    with pygen.use_backend(backend):
+        out, dt = langevin_snr_step(x, score, k, seed, stream, noise=noise, batch_norm=batch_norm,
+                                    return_step=True)
+    exp, dt_exp = snr_expected(x, score, z, k, batch_norm)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert dt.dtype == acc and dt.shape == (shape[0],) and dt.device == x.device
+    # in-kernel normals agree with randn_reference to fp32 rounding of log/sin/cos, not bit for bit
+    exact = acc == torch.float64 and mode == "noise"
+    torch.testing.assert_close(dt.double().cpu(), dt_exp, rtol=1e-12 if exact else 2e-6, atol=0)
+    if batch_norm:
+        assert torch.equal(dt, dt[:1].expand_as(dt))
+    elif shape[0] > 1:
+        assert not torch.equal(dt, dt[:1].expand_as(dt)), "row norms must give different steps per row"
+    assert out.device == x.device and out.is_contiguous()
+    assert_close_storage(out, exp, dtype, noise_atol=0.0 if mode == "noise" else 2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 1001), (4, 3)])
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_snr_in_kernel_noise_is_pygen_randn(backend, shape, batch_norm):
+    """In-kernel z (int seed, per-row seeds) gives the result of passing noise = pygen.randn(...)."""
+    dev = device_for(backend)
+    x, score = make(shape, torch.float32, dev, seed=44), make(shape, torch.float32, dev, seed=45)
+    for seed in (3, 2**63 + 1, torch.arange(shape[0], device=dev) * (2**61 + 1) - 9):
+        with pygen.use_backend(backend):
+            drawn = langevin_snr_step(x, score, 0.2, seed, 17, batch_norm=batch_norm, return_step=True)
+            z = pygen.randn(shape, seed, 17, device=dev)
+            given = langevin_snr_step(x, score, 0.2, stream=17, noise=z, batch_norm=batch_norm, return_step=True)
+        torch.testing.assert_close(drawn[1], given[1], rtol=1e-6, atol=0)
+        torch.testing.assert_close(drawn[0], given[0], rtol=1e-6, atol=1e-6)
+    with pygen.use_backend(backend):
+        a = langevin_snr_step(x, score, 0.2, 1, 0)
+        b = langevin_snr_step(x, score, 0.2, 1, 1)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", SNR_MODES)
+def test_snr_out_may_alias_x(backend, mode):
+    dev = device_for(backend)
+    shape = (3, 37)
+    x, score = make(shape, torch.float32, dev, seed=46), make(shape, torch.float32, dev, seed=47)
+    seed, noise, _ = _snr_noise(mode, shape, torch.float32, dev, 5)
+    with pygen.use_backend(backend):
+        want = langevin_snr_step(x, score, 0.3, seed, 5, noise=noise)
+        buf = x.clone()
+        got = langevin_snr_step(buf, score, 0.3, seed, 5, noise=noise, out=buf)
+        other = torch.empty_like(x)
+        got2 = langevin_snr_step(x, score, 0.3, seed, 5, noise=noise, out=other)
+    assert got is buf and got2 is other
+    assert torch.equal(buf, want) and torch.equal(other, want)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the interpreter's numpy on 0/0, inf·0
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_snr_nan_and_zero_score(backend):
+    dev = device_for(backend)
+    shape = (3, 10)
+    x, score, z = (make(shape, torch.float32, dev, seed=s) for s in (48, 49, 50))
+    bad_score = score.clone()
+    bad_score[1, 2] = float("nan")
+    bad_x = x.clone()
+    bad_x[0, 1] = float("nan")
+    with pygen.use_backend(backend):
+        rows = langevin_snr_step(x, bad_score, 0.1, noise=z, batch_norm=False)
+        batch = langevin_snr_step(x, bad_score, 0.1, noise=z, batch_norm=True)
+        xnan = langevin_snr_step(bad_x, score, 0.1, 4, batch_norm=True)
+        zero = score.clone()
+        zero[2] = 0.0
+        zrow, zstep = langevin_snr_step(x, zero, 0.1, noise=z, batch_norm=False, return_step=True)
+    rows, batch, xnan, zrow, zstep = (t.cpu() for t in (rows, batch, xnan, zrow, zstep))
+    # a NaN score poisons its row's norm: that row (row norms) or every row (batch-mean norm)
+    assert torch.isnan(rows[1]).all() and torch.isfinite(rows[[0, 2]]).all()
+    assert torch.isnan(batch).all()
+    nan_mask = torch.zeros(shape, dtype=torch.bool)
+    nan_mask[0, 1] = True
+    assert torch.equal(torch.isnan(xnan), nan_mask)
+    # |score| = 0: dt = inf as the formula says, never hidden
+    assert zstep[2] == float("inf") and torch.isfinite(zstep[:2]).all()
+    assert not torch.isfinite(zrow[2]).any() and torch.isfinite(zrow[:2]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_snr_batch_split_with_row_seeds(backend):
+    """Row norms + per-row seeds: a row's result does not depend on the batch it is in."""
+    dev = device_for(backend)
+    shape = (5, 3, 11)
+    x, score = make(shape, torch.float32, dev, seed=51), make(shape, torch.float32, dev, seed=52)
+    seeds = torch.tensor([5, 9, -2, 2**62, 77], device=dev)
+    with pygen.use_backend(backend):
+        full = langevin_snr_step(x, score, 0.4, seeds, 3, batch_norm=False)
+        part = langevin_snr_step(x[1:4], score[1:4], 0.4, seeds[1:4], 3, batch_norm=False)
+    torch.testing.assert_close(full[1:4], part, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", BACKENDS[1], BACKENDS[3]])
+@pytest.mark.parametrize("shape", [(3, 9001), (2, 40001), (700, 3), (9, 65), (2, 3, 4099)])
+@pytest.mark.parametrize("mode", SNR_MODES)
+def test_snr_large_rows(backend, shape, mode):
+    """Sizes that span several reduction chunks/windows per row, rows not a multiple of 4
+    (flat noise groups straddle rows) and many short rows."""
+    dev = device_for(backend)
+    x, score = make(shape, torch.float32, dev, seed=53), make(shape, torch.float32, dev, seed=54)
+    seed, noise, z = _snr_noise(mode, shape, torch.float32, dev, 8)
+    for batch_norm in (True, False):
+        with pygen.use_backend(backend):
+            out, dt = langevin_snr_step(x, score, 0.05, seed, 8, noise=noise, batch_norm=batch_norm,
+                                        return_step=True)
+        exp, dt_exp = snr_expected(x, score, z, 0.05, batch_norm)
+        torch.testing.assert_close(dt.double().cpu(), dt_exp, rtol=1e-5, atol=0)
+        torch.testing.assert_close(out.double().cpu(), exp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [BACKENDS[1], BACKENDS[3]])
+def test_snr_bit_reproducible(backend):
+    """Deterministic reductions: the same call gives the same bits (CPU: whatever the thread count)."""
+    dev = device_for(backend)
+    shape = (3, 50001)
+    x, score = make(shape, torch.float32, dev, seed=55), make(shape, torch.float32, dev, seed=56)
+    threads = torch.get_num_threads()
+    try:
+        with pygen.use_backend(backend):
+            a = langevin_snr_step(x, score, 0.1, 6, 2, return_step=True)
+            torch.set_num_threads(1)
+            b = langevin_snr_step(x, score, 0.1, 6, 2, return_step=True)
+            torch.set_num_threads(max(2, threads))
+            c = langevin_snr_step(x, score, 0.1, 6, 2, return_step=True)
+    finally:
+        torch.set_num_threads(threads)
+    for other in (b, c):
+        assert torch.equal(a[0], other[0]) and torch.equal(a[1], other[1])
+
+
+def test_snr_empty_rows():
+    x = torch.empty(3, 0)
+    for backend in ["torch"] + (["cpu"] if pygen.backends()["cpu"] == "available" else []):
+        with pygen.use_backend(backend):
+            out, dt = langevin_snr_step(x, x, 0.1, 1, return_step=True)
+        assert out.shape == (3, 0) and torch.isnan(dt).all()
+
+
+@pytest.mark.parametrize(
+    "call, exc, word",
+    [
+        (lambda x: langevin_snr_step(x, x, -0.1, 1), ValueError, "four_alpha_snr2"),
+        (lambda x: langevin_snr_step(x, x, float("nan"), 1), ValueError, "four_alpha_snr2"),
+        (lambda x: langevin_snr_step(x, x, float("inf"), 1), ValueError, "four_alpha_snr2"),
+        (lambda x: langevin_snr_step(x, x, "0.1", 1), TypeError, "four_alpha_snr2"),
+        (lambda x: langevin_snr_step(x, x, True, 1), TypeError, "four_alpha_snr2"),
+        (lambda x: langevin_snr_step(x, x, torch.tensor(0.1), 1), TypeError, "four_alpha_snr2"),
+        (lambda x: langevin_snr_step(x, x, 0.1), ValueError, "seed"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, noise=x), ValueError, "seed"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1.5), TypeError, "seed"),
+        (lambda x: langevin_snr_step(x, x, 0.1, torch.tensor([1, 2, 3])), ValueError, "seed"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, 0.5), TypeError, "stream"),
+        (lambda x: langevin_snr_step(x, x[:1], 0.1, 1), ValueError, "score"),
+        (lambda x: langevin_snr_step(x, x.double(), 0.1, 1), TypeError, "score"),
+        (lambda x: langevin_snr_step(x, x, 0.1, noise=x.half()), TypeError, "noise"),
+        (lambda x: langevin_snr_step(x, x, 0.1, noise=x[:, :2]), ValueError, "noise"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, out=x.double()), TypeError, "out"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, out=torch.empty(3, 2).t()), ValueError, "out"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, batch_norm="batch"), TypeError, "batch_norm"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, return_step=1), TypeError, "return_step"),
+        (lambda x: langevin_snr_step(x[0, 0], x[0, 0], 0.1, 1), ValueError, "batch dimension"),
+        (lambda x: langevin_snr_step(x.int(), x.int(), 0.1, 1), TypeError, "x"),
+    ],
+)
+def test_snr_bad_input(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call(_x())
+
+
+def test_snr_op_checks_arguments():
+    x = _x()
+    step = torch.empty(2)
+    with pytest.raises((RuntimeError, ValueError), match="step"):
+        torch.ops.pygen.langevin_snr_step(x, x, None, torch.empty_like(x), torch.empty(3), 1, 0, None, 0.1, True)
+    with pytest.raises((RuntimeError, ValueError), match="out"):
+        torch.ops.pygen.langevin_snr_step(x, x, None, torch.empty(2, 4), step, 1, 0, None, 0.1, True)
+    with pytest.raises((RuntimeError, ValueError), match="row_seeds"):
+        torch.ops.pygen.langevin_snr_step(x, x, None, torch.empty_like(x), step, 1, 0, torch.ones(3, dtype=torch.int64),
+                                          0.1, True)
+
+
+def _snr_opcheck_cases(dtype):
+    x, score, z = (make((3, 5, 7), dtype, seed=s) for s in (57, 58, 59))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = torch.tensor([5, -6, 2**62], dtype=torch.int64)
+
+    def bufs():
+        return torch.empty_like(x), torch.empty(3, dtype=acc)
+
+    return [
+        (x, score, z, *bufs(), 0, 0, None, 0.3, True),
+        (x, score, z, *bufs(), 0, 0, None, 0.3, False),
+        (x, score, None, *bufs(), -7, 2**40, None, 0.2, True),
+        (x, score, None, *bufs(), 3, 1, rows, 0.2, False),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_opcheck_langevin_snr_step(dtype):
+    for args in _snr_opcheck_cases(dtype):
+        torch.library.opcheck(torch.ops.pygen.langevin_snr_step.default, args)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs triton and TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_langevin_snr_step_triton(dtype):
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton needs TRITON_INTERPRET=1 on the CPU")
+    for args in _snr_opcheck_cases(dtype):
+        torch.library.opcheck(torch.ops.pygen.langevin_snr_step_triton.default, args)
+
+
+def test_snr_fake_tensor():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(4, 3, dtype=torch.float16)
+        out, step = torch.empty_like(x), torch.empty(4)
+        torch.ops.pygen.langevin_snr_step(x, x, None, out, step, 1, 0, None, 0.1, True)
+    assert out.shape == (4, 3)

@@ -1,4 +1,6 @@
-// csrc/cuda/langevin.cu — CUDA kernel of torch.ops.pygen.langevin_step (pygen.langevin_step).
+// csrc/cuda/langevin.cu — CUDA kernels of torch.ops.pygen.langevin_step (pygen.langevin_step)
+// and torch.ops.pygen.langevin_snr_step (score_sde's SNR Langevin corrector,
+// pygen.ops.langevin.langevin_snr_step).
 //
 // x_next = x + (dt/2)·score + sqrt(dt)·z, dt = step_sizes[row] or the scalar
 // step_size, z = the given noise or exactly pygen.randn(x.shape, seed, stream)
@@ -7,7 +9,18 @@
 // row for per-row seeds). Arithmetic in fp32 (fp64 for fp64 storage).
 // When every pointer is 4-element aligned and groups never straddle a noise
 // row, each thread moves its four elements with one vector load/store.
+//
+// langevin_snr_step: three launches on the current stream, no host sync, no
+// atomics (bit-reproducible): (1) per-(batch row, window) partial sums of
+// score² and z² (a block per window of kSnrWindow elements with a fixed
+// shuffle/shared-memory tree; a thread per row for rows of <= kSnrSmallRow
+// elements), z regenerated from Philox and never stored; (2) per-row norms
+// from the partials in window order, batch means (one block, fp64 sums in a
+// fixed tree) when batch_norm, dt = four_alpha_snr2·(n/g)² into `step`;
+// (3) the langevin_step kernel with per-row steps `step`.
+#include <limits>
 #include <optional>
+#include <type_traits>
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -207,8 +220,228 @@ at::Tensor langevin_step_cuda(const at::Tensor& x, const at::Tensor& score, cons
   return out;
 }
 
+
+// ---------------------------------------------------------------------------
+// langevin_snr_step
+// ---------------------------------------------------------------------------
+constexpr int kSnrGroupsPerThread = 4;
+constexpr int64_t kSnrWindow = static_cast<int64_t>(kThreads) * kSnrGroupsPerThread * kGroup;  // elements
+constexpr int64_t kSnrSmallRow = 64;  // rows this short: one thread per row
+
+
+// Sum of v over the block (blockDim.x == kThreads) in a fixed order; the result is valid in thread 0.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* shm) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? shm[threadIdx.x] : T(0);
+  if (warp == 0) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  __syncthreads();  // shm may be reused
+  return v;
+}
+
+// Adds score² and z² of the elements of Philox group g (noise indices 4g..4g+3)
+// that lie in batch row b (noise index of its element 0: nb).
+template <typename scalar_t, bool kHasNoise>
+__device__ __forceinline__ void add_group_squares(const scalar_t* __restrict__ score, const scalar_t* __restrict__ noise,
+                                                  uint64_t key, uint64_t stream, int64_t g, int64_t b, int64_t nb,
+                                                  int64_t row_len, acc_t<scalar_t>* gs, acc_t<scalar_t>* ns) {
+  using acc = acc_t<scalar_t>;
+  const int64_t local0 = g * kGroup - nb;
+  if (local0 + kGroup <= 0 || local0 >= row_len) return;
+  Normals4 nz;
+  if constexpr (!kHasNoise) nz = philox_normals(key, stream, static_cast<uint64_t>(g));
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    const int64_t local = local0 + j;
+    if (local >= 0 && local < row_len) {
+      const int64_t idx = b * row_len + local;
+      const acc sv = static_cast<acc>(score[idx]);
+      acc zv;
+      if constexpr (kHasNoise) {
+        zv = static_cast<acc>(noise[idx]);
+      } else {
+        zv = static_cast<acc>(nz.z[j]);
+      }
+      *gs += sv * sv;
+      *ns += zv * zv;
+    }
+  }
+}
+
+// One block per (batch row b, window w): part[2·item], part[2·item + 1] = Σ score², Σ z²
+// over the Philox groups nb/4 + w·(kThreads·kSnrGroupsPerThread) + [0, kThreads·kSnrGroupsPerThread).
+template <typename scalar_t, bool kHasNoise>
+__global__ void snr_window_kernel(const scalar_t* __restrict__ score, const scalar_t* __restrict__ noise,
+                                  const int64_t* __restrict__ row_seeds, uint64_t seed, uint64_t stream,
+                                  int64_t row_len, int64_t windows, acc_t<scalar_t>* __restrict__ part) {
+  using acc = acc_t<scalar_t>;
+  __shared__ acc shm[kThreads / 32];
+  const int64_t item = blockIdx.x;
+  const int64_t b = item / windows;
+  const int64_t w = item - b * windows;
+  const int64_t nb = row_seeds != nullptr ? 0 : b * row_len;
+  const uint64_t key = noise_key(row_seeds, seed, b);
+  const int64_t g0 = nb / kGroup + w * (static_cast<int64_t>(kThreads) * kSnrGroupsPerThread);
+  acc gs = 0, ns = 0;
+#pragma unroll
+  for (int k = 0; k < kSnrGroupsPerThread; ++k) {
+    add_group_squares<scalar_t, kHasNoise>(score, noise, key, stream, g0 + k * kThreads + threadIdx.x, b, nb,
+                                           row_len, &gs, &ns);
+  }
+  gs = block_sum(gs, shm);
+  ns = block_sum(ns, shm);
+  if (threadIdx.x == 0) {
+    part[2 * item] = gs;
+    part[2 * item + 1] = ns;
+  }
+}
+
+// Short rows: one thread per batch row (one partial pair per row).
+template <typename scalar_t, bool kHasNoise>
+__global__ void snr_small_rows_kernel(const scalar_t* __restrict__ score, const scalar_t* __restrict__ noise,
+                                      const int64_t* __restrict__ row_seeds, uint64_t seed, uint64_t stream,
+                                      int64_t batch, int64_t row_len, acc_t<scalar_t>* __restrict__ part) {
+  using acc = acc_t<scalar_t>;
+  const int64_t b = global_thread_index();
+  if (b >= batch) return;
+  const int64_t nb = row_seeds != nullptr ? 0 : b * row_len;
+  const uint64_t key = noise_key(row_seeds, seed, b);
+  acc gs = 0, ns = 0;
+  for (int64_t g = nb / kGroup; g * kGroup < nb + row_len; ++g) {
+    add_group_squares<scalar_t, kHasNoise>(score, noise, key, stream, g, b, nb, row_len, &gs, &ns);
+  }
+  part[2 * b] = gs;
+  part[2 * b + 1] = ns;
+}
+
+template <typename acc>
+__device__ __forceinline__ void snr_row_norms(const acc* __restrict__ part, int64_t b, int64_t windows, acc* g,
+                                              acc* n) {
+  acc g2 = 0, n2 = 0;
+  for (int64_t w = 0; w < windows; ++w) {
+    g2 += part[2 * (b * windows + w)];
+    n2 += part[2 * (b * windows + w) + 1];
+  }
+  *g = sqrt(g2);
+  *n = sqrt(n2);
+}
+
+// Per-row norms: dt_b = k·(n_b/g_b)².
+template <typename acc>
+__global__ void snr_rows_finalize_kernel(const acc* __restrict__ part, int64_t batch, int64_t windows, acc k,
+                                         acc* __restrict__ step) {
+  const int64_t b = global_thread_index();
+  if (b >= batch) return;
+  acc g, n;
+  snr_row_norms(part, b, windows, &g, &n);
+  const acc r = n / g;
+  step[b] = k * (r * r);
+}
+
+// Batch-mean norms (one block): dt = k·(mean n / mean g)² for every row.
+template <typename acc>
+__global__ void snr_batch_finalize_kernel(const acc* __restrict__ part, int64_t batch, int64_t windows, acc k,
+                                          acc* __restrict__ step) {
+  __shared__ double shm[kThreads / 32];
+  __shared__ acc dt_shared;
+  double gs = 0, ns = 0;
+  for (int64_t b = threadIdx.x; b < batch; b += kThreads) {
+    acc g, n;
+    snr_row_norms(part, b, windows, &g, &n);
+    gs += static_cast<double>(g);
+    ns += static_cast<double>(n);
+  }
+  gs = block_sum(gs, shm);
+  ns = block_sum(ns, shm);
+  if (threadIdx.x == 0) {
+    const acc r = static_cast<acc>(ns / static_cast<double>(batch)) / static_cast<acc>(gs / static_cast<double>(batch));
+    dt_shared = k * (r * r);
+  }
+  __syncthreads();
+  const acc dt = dt_shared;
+  for (int64_t b = threadIdx.x; b < batch; b += kThreads) step[b] = dt;
+}
+
+template <typename scalar_t, bool kHasNoise>
+void snr_launch(const at::Tensor& x, const at::Tensor& score, const scalar_t* np, at::Tensor& out, at::Tensor& step,
+                const int64_t* seeds, uint64_t seed, uint64_t stream, int64_t batch, int64_t row_len,
+                double four_alpha_snr2, bool batch_norm, cudaStream_t cs) {
+  using acc = acc_t<scalar_t>;
+  const bool small = row_len <= kSnrSmallRow;
+  const int64_t windows = small ? 1 : (row_len + kGroup - 1 + kSnrWindow - 1) / kSnrWindow;  // start may be mid-group
+  const int64_t items = batch * windows;
+  TORCH_CHECK(small || items <= static_cast<int64_t>(std::numeric_limits<int>::max()),
+              "pygen: langevin_snr_step: too many reduction blocks (", items, ")");
+  at::Tensor part = at::empty({items * 2}, step.options());
+  acc* pp = part.data_ptr<acc>();
+  const scalar_t* sp = score.data_ptr<scalar_t>();
+  if (small) {
+    snr_small_rows_kernel<scalar_t, kHasNoise><<<blocks_for(batch), kThreads, 0, cs>>>(sp, np, seeds, seed, stream,
+                                                                                       batch, row_len, pp);
+  } else {
+    snr_window_kernel<scalar_t, kHasNoise><<<static_cast<unsigned int>(items), kThreads, 0, cs>>>(
+        sp, np, seeds, seed, stream, row_len, windows, pp);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const acc k = static_cast<acc>(four_alpha_snr2);
+  acc* stp = step.data_ptr<acc>();
+  if (batch_norm) {
+    snr_batch_finalize_kernel<acc><<<1, kThreads, 0, cs>>>(pp, batch, windows, k, stp);
+  } else {
+    snr_rows_finalize_kernel<acc><<<blocks_for(batch), kThreads, 0, cs>>>(pp, batch, windows, k, stp);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  LangevinParams<acc> p;
+  p.layout = make_noise_layout(x.numel(), batch, seeds != nullptr);
+  p.batch_row_len = row_len;
+  p.c1 = acc(0);
+  p.c2 = acc(0);
+  p.steps_f32 = std::is_same_v<acc, float> ? reinterpret_cast<const float*>(stp) : nullptr;
+  p.steps_f64 = std::is_same_v<acc, double> ? reinterpret_cast<const double*>(stp) : nullptr;
+  p.row_seeds = seeds;
+  p.seed = seed;
+  p.stream = stream;
+  launch<scalar_t, kHasNoise, true>(x, score, np, out, p, cs);
+}
+
+void langevin_snr_step_cuda(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& noise,
+                            at::Tensor& out, at::Tensor& step, int64_t seed, int64_t stream,
+                            const std::optional<at::Tensor>& row_seeds, double four_alpha_snr2, bool batch_norm) {
+  check_langevin_snr_args(x, score, noise, out, step, row_seeds, c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t batch = x.size(0);
+  const int64_t numel = x.numel();
+  if (numel == 0) {
+    step.fill_(std::numeric_limits<double>::quiet_NaN());  // 0/0: the formula's value for empty rows
+    return;
+  }
+  const int64_t row_len = numel / batch;
+  const int64_t* seeds = !noise.has_value() && row_seeds.has_value() ? row_seeds->data_ptr<int64_t>() : nullptr;
+  cudaStream_t cs = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_snr_step_cuda", [&] {
+    if (noise.has_value()) {
+      snr_launch<scalar_t, true>(x, score, noise->data_ptr<scalar_t>(), out, step, nullptr, static_cast<uint64_t>(seed),
+                                 static_cast<uint64_t>(stream), batch, row_len, four_alpha_snr2, batch_norm, cs);
+    } else {
+      snr_launch<scalar_t, false>(x, score, nullptr, out, step, seeds, static_cast<uint64_t>(seed),
+                                  static_cast<uint64_t>(stream), batch, row_len, four_alpha_snr2, batch_norm, cs);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pygen, CUDA, m) { m.impl("langevin_step", &langevin_step_cuda); }
+TORCH_LIBRARY_IMPL(pygen, CUDA, m) {
+  m.impl("langevin_step", &langevin_step_cuda);
+  m.impl("langevin_snr_step", &langevin_snr_step_cuda);
+}
 
 }  // namespace pygen::cuda

@@ -21,6 +21,10 @@ SCHEMAS = {
         "langevin_step(Tensor x, Tensor score, Tensor? step_sizes, float step_size, Tensor? noise, "
         "int seed, int stream, Tensor? row_seeds) -> Tensor"
     ),
+    "langevin_snr_step": (
+        "langevin_snr_step(Tensor x, Tensor score, Tensor? noise, Tensor(a!) out, Tensor(b!) step, int seed, "
+        "int stream, Tensor? row_seeds, float four_alpha_snr2, bool batch_norm) -> ()"
+    ),
     "sampler_step_out": (
         "sampler_step_out(Tensor x, Tensor model_out, Tensor coeffs, Tensor(a!) step_index, "
         "Tensor(b!)? history, Tensor? noise, Tensor(c!) out, Tensor(d!)? pred_x0, int seed, int stream, "

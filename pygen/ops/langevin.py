@@ -1,4 +1,5 @@
-"""Unadjusted Langevin / Euler–Maruyama step: ``pygen.langevin_step``.
+"""Unadjusted Langevin / Euler–Maruyama step: ``pygen.langevin_step``; and the
+score-SDE SNR Langevin corrector step: ``langevin_snr_step``.
 
 Computes ``x_next = x + (dt/2)·score + sqrt(dt)·z`` (seed 000, "Langevin
 Dynamics"), with ``dt`` a scalar or one step size per batch row and ``z``
@@ -11,6 +12,20 @@ seed, stream, row_seeds) -> Tensor`` (``step_sizes`` None -> scalar
 Backends: torch reference (this file), Triton (kernels/langevin.py), C++ CPU
 (csrc/cpu/langevin.cpp), CUDA (csrc/cuda/langevin.cu). The op has autograd
 (gradients for x, score, noise and per-row step sizes).
+
+``langevin_snr_step`` (score_sde's LangevinCorrector, Song et al. 2021): per
+batch row r, g_r = ||score_r||_2 and n_r = ||z_r||_2 (sums of squares
+accumulated in fp32, fp64 for fp64 storage); with ``batch_norm`` both are
+replaced by their means over the batch (score_sde's default); then
+``dt_r = four_alpha_snr2 · (n_r / g_r)²`` (= 2·score_sde's step_size, i.e.
+``pygen.langevin_step``'s step size) and
+``out = x + (dt_r/2)·score + sqrt(dt_r)·z``. ``dt_r`` is written to ``step``.
+Op: ``torch.ops.pygen.langevin_snr_step(x, score, noise, out, step, seed,
+stream, row_seeds, four_alpha_snr2, batch_norm) -> ()`` (writes ``out``, which
+may be ``x``, and the (B,) ``step``). One fused reduction (per-row sums of
+score² and z², z regenerated from Philox when drawn in-kernel, never stored)
+plus one fused update; no host sync. A zero score row gives inf/NaN as the
+formula says; NaN propagates. Backends as above; no autograd (a sampler op).
 """
 import math
 import numbers
@@ -21,7 +36,7 @@ from pygen import _backend
 from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, noise_source
 from pygen.ops.random import randn_reference
 
-__all__ = ["langevin_step"]
+__all__ = ["langevin_step", "langevin_snr_step"]
 
 _STEP_DTYPES = (torch.float32, torch.float64)
 
@@ -49,6 +64,35 @@ def langevin_step_reference(x, score, step_sizes, step_size, noise, seed, stream
         c1, c2 = 0.5 * dt, dt.sqrt()
     out = x.to(acc) + c1 * score.to(acc) + c2 * z.to(acc)
     return out.to(x.dtype)
+
+
+def snr_noise_reference(x, noise, seed, stream, row_seeds):
+    """The z of ``langevin_snr_step`` in the accumulation dtype: ``noise``, or pygen.randn's fp32 normals."""
+    acc = _acc_dtype(x.dtype)
+    if noise is not None:
+        return noise.to(acc)
+    return randn_reference(x.shape, seed, stream, row_seeds, device=x.device, dtype=torch.float32).to(acc)
+
+
+def langevin_snr_step_reference(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm):
+    """Plain-PyTorch SNR Langevin corrector step (module docstring); writes ``out`` and ``step``."""
+    acc = _acc_dtype(x.dtype)
+    b = x.shape[0]
+    if x.numel() == 0:
+        step.fill_(float("nan"))
+        return
+    z = snr_noise_reference(x, noise, seed, stream, row_seeds)
+    s = score.to(acc)
+    g = s.reshape(b, -1).square().sum(1).sqrt()
+    n = z.reshape(b, -1).square().sum(1).sqrt()
+    if batch_norm:
+        g, n = g.mean().expand(b), n.mean().expand(b)
+    r = n / g
+    dt = four_alpha_snr2 * (r * r)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    res = x.to(acc) + (0.5 * dt).view(view) * s + dt.sqrt().view(view) * z
+    step.copy_(dt)
+    out.copy_(res)
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +165,72 @@ def langevin_step(x, score, step_size, seed=None, stream=0, *, noise=None):
     return torch.ops.pygen.langevin_step(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
 
 
+def langevin_snr_step(x, score, four_alpha_snr2, seed=None, stream=0, *, noise=None, batch_norm=True, out=None,
+                      return_step=False):
+    """score_sde's SNR Langevin corrector step, fused (norms, step size and update on the device).
+
+    Per batch row r: g_r = ||score_r||, n_r = ||z_r|| (batch means of both when
+    ``batch_norm``, score_sde's default; else each row's own),
+    ``dt_r = four_alpha_snr2·(n_r/g_r)²`` and ``x + (dt_r/2)·score + sqrt(dt_r)·z``.
+    score_sde's step_size is dt_r/2, so ``four_alpha_snr2 = 4·alpha·snr²``.
+
+    Args:
+        x: current sample with a batch dimension, float32/float16/bfloat16/float64.
+        score: ``∇ log p_t(x)``, same shape, dtype and device as ``x``.
+        four_alpha_snr2: 4·alpha·snr², a finite float >= 0.
+        seed: an int, or a 1-D int64 tensor of per-row seeds: z is exactly
+            ``pygen.randn(x.shape, seed, stream)`` (fp32 normals), drawn in the kernels
+            and never stored. Must be None when ``noise`` is given.
+        stream: 64-bit noise stream id.
+        noise: a given z (like ``x``) instead of in-kernel noise.
+        batch_norm: batch-mean norms (True) or per-row norms (False).
+        out: optional contiguous output like ``x``; may be ``x`` itself (in place).
+        return_step: also return the (B,) tensor of dt_r (float32; float64 for float64 x).
+
+    Returns ``out`` (or ``(out, dt)``). No host sync. NaN propagates; a zero score
+    gives an inf/NaN step as the formula says.
+    """
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension (the SNR norms are per batch row), got a 0-d tensor")
+    check_like("score", score, "x", x)
+    if isinstance(four_alpha_snr2, bool) or not isinstance(four_alpha_snr2, numbers.Real):
+        raise TypeError(f"four_alpha_snr2 must be a real number, got {type(four_alpha_snr2).__name__}")
+    four_alpha_snr2 = float(four_alpha_snr2)
+    if not (math.isfinite(four_alpha_snr2) and four_alpha_snr2 >= 0.0):
+        raise ValueError(f"four_alpha_snr2 must be a finite number >= 0, got {four_alpha_snr2}")
+    if not isinstance(batch_norm, bool):
+        raise TypeError(f"batch_norm must be a bool, got {type(batch_norm).__name__}")
+    if not isinstance(return_step, bool):
+        raise TypeError(f"return_step must be a bool, got {type(return_step).__name__}")
+    noise, seed_i, row_seeds = noise_source("langevin_snr_step", noise, seed, "x", x, seed_with_noise_ok=False)
+    stream = check_stream(stream)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        check_like("out", out, "x", x)
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    x, score = contiguous(x), contiguous(score)
+    step = torch.empty(x.shape[0], dtype=_acc_dtype(x.dtype), device=x.device)
+    run_langevin_snr_step(_backend.resolve(x.device), x, score, noise, out, step, seed_i, stream, row_seeds,
+                          four_alpha_snr2, batch_norm)
+    return (out, step) if return_step else out
+
+
+def run_langevin_snr_step(backend, x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm):
+    """The per-call hot path (checked, contiguous arguments; ``backend`` resolved by the caller)."""
+    args = (x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm)
+    if backend == "torch":
+        langevin_snr_step_reference(*args)
+    elif backend == "triton":
+        from pygen.kernels import langevin as tk
+
+        tk.langevin_snr_step(*args)
+    else:
+        torch.ops.pygen.langevin_snr_step(*args)
+
+
 # ---------------------------------------------------------------------------
 # torch.library registration
 # ---------------------------------------------------------------------------
@@ -165,6 +275,21 @@ def _backward(ctx, grad):
     return grad_x, grad_score, grad_steps, None, grad_noise, None, None, None
 
 
+def _check_snr_op_args(x, score, noise, out, step, row_seeds):
+    """Checks of direct torch.ops.pygen.langevin_snr_step_triton calls (what the C++ op checks)."""
+    if x.dim() < 1:
+        raise ValueError("langevin_snr_step: x must have a batch dimension")
+    for name, t in (("score", score), ("noise", noise), ("out", out)):
+        if t is not None and (t.shape != x.shape or t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"langevin_snr_step: {name} must match x in shape, dtype and device")
+    if not out.is_contiguous() or not step.is_contiguous():
+        raise ValueError("langevin_snr_step: out and step must be contiguous")
+    if step.dtype != _acc_dtype(x.dtype) or step.shape != (x.shape[0],) or step.device != x.device:
+        raise ValueError(f"langevin_snr_step: step must be a ({x.shape[0]},) {_acc_dtype(x.dtype)} tensor on x's device")
+    if row_seeds is not None and (row_seeds.dtype != torch.int64 or row_seeds.shape != (x.shape[0],)):
+        raise ValueError("langevin_snr_step: row_seeds must be 1-D int64 with one seed per row")
+
+
 def _register():
     from pygen.ops import _registry
 
@@ -183,6 +308,20 @@ def _register():
 
     _registry.register_triton("langevin_step", langevin_step_triton)
     _registry.register_fake("langevin_step", _fake)
+
+    _registry.register_reference("langevin_snr_step", langevin_snr_step_reference)
+
+    def langevin_snr_step_triton(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm):
+        from pygen.kernels import langevin as tk
+
+        _check_snr_op_args(x, score, noise, out, step, row_seeds)
+        x, score = contiguous(x), contiguous(score)
+        noise = contiguous(noise) if noise is not None else None
+        row_seeds = contiguous(row_seeds) if row_seeds is not None else None
+        tk.langevin_snr_step(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm)
+
+    _registry.register_triton("langevin_snr_step", langevin_snr_step_triton, mutates_args=("out", "step"))
+    _registry.register_fake("langevin_snr_step", lambda *args: None)
     for qualname in ["pygen::langevin_step"] + (
         [_registry.TRITON_OPS["langevin_step"]] if "langevin_step" in _registry.TRITON_OPS else []
     ):
