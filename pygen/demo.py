@@ -91,7 +91,9 @@ VE_SIGMA_MIN, VE_SIGMA_MAX = 0.05, 20.0
 def _vp(steps):
     from pygen import schedules
 
-    return schedules.VPSDE(VP_BETA_MIN, VP_BETA_MAX, steps)
+    # score_sde discretises the SDE with N = the number of steps; N >= beta_max keeps every
+    # discrete beta <= 1 (the corrector's alpha = 1 - beta must not go negative).
+    return schedules.VPSDE(VP_BETA_MIN, VP_BETA_MAX, max(steps, int(VP_BETA_MAX)))
 
 
 def _run_pc(predictor, corrector):

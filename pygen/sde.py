@@ -524,8 +524,8 @@ def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corre
         idx = torch.zeros(1, dtype=torch.int64, device=x.device)
     if corrector == "langevin":
         alpha = _alpha(sde, times)
-        if bool((alpha <= 0).any()):
-            raise ValueError(f"the Langevin corrector needs alpha = 1 - beta_i > 0, but this SDE's discrete betas "
+        if bool((alpha < 0).any()):
+            raise ValueError(f"the Langevin corrector needs alpha = 1 - beta_i >= 0, but this SDE's discrete betas "
                              f"reach {float(1 - alpha.min()):.3g} (sde.N = {sde.N} is too small for its beta_max); "
                              "use a larger N or corrector='ald'/'none'")
         ks = (4.0 * alpha * snr * snr).tolist()
