@@ -69,8 +69,10 @@ def sampler_step_reference(x, model_out, coeffs, step_index, history, noise, out
         d = d.clamp(-clamp, clamp)
     if noise is not None:
         z = noise.to(acc)
-    else:
+    elif bool((rows[:, COL_S] != 0).any()):  # (NaN != 0: invalid rows still draw, and stay NaN)
         z = step_noise_reference(x, idx, seed, stream, row_seeds).to(acc)
+    else:  # no row adds noise: the kernels skip drawing it too
+        z = torch.zeros_like(xa)
     x_next = col(COL_A) * xa + col(COL_B) * d + col(COL_S) * z
     num_hist = coeffs.shape[1] - COL_HIST
     for j in range(num_hist):
