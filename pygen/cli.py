@@ -1,4 +1,8 @@
-"""The ``pygen`` command line: ``pygen bench`` and ``pygen info``.
+"""The ``pygen`` command line: ``pygen demo``, ``pygen bench`` and ``pygen info``.
+
+``pygen demo`` samples a built-in 2-D Gaussian mixture with several samplers on
+the best backend next to the pure-torch loop, prints a table (sampler, steps,
+NFE, time, speedup, distance to the target) and writes a PNG (pygen/demo.py).
 
 ``pygen bench`` times every op on every available pygen backend next to the
 eager-PyTorch composite of the same math (cases and timing: pygen/bench.py),
@@ -328,10 +332,67 @@ def _cmd_info(args):
     return 0
 
 
+def _cmd_demo(args):
+    from pygen import demo
+
+    try:
+        demo.main_args(args)
+    except ValueError as exc:
+        print(f"pygen demo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_demo_parser(sub):
+    from pygen.demo import DEFAULT_N, FALLBACK, PREFERRED, QUICK_N, TARGETS
+
+    d = sub.add_parser("demo", help="sample the built-in 2-D mixture with several samplers; table + PNG",
+                       description="Sample a built-in 2-D Gaussian mixture with several samplers on pygen's best "
+                                   "backend and on the pure-torch loop; print sampler, steps, NFE, time, speedup "
+                                   "and distance to the target (with thresholds calibrated from exact samples), "
+                                   "and write a PNG of the samples over the target density contours.")
+    d.add_argument("--samplers", default=None,
+                   help="comma-separated sampler names (default: " + ",".join(PREFERRED) + " when "
+                        "pygen.kdiffusion is available, else " + ",".join(FALLBACK) + "); "
+                        "an unknown name lists the valid ones")
+    d.add_argument("--steps", type=_positive_int, default=None,
+                   help="steps for every sampler (default: each sampler's own)")
+    d.add_argument("--n", type=_positive_int, default=None,
+                   help=f"samples per sampler (default {DEFAULT_N}; --quick: {QUICK_N})")
+    d.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="device (default: cuda if available, else cpu)")
+    d.add_argument("--target", choices=TARGETS, default="clot",
+                   help="the mixture: clot (7 unequal blobs, seed 000) or ring (8 Gaussians on a circle)")
+    d.add_argument("--out", metavar="PATH.png", default="pygen-demo.png", help="PNG path (default: ./pygen-demo.png)")
+    d.add_argument("--no-png", action="store_true", help="do not write the PNG")
+    d.add_argument("--seed", type=int, default=0, help="seed of the samplers, exact samples and calibration")
+    d.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
+    d.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed runs per backend after one warm-up (median; default 3, --quick 1)")
+    d.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default on CPU: 1, the demo's tensors are too small to gain from more; "
+                        "on CUDA: torch's default)")
+    d.add_argument("--quick", action="store_true",
+                   help=f"smaller and faster: n={QUICK_N}, fewer steps, one timed run")
+    d.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+    d.set_defaults(func=_cmd_demo)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="pygen", description="pygen: fused kernels for generative-model math")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
     sub.required = True
+    _add_demo_parser(sub)
 
     b = sub.add_parser("bench", help="time every op on every backend next to eager PyTorch",
                        description="Time pygen ops on every available backend next to the eager-PyTorch "

@@ -523,7 +523,12 @@ def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corre
         table = _to_device(table, x)
         idx = torch.zeros(1, dtype=torch.int64, device=x.device)
     if corrector == "langevin":
-        ks = (4.0 * _alpha(sde, times) * snr * snr).tolist()
+        alpha = _alpha(sde, times)
+        if bool((alpha < 0).any()):
+            raise ValueError(f"the Langevin corrector needs alpha = 1 - beta_i >= 0, but this SDE's discrete betas "
+                             f"reach {float(1 - alpha.min()):.3g} (sde.N = {sde.N} is too small for its beta_max); "
+                             "use a larger N or corrector='ald'/'none'")
+        ks = (4.0 * alpha * snr * snr).tolist()
     elif corrector == "ald":
         ks = _ald_dt(sde, times, snr).tolist()
     corr_base = stream + 1 + n

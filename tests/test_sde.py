@@ -450,3 +450,15 @@ def test_backends_agree(backend, dtype):
     for a, b in zip(runs["torch"], runs[backend]):
         assert a.dtype == dtype
         torch.testing.assert_close(b, a, **tol)
+
+
+def test_langevin_corrector_rejects_negative_alpha():
+    """score_sde's corrector alpha = 1 - beta_i goes negative when N is small for beta_max: clear error, not NaN."""
+    import pygen
+
+    sde = pygen.schedules.VPSDE(0.1, 20.0, 10)
+    score = pygen.models.clot().model_fn("score", sde=sde)
+    with pytest.raises(ValueError, match="alpha = 1 - beta_i >= 0"):
+        pygen.sde.pc_sample(score, sde, (4, 2), seed=0)
+    x = pygen.sde.pc_sample(score, sde, (4, 2), seed=0, predictor="euler_maruyama", corrector="none")
+    assert torch.isfinite(x).all()

@@ -38,7 +38,11 @@ constexpr int64_t kNoiseTileGroups = kNoiseChunk / kGroup;
 template <typename Fn>
 void for_each_noise_chunk(const NoiseLayout& layout, Fn&& fn) {
   const int64_t chunks_per_row = (layout.row_len + kNoiseChunk - 1) / kNoiseChunk;
-  at::parallel_for(0, layout.rows * chunks_per_row, 1, [&](int64_t begin, int64_t end) {
+  // At least ~32k elements per task: small tensors (many short rows) run inline
+  // instead of opening a parallel region per op.
+  const int64_t chunk_len = std::max<int64_t>(1, std::min(layout.row_len, kNoiseChunk));
+  const int64_t grain = std::max<int64_t>(1, 32768 / chunk_len);
+  at::parallel_for(0, layout.rows * chunks_per_row, grain, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t r = w / chunks_per_row;
       const int64_t i0 = (w - r * chunks_per_row) * kNoiseChunk;

@@ -146,22 +146,6 @@ at::Tensor langevin_step_cpu(const at::Tensor& x, const at::Tensor& score, const
 constexpr int64_t kSnrChunk = 4096;  // elements per reduction work item (a multiple of 4)
 constexpr int kLanes = 8;            // accumulators per work item
 
-void check_langevin_snr_args(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& noise,
-                             const at::Tensor& out, const at::Tensor& step,
-                             const std::optional<at::Tensor>& row_seeds, c10::DeviceType type) {
-  check_tensor_on(x, "x", type);
-  TORCH_CHECK(x.dim() >= 1, "pygen: langevin_snr_step x must have a batch dimension, got a 0-d tensor");
-  check_like(score, "score", x, "x", type);
-  if (noise.has_value()) check_like(*noise, "noise", x, "x", type);
-  check_like(out, "out", x, "x", type);
-  check_tensor_on(step, "step", type);
-  check_same_device(step, "step", x, "x");
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(step.scalar_type() == acc_type && step.dim() == 1 && step.size(0) == x.size(0),
-              "pygen: langevin_snr_step step must be a 1-D ", acc_type, " tensor of length ", x.size(0), ", got ",
-              step.scalar_type(), " of shape ", step.sizes());
-  if (!noise.has_value() && row_seeds.has_value()) check_row_seeds(*row_seeds, x.size(0), x, "x", type);
-}
 
 // Add s[k]² and z[k]² (k < n) to the lanes of positions pos + k (lane = position mod kLanes).
 template <typename scalar_t, typename acc, typename z_t>
