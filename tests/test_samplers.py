@@ -74,7 +74,7 @@ def test_per_row_seeds_batch_split():
 def test_sde_samplers(sampler):
     sde = pygen.schedules.VPSDE()
     score = MIX.model_fn("score", sde=sde)
-    x = pygen.sample(score, (8, 2), sampler=sampler, steps=12, schedule=sde, prediction_type="score", seed=2,
+    x = pygen.sample(score, (8, 2), sampler=sampler, steps=25, schedule=sde, prediction_type="score", seed=2,
                      progress=False)
     assert x.shape == (8, 2) and torch.isfinite(x).all()
 
@@ -86,7 +86,7 @@ def test_sde_eps_prediction_matches_score():
     def eps_model(x, t):
         return -score(x, t) * sde.marginal_std(t).to(x.dtype)[:, None]
 
-    kw = dict(sampler="pc", steps=15, schedule=sde, seed=4, progress=False, corrector="none")
+    kw = dict(sampler="pc", steps=30, schedule=sde, seed=4, progress=False, corrector="none")
     a = pygen.sample(score, noise(), prediction_type="score", **kw)
     b = pygen.sample(eps_model, noise(), prediction_type="eps", **kw)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -142,6 +142,20 @@ def test_cuda_graph_matches_eager(sampler):
         warnings.simplefilter("error")
         graphed = pygen.sample(model, eps, cuda_graph=True, **kw)
     torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_pc_rediscretises_the_sde_with_n_steps():
+    """score_sde's reverse-diffusion predictor needs N = steps; pygen.sample rebuilds the SDE so."""
+    sde = pygen.schedules.VPSDE()  # N = 1000
+    score = MIX.model_fn("score", sde=sde)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = pygen.sample(score, noise(), sampler="pc", steps=40, schedule=sde, prediction_type="score", seed=1,
+                         progress=False)
+    b = pygen.sde.pc_sample(score, pygen.schedules.VPSDE(N=40), x_T=noise() * sde.prior_std, n_steps=40, seed=1)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="beta_max/N <= 1"):
+        pygen.sample(score, noise(), sampler="pc", steps=10, schedule=sde, prediction_type="score", progress=False)
 
 
 def test_bad_input():

@@ -459,6 +459,8 @@ def test_langevin_corrector_rejects_negative_alpha():
     sde = pygen.schedules.VPSDE(0.1, 20.0, 10)
     score = pygen.models.clot().model_fn("score", sde=sde)
     with pytest.raises(ValueError, match="alpha = 1 - beta_i >= 0"):
-        pygen.sde.pc_sample(score, sde, (4, 2), seed=0)
+        pygen.sde.pc_sample(score, sde, (4, 2), seed=0, predictor="euler_maruyama")
+    with pytest.raises(ValueError, match="beta_max/N <= 1"):
+        pygen.sde.pc_sample(score, sde, (4, 2), seed=0, corrector="none")
     x = pygen.sde.pc_sample(score, sde, (4, 2), seed=0, predictor="euler_maruyama", corrector="none")
     assert torch.isfinite(x).all()

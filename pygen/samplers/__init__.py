@@ -28,7 +28,8 @@ Families (``SAMPLERS``):
   ``cuda_graph=True`` captures exactly that once (the step index, the sigma and timestep
   lookups and the in-kernel noise all read device state) and replays it for every model
   evaluation; a model that cannot be captured falls back to eager with one warning.
-- score-SDE samplers (``pygen.sde``; ``schedule`` a VPSDE/SubVPSDE/VESDE, default VPSDE()):
+- score-SDE samplers (``pygen.sde``; ``schedule`` a VPSDE/SubVPSDE/VESDE, default VPSDE(); for
+  the reverse-diffusion and ancestral predictors the SDE is re-discretised with N = ``steps``):
   ``"pc"`` (options predictor=, corrector=, snr=, n_corrector_steps=, ...), ``"ode_euler"``,
   ``"ode_heun"``, ``"annealed_langevin"``. The model: ``"score"`` ``model(x, t)`` -> grad log
   p_t, ``"eps"`` -> eps-prediction, ``"x0"`` -> x0-prediction.
@@ -330,6 +331,11 @@ def _sample_sde(model, eps, sampler, steps, schedule, prediction_type, seed, pro
     if not isinstance(sde, (_schedules.VPSDE, _schedules.VESDE)):
         raise TypeError(f"schedule must be a pygen.schedules VPSDE, SubVPSDE or VESDE for {sampler!r}, "
                         f"got {type(sde).__name__}")
+    predictor = options.get("predictor", "reverse_diffusion")
+    if sampler == "pc" and predictor in ("reverse_diffusion", "ancestral") and sde.N != steps:
+        # score_sde discretises these predictors with N = the number of loop steps
+        sde = (type(sde)(sde.beta_min, sde.beta_max, steps) if isinstance(sde, _schedules.VPSDE)
+               else type(sde)(sde.sigma_min, sde.sigma_max, steps))
     score = _score_fn(model, prediction_type, sde)
     x_T = (eps.to(torch.float64 if eps.dtype == torch.float64 else torch.float32) * sde.prior_std).to(eps.dtype)
     bar = _progress(steps, progress)
