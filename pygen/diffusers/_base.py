@@ -1,0 +1,192 @@
+"""Shared machinery of pygen's fused diffusers schedulers (``pygen.diffusers``).
+
+A pygen scheduler subclasses the stock diffusers class (so config, ``from_config``,
+``from_pretrained``, ``save_pretrained``, ``compatibles``, ``set_timesteps``,
+``add_noise``... are the original ones) and mixes in ``FusedSchedulerMixin`` *first*::
+
+    class EulerDiscreteScheduler(FusedSchedulerMixin, diffusers.EulerDiscreteScheduler):
+        def _pygen_rows(self):            # float64 (K, 8 + H) table, one row per step() call
+            ...
+        def step(self, model_output, timestep, sample, ..., generator=None, return_dict=True):
+            idx = self._pygen_step_index(timestep, sample)
+            noise = self._pygen_noise(model_output, generator, variance_noise=None, needed=...)
+            prev, pred = self._pygen_launch(model_output, sample, idx, noise)
+            return self._pygen_output(EulerDiscreteSchedulerOutput, prev, pred, return_dict)
+
+What the mixin keeps, all on the sample's device and built once per ``set_timesteps``:
+
+- the coefficient table of the fused step (columns of csrc/include/pygen/step.h; row i is
+  used by the i-th ``step()``), made by the subclass's ``_pygen_rows()`` in float64 on the
+  host from the tables diffusers computed (one host read at set-up, never in the loop);
+- the step index as a device int64 tensor, advanced by the fused step itself. The first
+  ``step()`` finds it without a host sync: ``begin_index`` if set, else the position of
+  ``timestep`` in ``self.timesteps`` computed on the device (diffusers' rule: the second
+  match when a timestep repeats). A 1-D ``timestep`` with one entry per batch row gives
+  one step index per row (per-row timesteps);
+- the history buffer of multistep methods (allocated at the first step, from the
+  sample's shape);
+- the Philox key of in-kernel noise (drawn from torch's global RNG at ``set_timesteps``).
+
+``step_index`` stays an int property as in diffusers; reading it copies the device index to
+the host (a sync only when user code asks for it; the loop never does).
+
+Noise: with a ``generator`` (or ``variance_noise``) the noise is drawn exactly as diffusers
+draws it (``randn_tensor(model_output.shape, generator=generator, ...)`` per step) and passed
+to the fused step, so seeded results reproduce stock diffusers; without one it is drawn in
+the kernel (Philox, stream = step index). ``scheduler.register_to_config(pygen_noise=...)``
+forces either: ``"generator"`` (always ``randn_tensor``, from torch's global RNG when no
+generator is given) or ``"philox"`` (in-kernel even when a generator is given); the default
+``"auto"`` is the rule above. The key is stored in the config, so it survives
+``save_pretrained``; stock diffusers ignores it.
+"""
+import torch
+
+from pygen.kdiffusion import default_seed
+from pygen.ops.schedule import COL_HIST
+from pygen.samplers.program import check_model_out, resolve_step_launcher
+
+__all__ = ["FusedSchedulerMixin", "NOISE_MODES"]
+
+NOISE_MODES = ("auto", "generator", "philox")
+
+
+class FusedSchedulerMixin:
+    """Device coefficient table + device step index + one fused launch per ``step()``."""
+
+    # --- to implement in the subclass -------------------------------------
+    def _pygen_rows(self):
+        """float64 CPU tensor (K, 8 + H): row i holds the coefficients of the i-th step()."""
+        raise NotImplementedError
+
+    # --- set-up ------------------------------------------------------------
+    def set_timesteps(self, *args, **kwargs):
+        out = super().set_timesteps(*args, **kwargs)
+        self._pygen_prepare()
+        return out
+
+    def _pygen_prepare(self):
+        rows = self._pygen_rows()
+        if rows.dim() != 2 or rows.shape[1] < COL_HIST:
+            raise RuntimeError(f"{type(self).__name__}._pygen_rows() must return (K, 8 + H), got {tuple(rows.shape)}")
+        self._pygen_table64 = rows.to(torch.float64).contiguous()
+        self._pygen_tables = {}      # (device, dtype) -> table on that device
+        self._pygen_index = None     # device step index, set at the first step()
+        self._pygen_history = None
+        self._pygen_seed = default_seed()
+        self._pygen_launchers = {}
+        self._pygen_ts = {}          # device -> self.timesteps there (for the sync-free lookup)
+
+    def _pygen_table(self, device, dtype):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (device, acc)
+        table = self._pygen_tables.get(key)
+        if table is None:
+            table = self._pygen_tables[key] = self._pygen_table64.to(device=device, dtype=acc)
+        return table
+
+    # --- step index ----------------------------------------------------------
+    @property
+    def step_index(self):
+        index = getattr(self, "_pygen_index", None)
+        if index is None:
+            return getattr(self, "_step_index", None)
+        if index.numel() == 1:
+            return int(index.item())  # a host read, only when user code asks
+        return index.tolist()
+
+    def _pygen_lookup(self, timestep, device):
+        """Index of ``timestep`` in ``self.timesteps``, on the device (diffusers' second-match rule)."""
+        ts = self._pygen_ts.get(device)
+        if ts is None:
+            ts = self._pygen_ts[device] = self.timesteps.to(device)
+        t = torch.as_tensor(timestep, device=device).to(ts.dtype)
+        rows = t.reshape(-1)
+        match = ts[None, :] == rows[:, None]                      # (R, K)
+        pos = torch.arange(ts.shape[0], device=device)
+        count = match.sum(dim=1)
+        first = torch.where(match, pos, ts.shape[0]).amin(dim=1)
+        second = torch.where(match & (pos > first[:, None]), pos, ts.shape[0]).amin(dim=1)
+        idx = torch.where(count > 1, second, first)
+        return idx.to(torch.int64)  # K (out of range -> NaN rows in the kernel) when not found
+
+    def _pygen_step_index(self, timestep, sample):
+        """The device step index for this step(): (1,) or one per batch row."""
+        if getattr(self, "_pygen_table64", None) is None:
+            raise ValueError("call set_timesteps() before step()")
+        per_row = isinstance(timestep, torch.Tensor) and timestep.dim() == 1 and timestep.numel() > 1
+        if per_row:
+            if timestep.shape[0] != sample.shape[0]:
+                raise ValueError(f"timestep must be a scalar or have one entry per batch row ({sample.shape[0]}), "
+                                 f"got shape {tuple(timestep.shape)}")
+            if self._pygen_index is not None and self._pygen_index.numel() == sample.shape[0]:
+                return self._pygen_index
+            self._pygen_index = self._pygen_lookup(timestep, sample.device).contiguous()
+            return self._pygen_index
+        if self._pygen_index is None:
+            if self.begin_index is not None:
+                self._pygen_index = torch.full((1,), int(self.begin_index), dtype=torch.int64, device=sample.device)
+            else:
+                self._pygen_index = self._pygen_lookup(timestep, sample.device)
+        return self._pygen_index
+
+    def set_begin_index(self, begin_index=0):
+        super().set_begin_index(begin_index)
+        self._pygen_index = None
+
+    # --- noise ---------------------------------------------------------------
+    def _pygen_noise_mode(self):
+        mode = getattr(self.config, "pygen_noise", None) or "auto"
+        if mode not in NOISE_MODES:
+            raise ValueError(f"config pygen_noise must be one of {NOISE_MODES}, got {mode!r}")
+        return mode
+
+    def _pygen_noise(self, model_output, generator, variance_noise=None):
+        """Explicit noise for this step, or None to draw it in the kernel."""
+        if variance_noise is not None:
+            if generator is not None:
+                raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                                 "`generator` or `variance_noise` stays `None`.")
+            return variance_noise
+        mode = self._pygen_noise_mode()
+        if mode == "philox" or (mode == "auto" and generator is None):
+            return None
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                            dtype=model_output.dtype)
+
+    # --- the fused launch ----------------------------------------------------
+    def _pygen_launch(self, model_output, sample, index, noise=None, *, clamp=0.0, advance=True, out_dtype=None):
+        """One fused step: returns (prev_sample, pred_original_sample) in ``out_dtype`` (default: sample's)."""
+        check_model_out(model_output, sample, "model_output")
+        if model_output.dtype != sample.dtype:
+            model_output = model_output.to(sample.dtype)
+        sample = sample.contiguous()
+        model_output = model_output.contiguous()
+        table = self._pygen_table(sample.device, sample.dtype)
+        num_hist = table.shape[1] - COL_HIST
+        if num_hist and (self._pygen_history is None or self._pygen_history.shape[1:] != sample.shape
+                         or self._pygen_history.dtype != sample.dtype):
+            self._pygen_history = torch.zeros((num_hist,) + tuple(sample.shape), dtype=sample.dtype,
+                                              device=sample.device)
+        if noise is not None:
+            noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
+        launch = self._pygen_launchers.get(sample.device)
+        if launch is None:
+            launch = self._pygen_launchers[sample.device] = resolve_step_launcher(sample.device)
+        prev = torch.empty_like(sample)
+        pred = torch.empty_like(sample)
+        single = index.numel() == 1
+        launch(sample, model_output, table, index, self._pygen_history if num_hist else None, noise, prev, pred,
+               self._pygen_seed, 0, None, float(clamp), bool(advance and single))
+        if advance and not single:
+            index.add_(1)
+        if out_dtype is not None and out_dtype != prev.dtype:
+            prev, pred = prev.to(out_dtype), pred.to(out_dtype)
+        return prev, pred
+
+    @staticmethod
+    def _pygen_output(cls, prev_sample, pred_original_sample, return_dict, **extra):
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return cls(prev_sample=prev_sample, pred_original_sample=pred_original_sample, **extra)
