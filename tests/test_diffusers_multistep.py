@@ -30,8 +30,9 @@ def x0(shape=(2, 3, 4, 5), dtype=torch.float32, seed=0):
 def loop(s, x, *, generator_seed=None, timesteps=None, ts_slice=None, with_noise=None):
     g = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
     ts = s.timesteps if ts_slice is None else s.timesteps[ts_slice]
+    scale = getattr(s, "scale_model_input", lambda y, t: y)
     for t in ts:
-        x = s.step(model(s.scale_model_input(x, t), t), t, x, generator=g).prev_sample
+        x = s.step(model(scale(x, t), t), t, x, generator=g).prev_sample
     return x
 
 
@@ -422,3 +423,171 @@ def test_dpm_torch_compile_fullgraph_step():
     for t in s.timesteps:
         x = step(model(x, 0.0), t, x)
     assert_close_to_stock(ref, x)
+
+
+# ---------------------------------------------------------------------------
+# FlowMatchEulerDiscreteScheduler
+# ---------------------------------------------------------------------------
+from pygen.diffusers.flow_match import FlowMatchEulerDiscreteScheduler as FusedFM  # noqa: E402
+
+FM_OPTS = [({}, {}), ({"shift": 3.0}, {}), ({"use_dynamic_shifting": True}, {"mu": 0.8}),
+           ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, {"mu": 0.8}),
+           ({"invert_sigmas": True}, {}), ({"shift_terminal": 0.1, "shift": 2.0}, {}),
+           ({"use_karras_sigmas": True}, {}), ({"use_exponential_sigmas": True}, {}),
+           ({"use_beta_sigmas": True}, {}), ({"stochastic_sampling": True}, {}),
+           ({"stochastic_sampling": True, "shift": 3.0}, {})]
+
+
+@pytest.mark.parametrize("cfg,set_kw", FM_OPTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "-")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fm_matches_stock(cfg, set_kw, dtype):
+    (ref, got), (a, b) = side_by_side(diffusers.FlowMatchEulerDiscreteScheduler, FusedFM, cfg, steps=9,
+                                      dtype=dtype, generator_seed=4, set_kw=set_kw)
+    assert_close_to_stock(ref, got, rtol=1e-5 if dtype == torch.float32 else 2 * 2.0**-10)
+    assert a.step_index == b.step_index == 9
+
+
+@pytest.mark.parametrize("set_kw", [{"sigmas": [1.0, 0.8, 0.55, 0.3, 0.1]},
+                                    {"sigmas": [1.0, 0.7, 0.4, 0.2], "timesteps": [1000.0, 700.0, 400.0, 200.0]}],
+                         ids=["sigmas", "sigmas+timesteps"])
+def test_fm_custom_sigmas(set_kw):
+    (ref, got), _ = side_by_side(diffusers.FlowMatchEulerDiscreteScheduler, FusedFM, {"shift": 2.0}, steps=None,
+                                 set_kw=set_kw)
+    assert_close_to_stock(ref, got)
+
+
+def test_fm_begin_index_and_scale_noise_img2img():
+    outs = []
+    noise = x0(seed=7)
+    for cls in (diffusers.FlowMatchEulerDiscreteScheduler, FusedFM):
+        s = cls(shift=3.0)
+        s.set_timesteps(10)
+        s.set_begin_index(4)
+        t0 = s.timesteps[4:5].repeat(2)
+        x = s.scale_noise(x0(), t0, noise)
+        y = loop(s, x, ts_slice=slice(4, None))
+        # inpainting-style re-noising after steps: uses the current step index
+        outs.append((x, y, s.scale_noise(x0(), t0, noise)))
+    for a, b in zip(*outs):
+        assert_close_to_stock(a, b)
+
+
+def test_fm_scale_noise_lookup_and_training_use():
+    noise = x0(seed=8)
+    for configure in (lambda s: None, lambda s: s.set_timesteps(8)):
+        res = []
+        for cls in (diffusers.FlowMatchEulerDiscreteScheduler, FusedFM):
+            s = cls(shift=2.0)
+            configure(s)
+            t = s.timesteps[torch.tensor([1, 5])]
+            res.append(s.scale_noise(x0(), t, noise))
+        assert_close_to_stock(*res)
+
+
+def test_fm_per_row_timesteps():
+    s = FusedFM(shift=3.0)
+    s.set_timesteps(10)
+    ts = s.timesteps
+    starts = [0, 2, 6]
+    x = x0((3, 2, 5))
+    y = x.clone()
+    for k in range(4):
+        t = torch.stack([ts[st + k] for st in starts])
+        y = s.step(model(y, t), t, y).prev_sample
+    for r, st in enumerate(starts):
+        a = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+        a.set_timesteps(10)
+        xr = x[r:r + 1]
+        for k in range(4):
+            t = ts[st + k]
+            xr = a.step(model(xr, t), t, xr).prev_sample
+        assert_close_to_stock(xr, y[r:r + 1])
+
+
+def test_fm_per_token_timesteps_falls_back_to_stock():
+    outs = []
+    for cls in (diffusers.FlowMatchEulerDiscreteScheduler, FusedFM):
+        s = cls()
+        s.set_timesteps(6)
+        x = x0((2, 5, 3))
+        for k, t in enumerate(s.timesteps[:-1]):
+            if k == 2:  # a fused step in between: the device index stays in sync
+                x = s.step(model(x, t), t, x).prev_sample
+                continue
+            ptt = torch.full((2, 5), float(t)) - torch.arange(5.0)
+            x = s.step(model(x, t), t, x, per_token_timesteps=ptt).prev_sample
+        outs.append((x, s.step_index))
+    assert_close_to_stock(outs[0][0], outs[1][0])
+    assert outs[0][1] == outs[1][1] == 5
+
+
+def test_fm_stochastic_philox_reproducible_and_sane():
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        s = FusedFM(stochastic_sampling=True)
+        s.set_timesteps(3)
+        runs.append(loop(s, x0((2, 8, 8))))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    s = FusedFM(stochastic_sampling=True)
+    s.set_timesteps(4)
+    t = s.timesteps[0]
+    x = torch.zeros(8, 64, 64)
+    out = s.step(torch.zeros_like(x), t, x).prev_sample / s.sigmas[1]
+    assert abs(out.mean().item()) < 0.02 and abs(out.std().item() - 1) < 0.02
+
+
+def test_fm_return_tuple_bad_input_nan():
+    s = FusedFM()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(x0(), s.timesteps[0], x0())
+    s.set_timesteps(4)
+    with pytest.raises(ValueError, match="integer indices"):
+        s.step(x0(), 3, x0())
+    with pytest.raises(ValueError, match="shape"):
+        s.step(x0((2, 3)), s.timesteps[0], x0())
+    m = model(x0(), 0)
+    m[1, 0, 0, 0] = float("nan")
+    out = s.step(m, s.timesteps[0], x0(), return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 1
+    assert out[0][1, 0, 0, 0].isnan() and torch.isfinite(out[0][0]).all()
+
+
+def test_fm_config_round_trip(tmp_path):
+    fused = FusedFM(shift=3.0, use_dynamic_shifting=True, stochastic_sampling=True)
+    fused.save_pretrained(tmp_path)
+    stock = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path)
+    assert stock.config.shift == 3.0 and stock.config.stochastic_sampling
+    assert type(FusedFM.from_config(stock.config)) is FusedFM
+    assert FusedFM.from_config(stock.config).config.use_dynamic_shifting
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cfg", [dict(shift=3.0), dict(stochastic_sampling=True)], ids=str)
+def test_fm_backends(backend, cfg):
+    require_backend(backend)
+    stock = diffusers.FlowMatchEulerDiscreteScheduler(**cfg)
+    stock.set_timesteps(5)
+    ref = loop(stock, x0((2, 3, 5)), generator_seed=2)
+    with pygen.use_backend(backend):
+        s = FusedFM(**cfg)
+        s.set_timesteps(5)
+        got = loop(s, x0((2, 3, 5)), generator_seed=2)
+    assert_close_to_stock(ref, got)
+
+
+@pytest.mark.cuda
+@cuda
+def test_fm_cuda_loop_has_no_host_sync():
+    s = FusedFM(shift=3.0)
+    s.set_timesteps(8, device="cuda")
+    x = torch.randn(2, 4, 16, 16, device="cuda")
+    ts = list(s.timesteps)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in ts:
+            x = s.step(model(x, 0.0), t, x).prev_sample
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(x).all()
