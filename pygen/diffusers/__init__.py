@@ -7,12 +7,15 @@ launch on a coefficient table built at ``set_timesteps``; see _base.py. Needs di
 (``pip install pygen[diffusers]``).
 """
 from pygen.diffusers._base import NOISE_MODES, FusedSchedulerMixin  # noqa: F401
+from pygen.diffusers.dpmsolver import DPMSolverMultistepScheduler  # noqa: F401
 from pygen.diffusers.euler import EulerDiscreteScheduler  # noqa: F401
+from pygen.diffusers.flow_match import FlowMatchEulerDiscreteScheduler  # noqa: F401
 
-__all__ = ["EulerDiscreteScheduler", "FusedSchedulerMixin", "NOISE_MODES", "SCHEDULERS", "patch", "unpatch"]
+_CLASSES = (EulerDiscreteScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler)
+__all__ = [c.__name__ for c in _CLASSES] + ["FusedSchedulerMixin", "NOISE_MODES", "SCHEDULERS", "patch", "unpatch"]
 
 # stock class name -> fused class
-SCHEDULERS = {cls.__name__: cls for cls in (EulerDiscreteScheduler,)}
+SCHEDULERS = {cls.__name__: cls for cls in _CLASSES}
 
 
 def fused_scheduler_for(scheduler):
