@@ -74,9 +74,15 @@ def denoise_cols(row, prediction_type, sigma, scheduler_name, eps_sigma=None, al
 
 
 def empty_rows(n, width=COL_HIST):
-    rows = torch.zeros(n, width, dtype=torch.float64)
-    rows[:, COL_SLOT] = -1.0
+    """n zero rows (Python lists, filled on the host then made a tensor by ``as_table``), slot -1."""
+    rows = [[0.0] * width for _ in range(n)]
+    for row in rows:
+        row[COL_SLOT] = -1.0
     return rows
+
+
+def as_table(rows, width=COL_HIST):
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), width)
 
 
 def sigma_space_rows(sigmas, prediction_type, scheduler_name, sigma_hats=None):
@@ -87,9 +93,9 @@ def sigma_space_rows(sigmas, prediction_type, scheduler_name, sigma_hats=None):
         s, sn = sigmas[i], sigmas[i + 1]
         sh = s if sigma_hats is None else sigma_hats[i]
         denoise_cols(rows[i], prediction_type, s, scheduler_name, eps_sigma=sh)
-        rows[i, COL_A] = sn / sh
-        rows[i, COL_B] = 1.0 - sn / sh
-    return rows
+        rows[i][COL_A] = sn / sh
+        rows[i][COL_B] = 1.0 - sn / sh
+    return as_table(rows)
 
 
 def compute_dtype(sample, model_output):
