@@ -9,9 +9,13 @@ launch on a coefficient table built at ``set_timesteps``; see _base.py. Needs di
 from pygen.diffusers._base import NOISE_MODES, FusedSchedulerMixin  # noqa: F401
 from pygen.diffusers.dpmsolver import DPMSolverMultistepScheduler  # noqa: F401
 from pygen.diffusers.euler import EulerDiscreteScheduler  # noqa: F401
+from pygen.diffusers.euler_ancestral import EulerAncestralDiscreteScheduler  # noqa: F401
 from pygen.diffusers.flow_match import FlowMatchEulerDiscreteScheduler  # noqa: F401
+from pygen.diffusers.heun import HeunDiscreteScheduler  # noqa: F401
+from pygen.diffusers.lms import LMSDiscreteScheduler  # noqa: F401
 
-_CLASSES = (EulerDiscreteScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler)
+_CLASSES = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
+            DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler)
 __all__ = [c.__name__ for c in _CLASSES] + ["FusedSchedulerMixin", "NOISE_MODES", "SCHEDULERS", "patch", "unpatch"]
 
 # stock class name -> fused class

@@ -158,9 +158,9 @@ class FusedSchedulerMixin:
     # --- the fused launch ----------------------------------------------------
     def _pygen_launch(self, model_output, sample, index, noise=None, *, clamp=0.0, advance=True, out_dtype=None):
         """One fused step: returns (prev_sample, pred_original_sample) in ``out_dtype`` (default: sample's)."""
+        if isinstance(model_output, torch.Tensor) and model_output.dtype != sample.dtype:
+            model_output = model_output.to(sample.dtype)  # diffusers mixes dtypes freely (fp16 model, fp32 sample)
         check_model_out(model_output, sample, "model_output")
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
         sample = sample.contiguous()
         model_output = model_output.contiguous()
         table = self._pygen_table(sample.device, sample.dtype)

@@ -39,7 +39,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from pygen.diffusers._base import FusedSchedulerMixin
-from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_S, COL_SLOT
+from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_SLOT
 
 __all__ = ["EulerDiscreteScheduler"]
 

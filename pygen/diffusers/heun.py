@@ -31,7 +31,7 @@ from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerO
 
 from pygen.diffusers._base import FusedSchedulerMixin
 from pygen.diffusers.euler import CInMixin, as_table, denoise_cols, empty_rows, host_sigmas
-from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_HX, COL_SLOT
+from pygen.ops.schedule import COL_A, COL_B, COL_HD, COL_HIST, COL_HX, COL_SLOT
 
 __all__ = ["HeunDiscreteScheduler"]
 
