@@ -575,14 +575,25 @@ def _tiny_unet():
 @pytest.mark.parametrize("pipe_cls,cls,kwargs", [(diffusers.DDPMPipeline, DDPMScheduler, {}),
                                                   (diffusers.DDIMPipeline, DDIMScheduler, dict(eta=0.5))])
 def test_pipeline_end_to_end(pipe_cls, cls, kwargs):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny UNet: intra-op threads only add contention on a shared CPU
+    try:
+        _pipeline_end_to_end(pipe_cls, cls, kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pipeline_end_to_end(pipe_cls, cls, kwargs):
     unet = _tiny_unet()
     stock = pipe_cls(unet=unet, scheduler=STOCK[cls]())
     a = stock(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np",
               **kwargs).images
-    patched = pipe_cls(unet=unet, scheduler=cls.from_config(stock.scheduler.config))
+    patched = pipe_cls(unet=unet, scheduler=STOCK[cls]())
+    patched.scheduler = cls.from_config(stock.scheduler.config)  # (DDIMPipeline.__init__ re-creates its scheduler)
     b = patched(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np",
                 **kwargs).images
     assert abs(a - b).max() < 1e-4
+    assert type(patched.scheduler) is cls
 
 
 # ---------------------------------------------------------------------------
