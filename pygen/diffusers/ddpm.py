@@ -208,17 +208,18 @@ class TimestepTableMixin(FusedSchedulerMixin):
 
     @staticmethod
     def _pygen_col(table, index, col, ndim):
-        """Column ``col`` of ``table`` at ``index`` as a broadcastable (R, 1, ...) tensor (device ops)."""
-        n = table.shape[0]
-        valid = (index >= 0) & (index < n)
-        v = table.index_select(0, index.clamp(0, n - 1))[:, col]
-        v = torch.where(valid, v, torch.full_like(v, NAN))
+        """Column ``col`` of ``table`` at ``index`` as a broadcastable (R, 1, ...) tensor (device ops).
+
+        An out-of-range index is clamped here: every use is combined with a fused launch at the
+        same index, whose NaN row already makes the affected outputs NaN."""
+        v = table.index_select(0, index.clamp(0, table.shape[0] - 1))[:, col]
         return v.view((-1,) + (1,) * (ndim - 1))
 
     def _pygen_pred_x0(self, rows, model_output, sample, index):
         """pred_original_sample = cx·x + cm·model_output from the table (device ops)."""
         nd = sample.dim()
-        return self._pygen_col(rows, index, COL_CX, nd) * sample + self._pygen_col(rows, index, COL_CM, nd) * model_output
+        cx, cm = self._pygen_col(rows, index, COL_CX, nd), self._pygen_col(rows, index, COL_CM, nd)
+        return cx * sample + cm * model_output
 
 
 class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
@@ -348,7 +349,8 @@ class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
                 std = pv.sqrt()
             else:
                 frac = (pv + 1) / 2
-                log_var = frac * self._pygen_col(aux, index, 2, x.dim()) + (1 - frac) * self._pygen_col(aux, index, 1, x.dim())
+                max_log, min_log = self._pygen_col(aux, index, 2, x.dim()), self._pygen_col(aux, index, 1, x.dim())
+                log_var = frac * max_log + (1 - frac) * min_log
                 std = torch.exp(0.5 * log_var)
             prev = prev + torch.where(flag > 0, std * noise.to(compute), torch.zeros((), dtype=compute, device=x.device))
         prev, pred = prev.to(out_dtype), pred.to(out_dtype)
