@@ -544,8 +544,10 @@ def test_out_of_schedule_timestep_gives_nan(backend):
         assert s.step(x, 5000, x).prev_sample.isnan().all()
 
 
-@pytest.mark.parametrize("cls,config", [(DDIMScheduler, dict(clip_sample=True)), (DDIMScheduler, dict(thresholding=True)),
-                                        (DDPMScheduler, dict(clip_sample=True)), (DDPMScheduler, dict(thresholding=True))])
+@pytest.mark.parametrize("cls,config", [
+    (DDIMScheduler, dict(clip_sample=True)), (DDIMScheduler, dict(thresholding=True)),
+    (DDPMScheduler, dict(clip_sample=True)), (DDPMScheduler, dict(thresholding=True)),
+])
 def test_nan_propagates(cls, config):
     s = cls(**config)
     s.set_timesteps(5)

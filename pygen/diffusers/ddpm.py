@@ -352,6 +352,7 @@ class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
                 max_log, min_log = self._pygen_col(aux, index, 2, x.dim()), self._pygen_col(aux, index, 1, x.dim())
                 log_var = frac * max_log + (1 - frac) * min_log
                 std = torch.exp(0.5 * log_var)
-            prev = prev + torch.where(flag > 0, std * noise.to(compute), torch.zeros((), dtype=compute, device=x.device))
+            zero = torch.zeros((), dtype=compute, device=x.device)
+            prev = prev + torch.where(flag > 0, std * noise.to(compute), zero)  # t = 0: no noise (not 0·NaN)
         prev, pred = prev.to(out_dtype), pred.to(out_dtype)
         return self._pygen_output(DDPMSchedulerOutput, prev, pred, return_dict)
