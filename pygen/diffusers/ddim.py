@@ -1,0 +1,134 @@
+"""Fused ``DDIMScheduler`` (diffusers namesake).
+
+Like diffusers' class the step is stateless: it depends on the timestep value only. The
+table has one row per training timestep (see pygen/diffusers/ddpm.py, ``TimestepTableMixin``):
+row ``t`` uses ``at = alphas_cumprod[t]`` and ``ap = alphas_cumprod[t - T // n]`` (T =
+num_train_timesteps, n = num_inference_steps; ``final_alpha_cumprod`` — 1 with
+set_alpha_to_one, else alphas_cumprod[0] — when that is negative), which is diffusers' rule
+for every timestep spacing and steps_offset. With ``var = (1-ap)/(1-at)·(1 - at/ap)``,
+``std = eta·sqrt(var)``, ``dir = sqrt(1 - ap - std²)``::
+
+    d      = cx·x + cm·model_output            # pred_original_sample (epsilon / sample / v_prediction)
+    d      = clamp(d, ±clip_sample_range)      # clip_sample, in the fused step
+    eps    = (x - sqrt(at)·d) / sqrt(1-at)     # the model's noise estimate recomputed from d
+    x_next = sqrt(ap)·d + dir·eps + std·z      # z only when eta > 0
+           = a·x + b·d + s·z                   # a = dir/sqrt(1-at), b = sqrt(ap) - dir·sqrt(at)/sqrt(1-at)
+
+That is exact when d was not clipped or when ``use_clipped_model_output=True`` (one fused
+launch). When pred_original_sample is clipped/thresholded and ``use_clipped_model_output``
+is False, diffusers keeps the *unclipped* noise estimate ``eps = ex·x + em·model_output``; the
+table variant for it has ``a = dir·ex``, ``b = sqrt(ap)`` and the remaining ``dir·em·model_output``
+is added by one device ``addcmul`` after the fused launch (coefficient gathered at the device
+index).
+
+eta: ``eta`` is a step() argument; the table built at ``set_timesteps`` is for ``eta = 0``.
+A step() with another eta uses a second table for that eta value, built on the host in
+float64 the first time that value is seen and cached (per set_timesteps) — a host computation
+only when eta changes, never a device sync; a loop with a constant eta builds it once.
+Noise (eta > 0): ``variance_noise`` if given, else ``randn_tensor(model_output.shape,
+generator)`` when a generator is given (diffusers-exact), else in-kernel Philox.
+
+thresholding: pred_original_sample from the table's cx/cm columns (device ops), per-row
+quantile thresholding on the device, then the fused step finishes the update from the
+thresholded d (a table variant with cx = 0, cm = 1), plus the addcmul above when
+use_clipped_model_output is False. No host sync. ``clip_sample_range <= 0`` (a degenerate
+clamp) takes the same device path with ``clamp(-r, r)``.
+
+DDIM has no custom ``timesteps=`` in diffusers' set_timesteps, so neither does this class.
+"""
+import diffusers
+import torch
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+from pygen.diffusers.ddpm import NAN, PREDICTIONS, TimestepTableMixin, _sqrt, prediction_columns, threshold_sample
+from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_S, COL_SLOT
+
+__all__ = ["DDIMScheduler"]
+
+
+class DDIMScheduler(TimestepTableMixin, diffusers.DDIMScheduler):
+    """diffusers' DDIMScheduler with a fused, sync-free ``step()`` (same config and API).
+
+    One fused launch per step for every prediction type, timestep spacing, steps_offset,
+    set_alpha_to_one, rescale_betas_zero_snr, any eta (a cached table per eta value) and
+    clip_sample with ``use_clipped_model_output=True`` or no clipping; clip_sample with the
+    default ``use_clipped_model_output=False`` adds one device addcmul; thresholding runs on
+    device ops around the fused step. See the module docstring.
+    """
+
+    def _pygen_default_key(self):
+        clip = bool(self.config.thresholding or self.config.clip_sample)
+        return (0.0, clip, False, self.config.prediction_type)
+
+    def _pygen_variant(self, key):
+        eta, raw_eps, thr, prediction_type = key
+        ac = self.alphas_cumprod.detach().to("cpu", torch.float64).tolist()
+        final = float(self.final_alpha_cumprod)
+        T = len(ac)
+        offset = self.config.num_train_timesteps // self.num_inference_steps
+        rows = self._pygen_empty_rows(T)
+        aux = torch.zeros(T, 1, dtype=torch.float64)  # dir·em: coefficient of model_output (raw eps)
+        for t in range(T):
+            at = ac[t]
+            ap = ac[t - offset] if t - offset >= 0 else final
+            sat, s1at, sap = _sqrt(at), _sqrt(1.0 - at), _sqrt(ap)
+            cx, cm = prediction_columns(prediction_type, at)
+            var = (1.0 - ap) / (1.0 - at) * (1.0 - at / ap)
+            std = eta * _sqrt(var)
+            direction = _sqrt(1.0 - ap - std * std)
+            rows[t, COL_CX], rows[t, COL_CM] = (0.0, 1.0) if thr else (cx, cm)
+            if raw_eps:  # eps = ex·x + em·model_output, from the unclipped pred_original_sample
+                ex = (1.0 - sat * cx) / s1at
+                em = -sat * cm / s1at
+                rows[t, COL_A] = direction * ex
+                rows[t, COL_B] = sap
+                aux[t, 0] = direction * em
+            else:
+                rows[t, COL_A] = direction / s1at
+                rows[t, COL_B] = sap - direction * sat / s1at
+            rows[t, COL_S] = std if eta > 0 else 0.0
+            if not (0 <= at <= 1):
+                rows[t, :COL_SLOT] = NAN
+        return rows, aux
+
+    def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+             variance_noise=None, return_dict=True):
+        if self.num_inference_steps is None or getattr(self, "_pygen_host_cache", None) is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        self._pygen_check(model_output, sample)
+        if self.config.prediction_type not in PREDICTIONS:
+            raise ValueError(f"prediction_type given as {self.config.prediction_type} must be one of `epsilon`, "
+                             "`sample`, or `v_prediction`")
+        if isinstance(eta, torch.Tensor):
+            eta = float(eta)  # a host read of the argument (diffusers tests `eta > 0` on the host too)
+        eta = float(eta)
+        index = self._pygen_timestep_index(timestep, sample)
+        out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        thr = bool(self.config.thresholding)
+        clip = (not thr) and bool(self.config.clip_sample)
+        r = float(self.config.clip_sample_range)
+        raw_eps = bool((thr or clip) and not use_clipped_model_output)
+        device_x0 = thr or (clip and not r > 0)
+        noise = self._pygen_noise(model_output, generator, variance_noise) if eta > 0 else None
+
+        compute = out_dtype
+        if device_x0:
+            compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+        x = sample.to(compute)
+        m = model_output.to(compute)
+        pt = self.config.prediction_type
+        key = (eta, raw_eps, False, pt)
+        rows, aux = self._pygen_dev(key, x.device, x.dtype)
+        if device_x0:
+            x0 = self._pygen_pred_x0(rows, m, x, index)
+            x0 = threshold_sample(x0, self.config.dynamic_thresholding_ratio,
+                                  self.config.sample_max_value) if thr else x0.clamp(-r, r)
+            rows_f, _ = self._pygen_dev((eta, raw_eps, True, pt), x.device, x.dtype)
+            prev, pred = self._pygen_run(rows_f, x0.contiguous(), x, index, noise)
+        else:
+            prev, pred = self._pygen_run(rows, m, x, index, noise, clamp=r if clip else 0.0)
+        if raw_eps:
+            prev = prev.addcmul_(m, self._pygen_col(aux, index, 0, x.dim()).to(prev.dtype))
+        prev, pred = prev.to(out_dtype), pred.to(out_dtype)
+        return self._pygen_output(DDIMSchedulerOutput, prev, pred, return_dict)
