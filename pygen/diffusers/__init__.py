@@ -7,6 +7,8 @@ launch on a coefficient table built at ``set_timesteps``; see _base.py. Needs di
 (``pip install pygen[diffusers]``).
 """
 from pygen.diffusers._base import NOISE_MODES, FusedSchedulerMixin  # noqa: F401
+from pygen.diffusers.ddim import DDIMScheduler  # noqa: F401
+from pygen.diffusers.ddpm import DDPMScheduler  # noqa: F401
 from pygen.diffusers.dpmsolver import DPMSolverMultistepScheduler  # noqa: F401
 from pygen.diffusers.euler import EulerDiscreteScheduler  # noqa: F401
 from pygen.diffusers.euler_ancestral import EulerAncestralDiscreteScheduler  # noqa: F401
@@ -14,7 +16,7 @@ from pygen.diffusers.flow_match import FlowMatchEulerDiscreteScheduler  # noqa: 
 from pygen.diffusers.heun import HeunDiscreteScheduler  # noqa: F401
 from pygen.diffusers.lms import LMSDiscreteScheduler  # noqa: F401
 
-_CLASSES = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
+_CLASSES = (DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
             DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler)
 __all__ = [c.__name__ for c in _CLASSES] + ["FusedSchedulerMixin", "NOISE_MODES", "SCHEDULERS", "patch", "unpatch"]
 
