@@ -1,0 +1,337 @@
+"""Fused ``UniPCMultistepScheduler`` (diffusers namesake): one fused launch per ``step()``.
+
+Backends: whatever pygen resolves for the sample's device (torch reference, C++ CPU, Triton,
+CUDA) through the general fused step ``torch.ops.pygen.sampler_step_out``.
+
+The math. With D_k the converted model output of step k (x0 when ``predict_x0``, eps
+otherwise) and x_k the sample given to step k, diffusers' step i does
+
+    D_i     = cx·x_i + cm·model_output                        # convert_model_output
+    X_i     = C_i(X_{i-1}; D_i, D_{i-1}, ..., D_{i-q})        # UniC corrector (q = previous order)
+    x_{i+1} = P_i(X_i;     D_i, D_{i-1}, ..., D_{i-p+1})      # UniP predictor (p = this order)
+
+(X_i = x_i when the corrector is off: first step, ``disable_corrector``). C_i and P_i are
+linear, and the coefficient of X in C_i and in P_{i-1} is the same (both step from sigma
+index i-1 to i), as is their coefficient of D_{i-1}. So, with ``out_{i-1}`` = P_{i-1}(X_{i-1}; ...)
+the previous ``prev_sample`` this scheduler returned,
+
+    X_i = out_{i-1} + (C_i - P_{i-1})(D_i, D_{i-1}, ..., D_{i-q})   # no X_{i-1} term left
+
+and the whole step is one row of the fused step (csrc/include/pygen/step.h):
+
+    d = cx·x + cm·model_output                 # = D_i
+    x_next = a·x + b·d + s·z + Σ_j hist_j·h_j  # z = out_{i-1} (the step's explicit "noise"
+                                               #   input: UniPC draws no noise), h = D ring
+    h[i % order] = d                           # D_i joins the ring
+
+Why not the other layouts. The fused step writes one history slot per launch, as
+``hx·x + hd·d`` only; stock diffusers carries the corrected sample X_i, which depends on
+X_{i-1} (history), so it can never be written by that slot, and writing D_i through
+``pred_x0`` as a view of a history slot (option a/c of the brief) still leaves X_i
+unwritable. Two launches (corrector, then predictor) would be exact but read and write
+about twice the memory. The identity above needs no stored X at all: what the next step
+needs is ``out_{i-1}``, a tensor this class computed itself. It keeps its own copy of it
+(for float32/float64 samples ``prev_sample`` is a clone of the kept tensor; for
+float16/bfloat16 the kept tensor is the float32 result and ``prev_sample`` its cast), so a
+caller that edits ``prev_sample`` in place, or passes a different sample to the next step
+(inpainting pipelines blend latents between steps), gets exactly what stock gives: stock's
+corrector also ignores the sample passed in except through its model output. No tensor
+aliasing is involved (the ring slot the step writes may be read in the same launch, which
+every backend supports: per element all history reads happen before the slot write).
+
+Orders: the order of step i depends on i (``lower_order_final``: min(order, n - i), no
+15-step condition in UniPC) and on ``lower_order_nums`` (steps since ``set_timesteps``,
+a host counter); the corrector's order is the previous step's order. So ``set_timesteps``
+builds ``solver_order + 1`` tables (one per ``lower_order_nums``), ``step()`` picks the
+table on the host and the row on the device (no sync). Whether the corrector runs (step
+index > 0, ``i - 1`` not in ``disable_corrector``) is baked into the row; "a previous step
+exists" is the host counter.
+
+State exposed as in diffusers: ``lower_order_nums`` (same counter), ``timestep_list``, and
+``last_sample`` (not None after the first step, as stock; it holds the sample given to the
+last step, not the corrected sample, which this class never materialises). Not maintained:
+``model_outputs`` (stays ``[None] * solver_order``; the converted outputs live in the fused
+step's history ring) and ``this_order`` (depends on the device step index).
+
+Per-row timesteps (a 1-D ``timestep``, one entry per batch row) are supported with the rule of
+the other multistep classes: every row must have gone through the same number of ``step()``
+calls since ``set_timesteps``; the rows may sit at different step indices.
+
+Not fused:
+- ``thresholding=True`` (with ``predict_x0``): the per-row quantile of the predicted x0 is
+  computed with device torch ops (no host sync), then the fused step consumes it.
+- ``solver_p`` (another scheduler as predictor): the stock ``step()`` is used for the whole run.
+
+Numerics: computed in float32 (float64 for float64 samples); coefficients in float64 from
+diffusers' float32 lambdas. ``prev_sample`` has the sample's dtype, as stock.
+"""
+import math
+
+import diffusers
+import numpy as np
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from pygen.diffusers._base import FusedSchedulerMixin
+from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_S, COL_SLOT
+from pygen.samplers.program import check_model_out, resolve_step_launcher
+
+__all__ = ["UniPCMultistepScheduler"]
+
+_PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
+
+
+class _Schedule:
+    """alpha_t, sigma_t, lambda_t per sigma index (float32 as diffusers, then float64), python indexing."""
+
+    def __init__(self, sigmas, flow):
+        s = sigmas.detach().to("cpu", torch.float32)
+        if flow:
+            alpha, sig_t = 1 - s, s
+        else:
+            alpha = 1 / ((s ** 2 + 1) ** 0.5)
+            sig_t = s * alpha
+        self.lam32 = torch.log(alpha) - torch.log(sig_t)
+        self.alpha = alpha.double().tolist()
+        self.sig_t = sig_t.double().tolist()
+        self.sigma = s.double().tolist()
+
+    def dlam(self, j, k):
+        """lambda_j - lambda_k as diffusers computes it (float32 difference)."""
+        return float(self.lam32[j] - self.lam32[k])
+
+
+def _uni_update(sch, t, s0, order, predict_x0, bh1, corrector):
+    """One UniP (predictor) or UniC (corrector) update from sigma index s0 to t.
+
+    Returns (A, coeffs): the update is A·X + Σ_j coeffs[j]·D_j (j absolute step indices; the
+    corrector's "current" model output is D_t). The predictor of order p uses D_{s0..s0-p+1},
+    the corrector of order p uses D_t and D_{s0..s0-p+1}."""
+    h = sch.dlam(t, s0)
+    if predict_x0:
+        A, K = sch.sig_t[t] / sch.sig_t[s0], sch.alpha[t]
+        hh = -h
+    else:
+        A, K = sch.alpha[t] / sch.alpha[s0], sch.sig_t[t]
+        hh = h
+    h_phi_1 = math.expm1(hh)
+    B_h = hh if bh1 else math.expm1(hh)
+    rks = [sch.dlam(s0 - k, s0) / h for k in range(1, order)]
+    coeffs = {s0: -K * h_phi_1}
+    if corrector:
+        nb = order
+    else:
+        nb = order - 1
+    if nb > 0:
+        # b_k = phi-type coefficients; the solve is over the first nb of them
+        b, hpk, fact = [], h_phi_1 / hh - 1.0, 1.0
+        for k in range(1, nb + 1):
+            b.append(hpk * fact / B_h)
+            fact *= k + 1
+            hpk = hpk / hh - 1.0 / fact
+        if not corrector and order == 2:
+            rhos = [0.5]
+        elif corrector and order == 1:
+            rhos = [0.5]
+        else:
+            nodes = (rks + [1.0])[:nb]
+            R = np.array([[r ** p for r in nodes] for p in range(nb)], dtype=np.float64)
+            rhos = np.linalg.solve(R, np.array(b, dtype=np.float64)).tolist()
+        # D1_k = (D_{s0-k} - D_{s0}) / rk_k, residual = Σ_k rho_k·D1_k (+ rho_last·(D_t - D_s0))
+        for k in range(1, order):
+            w = -K * B_h * rhos[k - 1] / rks[k - 1]
+            coeffs[s0 - k] = coeffs.get(s0 - k, 0.0) + w
+            coeffs[s0] += -w
+        if corrector:
+            w = -K * B_h * rhos[-1]
+            coeffs[t] = coeffs.get(t, 0.0) + w
+            coeffs[s0] += -w
+    return A, coeffs
+
+
+def _x0_coeffs(pred, sch, i):
+    """(cx, cm): x0 = cx·x + cm·model_output at sigma index i."""
+    alpha, sig_t = sch.alpha[i], sch.sig_t[i]
+    if pred == "epsilon":
+        return 1.0 / alpha, -sig_t / alpha
+    if pred == "sample":
+        return 0.0, 1.0
+    if pred == "v_prediction":
+        return alpha, -sig_t
+    return 1.0, -sch.sigma[i]  # flow_prediction
+
+
+def _eps_coeffs(pred, sch, i):
+    """(cx, cm): eps = cx·x + cm·model_output at sigma index i."""
+    alpha, sig_t = sch.alpha[i], sch.sig_t[i]
+    if pred == "epsilon":
+        return 0.0, 1.0
+    if pred == "sample":
+        return 1.0 / sig_t, -alpha / sig_t
+    return sig_t, alpha  # v_prediction
+
+
+def _safe(fn, *args):
+    try:
+        return fn(*args)
+    except (ZeroDivisionError, ValueError, OverflowError, np.linalg.LinAlgError):
+        return None  # diffusers gets inf/NaN there too
+
+
+class UniPCMultistepScheduler(FusedSchedulerMixin, diffusers.UniPCMultistepScheduler):
+    """diffusers' UniPCMultistepScheduler with a fused, sync-free ``step()`` (same config and API)."""
+
+    # --- tables ------------------------------------------------------------------
+    def _pygen_order_at(self, i, lower_order_nums):
+        """this_order diffusers uses at step index i after ``lower_order_nums`` steps."""
+        cfg, n = self.config, len(self.timesteps)
+        order = int(cfg.solver_order)
+        if cfg.lower_order_final:
+            order = min(order, n - i)
+        return max(1, min(order, lower_order_nums + 1))  # (diffusers asserts >= 1)
+
+    def _pygen_rows(self):
+        cfg = self.config
+        pred = cfg.prediction_type
+        predict_x0 = bool(self.predict_x0)
+        bh1 = cfg.solver_type == "bh1"
+        order = int(cfg.solver_order)
+        n = len(self.timesteps)
+        sch = _Schedule(self.sigmas, cfg.use_flow_sigmas)
+        disabled = set(int(k) for k in (self.disable_corrector or []))
+        self._pygen_bad_pred = pred not in _PREDICTIONS or (not predict_x0 and pred == "flow_prediction")
+        width = COL_HIST + order
+        pre = torch.zeros(n, 2, dtype=torch.float64)
+        tables = torch.zeros(order + 1, n, width, dtype=torch.float64)
+        for i in range(n):
+            if self._pygen_bad_pred:
+                cx = cm = px = pm = math.nan
+            else:
+                px, pm = _x0_coeffs(pred, sch, i)
+                if cfg.thresholding and predict_x0:
+                    cx, cm = 0.0, 1.0  # the fused step's model input is the thresholded x0
+                elif predict_x0:
+                    cx, cm = px, pm
+                else:
+                    cx, cm = _eps_coeffs(pred, sch, i)
+            pre[i, 0], pre[i, 1] = px, pm
+            for lon in range(order + 1):
+                row = tables[lon, i]
+                row[COL_CX], row[COL_CM] = cx, cm
+                row[COL_HD], row[COL_SLOT] = 1.0, float(i % order)
+                p = self._pygen_order_at(i, lon)
+                up = _safe(_uni_update, sch, i + 1, i, p, predict_x0, bh1, False)
+                use_corr = lon >= 1 and i > 0 and (i - 1) not in disabled
+                corr = None
+                if use_corr:
+                    q = self._pygen_order_at(i - 1, lon - 1) if lon < order else self._pygen_order_at(i - 1, order)
+                    c = _safe(_uni_update, sch, i, i - 1, q, predict_x0, bh1, True)
+                    p_prev = _safe(_uni_update, sch, i, i - 1, q, predict_x0, bh1, False)
+                    if c is not None and p_prev is not None:
+                        corr = {j: c[1].get(j, 0.0) - p_prev[1].get(j, 0.0) for j in set(c[1]) | set(p_prev[1])}
+                if up is None or (use_corr and corr is None):
+                    row[COL_A] = row[COL_B] = row[COL_S] = math.nan
+                    continue
+                A, dco = up
+                if use_corr:  # X_i = z + Σ corr_j D_j, z = previous prev_sample
+                    row[COL_S] = A
+                    dco = dict(dco)
+                    for j, w in corr.items():
+                        dco[j] = dco.get(j, 0.0) + A * w
+                else:  # X_i = x_i
+                    row[COL_A] = A
+                for j, w in dco.items():
+                    if j == i:
+                        row[COL_B] += w
+                    elif w != 0.0 or math.isnan(w):
+                        row[COL_HIST + j % order] += w
+        self._pygen_all_tables = tables
+        self._pygen_pre64 = pre
+        return tables[order]
+
+    def _pygen_prepare(self):
+        super()._pygen_prepare()
+        self._pygen_dev_tables = {}
+        self._pygen_dev_pre = {}
+        self._pygen_last_out = None
+
+    def _pygen_dev_table(self, lon, device, acc):
+        key = (lon, device, acc)
+        t = self._pygen_dev_tables.get(key)
+        if t is None:
+            t = self._pygen_dev_tables[key] = self._pygen_all_tables[lon].to(device=device, dtype=acc).contiguous()
+        return t
+
+    def _pygen_threshold_x0(self, model_output, sample, idx):
+        """Thresholded predicted x0 (device ops only: table gather, quantile, clamp)."""
+        key = (sample.device, sample.dtype)
+        pre = self._pygen_dev_pre.get(key)
+        if pre is None:
+            pre = self._pygen_dev_pre[key] = self._pygen_pre64.to(device=sample.device, dtype=sample.dtype)
+        n = pre.shape[0]
+        coef = pre.index_select(0, idx.clamp(0, n - 1))
+        coef = torch.where(((idx >= 0) & (idx < n))[:, None], coef, torch.full_like(coef, float("nan")))
+        view = (-1,) + (1,) * (sample.dim() - 1)
+        x0 = coef[:, 0].view(view) * sample + coef[:, 1].view(view) * model_output
+        return self._threshold_sample(x0)
+
+    # --- step ----------------------------------------------------------------------
+    def step(self, model_output, timestep, sample, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
+        if self.solver_p:
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        cfg = self.config
+        if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
+            raise TypeError("model_output and sample must be torch.Tensor")
+        if self._pygen_bad_pred:
+            if self.predict_x0:
+                raise ValueError(f"prediction_type given as {cfg.prediction_type} must be one of `epsilon`, `sample`, "
+                                 "`v_prediction`, or `flow_prediction` for the UniPCMultistepScheduler.")
+            raise ValueError(f"prediction_type given as {cfg.prediction_type} must be one of `epsilon`, `sample`, or"
+                             " `v_prediction` for the UniPCMultistepScheduler.")
+        if not sample.is_floating_point():
+            raise TypeError(f"sample must be a floating-point tensor, got {sample.dtype}")
+        order = int(cfg.solver_order)
+        lon = min(int(self.lower_order_nums), order)
+        idx = self._pygen_step_index(timestep, sample)
+        compute = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        x = sample.to(compute)
+        m = model_output.to(compute) if model_output.is_floating_point() else model_output
+        m = check_model_out(m, x, "model_output")
+        if cfg.thresholding and self.predict_x0:
+            m = self._pygen_threshold_x0(m, x, idx)
+        z = self._pygen_last_out if self.last_sample is not None else None
+        if z is not None and (z.shape != x.shape or z.dtype != x.dtype or z.device != x.device):
+            raise ValueError(f"sample changed shape/dtype/device between steps ({tuple(z.shape)} {z.dtype} {z.device} "
+                             f"-> {tuple(x.shape)} {x.dtype} {x.device}); call set_timesteps() to start a new run")
+        out = self._pygen_fused(m, x, idx, z, lon)
+        self._pygen_last_out = out
+        self.last_sample = sample
+        self.timestep_list = list(self.timestep_list[1:]) + [timestep] if order > 1 else [timestep]
+        if self.lower_order_nums < order:
+            self.lower_order_nums += 1
+        # prev_sample must not alias the kept tensor (callers may edit it in place)
+        prev = out.to(sample.dtype) if sample.dtype != compute else out.clone()
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def _pygen_fused(self, m, x, idx, z, lon):
+        x = x.contiguous()
+        m = m.contiguous()
+        table = self._pygen_dev_table(lon, x.device, x.dtype)
+        num_hist = table.shape[1] - COL_HIST
+        if (self._pygen_history is None or self._pygen_history.shape[1:] != x.shape
+                or self._pygen_history.dtype != x.dtype or self._pygen_history.device != x.device):
+            self._pygen_history = torch.zeros((num_hist,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        launch = self._pygen_launchers.get(x.device)
+        if launch is None:
+            launch = self._pygen_launchers[x.device] = resolve_step_launcher(x.device)
+        out = torch.empty_like(x)
+        single = idx.numel() == 1
+        launch(x, m, table, idx, self._pygen_history, z, out, None, self._pygen_seed, 0, None, 0.0, single)
+        if not single:
+            idx.add_(1)
+        return out
