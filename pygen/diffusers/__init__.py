@@ -15,9 +15,10 @@ from pygen.diffusers.euler_ancestral import EulerAncestralDiscreteScheduler  # n
 from pygen.diffusers.flow_match import FlowMatchEulerDiscreteScheduler  # noqa: F401
 from pygen.diffusers.heun import HeunDiscreteScheduler  # noqa: F401
 from pygen.diffusers.lms import LMSDiscreteScheduler  # noqa: F401
+from pygen.diffusers.unipc import UniPCMultistepScheduler  # noqa: F401
 
 _CLASSES = (DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
-            DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler)
+            DPMSolverMultistepScheduler, UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler)
 __all__ = [c.__name__ for c in _CLASSES] + ["FusedSchedulerMixin", "NOISE_MODES", "SCHEDULERS", "patch", "unpatch"]
 
 # stock class name -> fused class
