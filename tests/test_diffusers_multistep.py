@@ -1,6 +1,6 @@
 """pygen.diffusers multistep schedulers vs the stock diffusers classes, side by side:
-DPMSolverMultistepScheduler (pygen/diffusers/dpmsolver.py), FlowMatchEulerDiscreteScheduler
-(pygen/diffusers/flow_match.py), UniPCMultistepScheduler (pygen/diffusers/unipc.py)."""
+DPMSolverMultistepScheduler (pygen/diffusers/dpmsolver.py) and FlowMatchEulerDiscreteScheduler
+(pygen/diffusers/flow_match.py); UniPC is in test_diffusers_unipc.py."""
 import itertools
 import threading
 import warnings
