@@ -27,6 +27,13 @@ What the mixin keeps, all on the sample's device and built once per ``set_timest
   sample's shape);
 - the Philox key of in-kernel noise (drawn from torch's global RNG at ``set_timesteps``).
 
+torch.compile(fullgraph=True): under compilation the fused step goes through the custom op
+``pygen_diffusers::keyed_step_out`` (wrapping ``pygen::sampler_step_out`` or its ``_triton``
+twin; fake-registered), with the Philox key as a CPU tensor so a new ``set_timesteps`` does
+not recompile. Graphs per loop are bounded (first call, then per value of host counters such as
+DPM's ``lower_order_nums``). A ``generator`` does not trace (torch.randn(generator=) is not
+supported by dynamo): compile the in-kernel (Philox) noise path.
+
 ``step_index`` stays an int property as in diffusers; reading it copies the device index to
 the host (a sync only when user code asks for it; the loop never does).
 
