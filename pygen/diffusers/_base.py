@@ -27,6 +27,13 @@ What the mixin keeps, all on the sample's device and built once per ``set_timest
   sample's shape);
 - the Philox key of in-kernel noise (drawn from torch's global RNG at ``set_timesteps``).
 
+torch.compile(fullgraph=True): under compilation the fused step goes through the custom op
+``pygen_diffusers::keyed_step_out`` (wrapping ``pygen::sampler_step_out`` or its ``_triton``
+twin; fake-registered), with the Philox key as a CPU tensor so a new ``set_timesteps`` does
+not recompile. Graphs per loop are bounded (first call, then per value of host counters such as
+DPM's ``lower_order_nums``). A ``generator`` does not trace (torch.randn(generator=) is not
+supported by dynamo): compile the in-kernel (Philox) noise path.
+
 ``step_index`` stays an int property as in diffusers; reading it copies the device index to
 the host (a sync only when user code asks for it; the loop never does).
 
@@ -39,15 +46,63 @@ generator is given) or ``"philox"`` (in-kernel even when a generator is given); 
 ``"auto"`` is the rule above. The key is stored in the config, so it survives
 ``save_pretrained``; stock diffusers ignores it.
 """
+from typing import Optional
+
 import torch
 
+from pygen import _backend
 from pygen.kdiffusion import default_seed
-from pygen.ops.schedule import COL_HIST
+from pygen.ops.schedule import COL_HIST, COL_S
 from pygen.samplers.program import check_model_out, resolve_step_launcher
 
-__all__ = ["FusedSchedulerMixin", "NOISE_MODES"]
+__all__ = ["FusedSchedulerMixin", "NOISE_MODES", "step_launcher"]
 
 NOISE_MODES = ("auto", "generator", "philox")
+
+
+@torch.compiler.assume_constant_result
+def _traced_backend(device_type):
+    """The pygen backend for ``device_type``, read once while torch.compile traces (a constant there)."""
+    return _backend.resolve(torch.device(device_type))
+
+
+@torch.library.custom_op("pygen_diffusers::keyed_step_out", mutates_args=("step_index", "history", "out", "pred_x0"))
+def _keyed_step_out(x: torch.Tensor, model_out: torch.Tensor, coeffs: torch.Tensor, step_index: torch.Tensor,
+                    history: Optional[torch.Tensor], noise: Optional[torch.Tensor], out: torch.Tensor,
+                    pred_x0: Optional[torch.Tensor], key: torch.Tensor, stream: int, row_seeds: Optional[torch.Tensor],
+                    clamp: float, advance: bool, triton: bool) -> None:
+    """``pygen::sampler_step_out`` with the Philox key as a 0-d int64 CPU tensor (read on the host,
+    no device sync). Used under torch.compile only: an int key would be specialized by dynamo, and
+    every ``set_timesteps`` (a new key) would compile the loop again."""
+    op = torch.ops.pygen.sampler_step_out_triton.default if triton else torch.ops.pygen.sampler_step_out.default
+    op(x, model_out, coeffs, step_index, history, noise, out, pred_x0, int(key), stream, row_seeds, clamp, advance)
+
+
+@_keyed_step_out.register_fake
+def _(*args):
+    return None
+
+
+def _keyed_launcher(triton):
+    def launch(x, model_out, coeffs, step_index, history, noise, out, pred_x0, key, stream, row_seeds, clamp,
+               advance):
+        torch.ops.pygen_diffusers.keyed_step_out(x, model_out, coeffs, step_index, history, noise, out, pred_x0,
+                                                 key, stream, row_seeds, clamp, advance, triton)
+
+    return launch
+
+
+def step_launcher(cache, device):
+    """The ``sampler_step_out`` launcher for ``device``: cached per device in eager mode; under
+    torch.compile the custom op itself (``pygen::sampler_step_out``, or its ``_triton`` twin when
+    the Triton backend is selected), whose fake implementation lets the step trace into one graph
+    (the eager launchers call Triton kernels / the torch reference directly, which do not trace)."""
+    if torch.compiler.is_compiling():  # takes the key as a tensor (FusedSchedulerMixin._pygen_key)
+        return _keyed_launcher(_traced_backend(device.type) == "triton")
+    launch = cache.get(device)
+    if launch is None:
+        launch = cache[device] = resolve_step_launcher(device)
+    return launch
 
 
 class FusedSchedulerMixin:
@@ -73,6 +128,10 @@ class FusedSchedulerMixin:
         self._pygen_index = None     # device step index, set at the first step()
         self._pygen_history = None
         self._pygen_seed = default_seed()
+        # whether a row draws in-kernel noise (NaN counts): tables without noise launch with key 0,
+        # so torch.compile (which specializes on the int key) reuses its graphs across set_timesteps
+        self._pygen_noisy = bool((self._pygen_table64[:, COL_S] != 0).any())
+        self._pygen_key_t = torch.tensor(self._pygen_seed, dtype=torch.int64)  # the key for torch.compile
         self._pygen_launchers = {}
         self._pygen_ts = {}          # device -> self.timesteps there (for the sync-free lookup)
 
@@ -156,6 +215,14 @@ class FusedSchedulerMixin:
                             dtype=model_output.dtype)
 
     # --- the fused launch ----------------------------------------------------
+    def _pygen_key(self):
+        """The Philox key passed to the fused step: 0 when no row draws in-kernel noise; under
+        torch.compile a 0-d int64 CPU tensor (see ``_keyed_step_out``)."""
+        noisy = getattr(self, "_pygen_noisy", True)
+        if torch.compiler.is_compiling():  # (never reads the int key: no guard on its value)
+            return self._pygen_key_t if noisy else torch.zeros((), dtype=torch.int64)
+        return self._pygen_seed if noisy else 0
+
     def _pygen_launch(self, model_output, sample, index, noise=None, *, clamp=0.0, advance=True, out_dtype=None):
         """One fused step: returns (prev_sample, pred_original_sample) in ``out_dtype`` (default: sample's)."""
         if isinstance(model_output, torch.Tensor) and model_output.dtype != sample.dtype:
@@ -171,14 +238,12 @@ class FusedSchedulerMixin:
                                               device=sample.device)
         if noise is not None:
             noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
-        launch = self._pygen_launchers.get(sample.device)
-        if launch is None:
-            launch = self._pygen_launchers[sample.device] = resolve_step_launcher(sample.device)
+        launch = step_launcher(self._pygen_launchers, sample.device)
         prev = torch.empty_like(sample)
         pred = torch.empty_like(sample)
         single = index.numel() == 1
         launch(sample, model_output, table, index, self._pygen_history if num_hist else None, noise, prev, pred,
-               self._pygen_seed, 0, None, float(clamp), bool(advance and single))
+               self._pygen_key(), 0, None, float(clamp), bool(advance and single))
         if advance and not single:
             index.add_(1)
         if out_dtype is not None and out_dtype != prev.dtype:

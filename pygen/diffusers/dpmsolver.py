@@ -51,9 +51,9 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin
+from pygen.diffusers._base import FusedSchedulerMixin, step_launcher
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_S, COL_SLOT
-from pygen.samplers.program import check_model_out, resolve_step_launcher
+from pygen.samplers.program import check_model_out
 
 __all__ = ["DPMSolverMultistepScheduler"]
 
@@ -304,14 +304,12 @@ class DPMSolverMultistepScheduler(FusedSchedulerMixin, diffusers.DPMSolverMultis
         if num_hist and (self._pygen_history is None or self._pygen_history.shape[1:] != x.shape
                          or self._pygen_history.dtype != x.dtype or self._pygen_history.device != x.device):
             self._pygen_history = torch.zeros((num_hist,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-        launch = self._pygen_launchers.get(x.device)
-        if launch is None:
-            launch = self._pygen_launchers[x.device] = resolve_step_launcher(x.device)
+        launch = step_launcher(self._pygen_launchers, x.device)
         prev = torch.empty_like(x)
         pred = torch.empty_like(x)
         single = idx.numel() == 1
         launch(x, m, table, idx, self._pygen_history if num_hist else None, noise, prev, pred,
-               self._pygen_seed, 0, None, 0.0, single)
+               self._pygen_key(), 0, None, 0.0, single)
         if not single:
             idx.add_(1)
         return prev, pred
