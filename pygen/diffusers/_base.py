@@ -140,7 +140,15 @@ class FusedSchedulerMixin:
         key = (device, acc)
         table = self._pygen_tables.get(key)
         if table is None:
-            table = self._pygen_tables[key] = self._pygen_table64.to(device=device, dtype=acc)
+            host = self._pygen_table64.to(dtype=acc)
+            if torch.device(device).type == "cuda":
+                # pinned + non_blocking: the first step's upload does not wait for the device
+                host = host.pin_memory()
+                self._pygen_tables[("pinned",) + key] = host  # alive until the copy has run
+                table = host.to(device=device, non_blocking=True)
+            else:
+                table = host.to(device=device)
+            self._pygen_tables[key] = table
         return table
 
     # --- step index ----------------------------------------------------------

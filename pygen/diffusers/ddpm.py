@@ -303,7 +303,9 @@ class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
         # the t > 0 rule, decided on the host when that costs no device sync
         if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
             draw = True
-        else:
+        elif isinstance(timestep, (int, float)):
+            draw = timestep > 0
+        else:  # a CPU tensor or a sequence: read on the host (no device involved)
             draw = bool((torch.as_tensor(timestep) > 0).any())
         if learned and draw and predicted_variance is None:
             raise ValueError(f"variance_type={self.variance_type!r} needs a model_output with twice the channels of "
