@@ -417,6 +417,7 @@ def _plan_dpm_2(sig, s_churn, s_tmin, s_tmax, s_noise):
 
 
 def _plan_euler_ancestral(sig, eta, s_noise):
+    eta, s_noise = _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise)
     plan = _Plan(COL_HIST)
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
@@ -428,6 +429,7 @@ def _plan_euler_ancestral(sig, eta, s_noise):
 
 
 def _plan_dpm_2_ancestral(sig, eta, s_noise):
+    eta, s_noise = _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise)
     plan = _Plan(COL_HIST + 1)
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
@@ -460,6 +462,7 @@ def _plan_lms(sig, order):
 
 
 def _plan_dpmpp_2s_ancestral(sig, eta, s_noise):
+    eta, s_noise = _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise)
     plan = _Plan(COL_HIST + 1)
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
@@ -476,6 +479,7 @@ def _plan_dpmpp_2s_ancestral(sig, eta, s_noise):
 
 
 def _plan_dpmpp_sde(sig, eta, s_noise, r, in_kernel):
+    eta, s_noise, r = _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise), _check_real("r", r, gt=0.0)
     plan = _Plan(COL_HIST + 1)
     plan.r = r
     fac = 1 / (2 * r)
@@ -528,6 +532,7 @@ def _plan_dpmpp_2m(sig):
 def _plan_dpmpp_2m_sde(sig, eta, s_noise, solver_type):
     if solver_type not in {'heun', 'midpoint'}:
         raise ValueError('solver_type must be \'heun\' or \'midpoint\'')
+    eta, s_noise = _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise)
     plan = _Plan(COL_HIST + 1)
     h = h_last = None
     for i in range(len(sig) - 1):
@@ -555,6 +560,7 @@ def _plan_dpmpp_2m_sde(sig, eta, s_noise, solver_type):
 
 
 def _plan_dpmpp_3m_sde(sig, eta, s_noise):
+    eta, s_noise = _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise)
     plan = _Plan(COL_HIST + 2)
     h = h_1 = h_2 = None
     for i in range(len(sig) - 1):
@@ -666,111 +672,95 @@ def _run(plan, model, x, sigmas, sig, extra_args, callback, disable, noise_sampl
     return x
 
 
+def _sample(plan_fn, model, x, sigmas, extra_args, callback, disable, noise_sampler, *plan_args):
+    """Check x and the sigmas (the one host read), build the coefficient program, run it."""
+    _check_x(x)
+    sig = _host_sigmas(sigmas)
+    return _run(plan_fn(sig, *plan_args), model, x, sigmas, sig, extra_args, callback, disable, noise_sampler)
+
+
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1.):
     """Euler steps (Karras et al. 2022, Algorithm 2), with optional churn; one fused launch per step."""
-    _check_x(x)
-    sig = _host_sigmas(sigmas)
-    return _run(_plan_euler(sig, s_churn, s_tmin, s_tmax, s_noise), model, x, sigmas, sig, extra_args, callback,
-                disable, None)
+    return _sample(_plan_euler, model, x, sigmas, extra_args, callback, disable, None, s_churn, s_tmin, s_tmax,
+                   s_noise)
 
 
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                            noise_sampler=None):
     """Ancestral sampling with Euler steps."""
-    _check_x(x)
-    sig = _host_sigmas(sigmas)
-    plan = _plan_euler_ancestral(sig, _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise))
-    return _run(plan, model, x, sigmas, sig, extra_args, callback, disable, noise_sampler)
+    return _sample(_plan_euler_ancestral, model, x, sigmas, extra_args, callback, disable, noise_sampler, eta,
+                   s_noise)
 
 
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                 s_tmax=float('inf'), s_noise=1.):
     """Heun steps (Karras et al. 2022, Algorithm 2): two model calls per step, Euler at sigma_next = 0."""
-    _check_x(x)
-    sig = _host_sigmas(sigmas)
-    return _run(_plan_heun(sig, s_churn, s_tmin, s_tmax, s_noise), model, x, sigmas, sig, extra_args, callback,
-                disable, None)
+    return _sample(_plan_heun, model, x, sigmas, extra_args, callback, disable, None, s_churn, s_tmin, s_tmax,
+                   s_noise)
 
 
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1.):
     """DPM-Solver-2-like midpoint steps in log sigma (k-diffusion's sample_dpm_2)."""
-    _check_x(x)
-    sig = _host_sigmas(sigmas)
-    return _run(_plan_dpm_2(sig, s_churn, s_tmin, s_tmax, s_noise), model, x, sigmas, sig, extra_args, callback,
-                disable, None)
+    return _sample(_plan_dpm_2, model, x, sigmas, extra_args, callback, disable, None, s_churn, s_tmin, s_tmax,
+                   s_noise)
 
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                            noise_sampler=None):
     """Ancestral sampling with DPM-Solver-2 steps."""
-    _check_x(x)
-    sig = _host_sigmas(sigmas)
-    plan = _plan_dpm_2_ancestral(sig, _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise))
-    return _run(plan, model, x, sigmas, sig, extra_args, callback, disable, noise_sampler)
+    return _sample(_plan_dpm_2_ancestral, model, x, sigmas, extra_args, callback, disable, noise_sampler, eta,
+                   s_noise)
 
 
 @torch.no_grad()
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
     """Linear multistep in sigma of the given order (history of order - 1 derivatives on the device)."""
-    _check_x(x)
-    sig = _host_sigmas(sigmas)
-    return _run(_plan_lms(sig, order), model, x, sigmas, sig, extra_args, callback, disable, None)
+    return _sample(_plan_lms, model, x, sigmas, extra_args, callback, disable, None, order)
 
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                               noise_sampler=None):
     """Ancestral sampling with DPM-Solver++(2S) steps."""
-    _check_x(x)
-    sig = _host_sigmas(sigmas)
-    plan = _plan_dpmpp_2s_ancestral(sig, _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise))
-    return _run(plan, model, x, sigmas, sig, extra_args, callback, disable, noise_sampler)
+    return _sample(_plan_dpmpp_2s_ancestral, model, x, sigmas, extra_args, callback, disable, noise_sampler, eta,
+                   s_noise)
 
 
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                      noise_sampler=None, r=1 / 2):
     """DPM-Solver++ (stochastic); without a noise sampler, Brownian noise drawn in the kernel."""
-    _check_x(x)
-    sig = _host_sigmas(sigmas)
-    plan = _plan_dpmpp_sde(sig, _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise),
-                           _check_real("r", r, gt=0.0), noise_sampler is None)
-    return _run(plan, model, x, sigmas, sig, extra_args, callback, disable, noise_sampler)
+    return _sample(_plan_dpmpp_sde, model, x, sigmas, extra_args, callback, disable, noise_sampler, eta, s_noise,
+                   r, noise_sampler is None)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """DPM-Solver++(2M)."""
-    _check_x(x)
-    sig = _host_sigmas(sigmas)
-    return _run(_plan_dpmpp_2m(sig), model, x, sigmas, sig, extra_args, callback, disable, None)
+    return _sample(_plan_dpmpp_2m, model, x, sigmas, extra_args, callback, disable, None)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                         noise_sampler=None, solver_type='midpoint'):
     """DPM-Solver++(2M) SDE (midpoint or heun)."""
-    _check_x(x)
-    sig = _host_sigmas(sigmas)
-    plan = _plan_dpmpp_2m_sde(sig, _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise), solver_type)
-    return _run(plan, model, x, sigmas, sig, extra_args, callback, disable, noise_sampler)
+    return _sample(_plan_dpmpp_2m_sde, model, x, sigmas, extra_args, callback, disable, noise_sampler, eta, s_noise,
+                   solver_type)
 
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                         noise_sampler=None):
     """DPM-Solver++(3M) SDE."""
-    _check_x(x)
-    sig = _host_sigmas(sigmas)
-    plan = _plan_dpmpp_3m_sde(sig, _check_real("eta", eta, ge=0.0), _check_real("s_noise", s_noise))
-    return _run(plan, model, x, sigmas, sig, extra_args, callback, disable, noise_sampler)
+    return _sample(_plan_dpmpp_3m_sde, model, x, sigmas, extra_args, callback, disable, noise_sampler, eta,
+                   s_noise)
 
 
 SAMPLERS = {

@@ -504,8 +504,8 @@ def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corre
     _check_choice("corrector", corrector, CORRECTORS)
     n_steps = sde.N if n_steps is None else n_steps
     if predictor in ("reverse_diffusion", "ancestral") and _is_vp(sde) and sde.beta_max / sde.N > 1.0:
-        raise ValueError(f"predictor {predictor!r} needs the discrete betas beta_max/N <= 1, got {sde.beta_max}/{sde.N}: "
-                         "build the SDE with a larger N (and as many loop steps)")
+        raise ValueError(f"predictor {predictor!r} needs the discrete betas beta_max/N <= 1, got "
+                         f"{sde.beta_max}/{sde.N}: build the SDE with a larger N (and as many loop steps)")
     if predictor in ("reverse_diffusion", "ancestral") and n_steps != sde.N:
         warnings.warn(f"predictor {predictor!r} discretises the SDE with its own N (sde.N = {sde.N}), as score_sde "
                       f"does, but the loop takes n_steps = {n_steps}: each step then covers only part of its "

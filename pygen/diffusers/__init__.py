@@ -17,8 +17,9 @@ from pygen.diffusers.heun import HeunDiscreteScheduler  # noqa: F401
 from pygen.diffusers.lms import LMSDiscreteScheduler  # noqa: F401
 from pygen.diffusers.unipc import UniPCMultistepScheduler  # noqa: F401
 
-_CLASSES = (DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
-            DPMSolverMultistepScheduler, UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler)
+_CLASSES = (DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+            HeunDiscreteScheduler, LMSDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler,
+            FlowMatchEulerDiscreteScheduler)
 __all__ = [c.__name__ for c in _CLASSES] + ["FusedSchedulerMixin", "NOISE_MODES", "SCHEDULERS", "patch", "unpatch"]
 
 # stock class name -> fused class

@@ -55,7 +55,7 @@ from pygen.kdiffusion import default_seed
 from pygen.ops.schedule import COL_HIST, COL_S
 from pygen.samplers.program import check_model_out, resolve_step_launcher
 
-__all__ = ["FusedSchedulerMixin", "NOISE_MODES", "step_launcher"]
+__all__ = ["FusedSchedulerMixin", "OrderTablesMixin", "NOISE_MODES", "step_launcher"]
 
 NOISE_MODES = ("auto", "generator", "philox")
 
@@ -263,3 +263,34 @@ class FusedSchedulerMixin:
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return cls(prev_sample=prev_sample, pred_original_sample=pred_original_sample, **extra)
+
+
+class OrderTablesMixin:
+    """For multistep schedulers whose order at a step depends on a host counter (DPM-Solver, UniPC):
+    one table per counter value (``self._pygen_all_tables``), each cached per device, and the
+    thresholded predicted x0 from per-step (cx, cm) rows (``self._pygen_pre64``), device ops only."""
+
+    def _pygen_prepare(self):
+        super()._pygen_prepare()
+        self._pygen_dev_tables = {}
+        self._pygen_dev_pre = {}
+
+    def _pygen_dev_table(self, lon, device, acc):
+        key = (lon, device, acc)
+        t = self._pygen_dev_tables.get(key)
+        if t is None:
+            t = self._pygen_dev_tables[key] = self._pygen_all_tables[lon].to(device=device, dtype=acc).contiguous()
+        return t
+
+    def _pygen_threshold_x0(self, model_output, sample, idx):
+        """Thresholded predicted x0 (device ops only: table gather, quantile, clamp)."""
+        key = (sample.device, sample.dtype)
+        pre = self._pygen_dev_pre.get(key)
+        if pre is None:
+            pre = self._pygen_dev_pre[key] = self._pygen_pre64.to(device=sample.device, dtype=sample.dtype)
+        n = pre.shape[0]
+        coef = pre.index_select(0, idx.clamp(0, n - 1))
+        coef = torch.where(((idx >= 0) & (idx < n))[:, None], coef, torch.full_like(coef, float("nan")))
+        view = (-1,) + (1,) * (sample.dim() - 1)
+        x0 = coef[:, 0].view(view) * sample + coef[:, 1].view(view) * model_output.to(sample.dtype)
+        return self._threshold_sample(x0)

@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin
+from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_S, COL_SLOT
 from pygen.samplers.program import check_model_out, resolve_step_launcher
 
@@ -178,7 +178,7 @@ def _safe(fn, *args):
         return None  # diffusers gets inf/NaN there too
 
 
-class UniPCMultistepScheduler(FusedSchedulerMixin, diffusers.UniPCMultistepScheduler):
+class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.UniPCMultistepScheduler):
     """diffusers' UniPCMultistepScheduler with a fused, sync-free ``step()`` (same config and API)."""
 
     # --- tables ------------------------------------------------------------------
@@ -251,29 +251,8 @@ class UniPCMultistepScheduler(FusedSchedulerMixin, diffusers.UniPCMultistepSched
 
     def _pygen_prepare(self):
         super()._pygen_prepare()
-        self._pygen_dev_tables = {}
-        self._pygen_dev_pre = {}
         self._pygen_last_out = None
 
-    def _pygen_dev_table(self, lon, device, acc):
-        key = (lon, device, acc)
-        t = self._pygen_dev_tables.get(key)
-        if t is None:
-            t = self._pygen_dev_tables[key] = self._pygen_all_tables[lon].to(device=device, dtype=acc).contiguous()
-        return t
-
-    def _pygen_threshold_x0(self, model_output, sample, idx):
-        """Thresholded predicted x0 (device ops only: table gather, quantile, clamp)."""
-        key = (sample.device, sample.dtype)
-        pre = self._pygen_dev_pre.get(key)
-        if pre is None:
-            pre = self._pygen_dev_pre[key] = self._pygen_pre64.to(device=sample.device, dtype=sample.dtype)
-        n = pre.shape[0]
-        coef = pre.index_select(0, idx.clamp(0, n - 1))
-        coef = torch.where(((idx >= 0) & (idx < n))[:, None], coef, torch.full_like(coef, float("nan")))
-        view = (-1,) + (1,) * (sample.dim() - 1)
-        x0 = coef[:, 0].view(view) * sample + coef[:, 1].view(view) * model_output
-        return self._threshold_sample(x0)
 
     # --- step ----------------------------------------------------------------------
     def step(self, model_output, timestep, sample, return_dict=True):
