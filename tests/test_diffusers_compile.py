@@ -157,7 +157,7 @@ def test_compiled_step_per_row_timesteps(dynamo_reset):
 
 def test_compiled_step_on_triton_backend(dynamo_reset):
     """With the Triton backend selected, the traced step is the ``pygen::sampler_step_out_triton`` op."""
-    from tests.conftest import require_backend
+    from conftest import require_backend
 
     require_backend("triton")
     with pygen.use_backend("triton"):

@@ -18,7 +18,7 @@ from pygen.diffusers.euler_ancestral import EulerAncestralDiscreteScheduler  # n
 from pygen.diffusers.heun import HeunDiscreteScheduler  # noqa: E402
 from pygen.diffusers.lms import LMSDiscreteScheduler, lms_rows  # noqa: E402
 from pygen.ops.random import randn_reference  # noqa: E402
-from tests.conftest import cpu_backends, require_backend  # noqa: E402
+from conftest import cpu_backends, require_backend  # noqa: E402
 
 D = diffusers
 PAIRS = {
