@@ -200,6 +200,40 @@ class FusedSchedulerMixin:
         super().set_begin_index(begin_index)
         self._pygen_index = None
 
+    # --- add_noise (img2img / inpainting) ------------------------------------------
+    # Opt-in per class: "ve" (x + sigma·noise: Euler family, Heun, LMS) or "alpha_sigma"
+    # (alpha_t·x + sigma_t·noise from ``_sigma_to_alpha_sigma_t``: DPM-Solver, UniPC). Other
+    # classes keep the stock add_noise (DDPM/DDIM gather alphas_cumprod by timestep on the device).
+    _pygen_add_noise_kind = None
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """diffusers' add_noise with the step index found on the device (no host sync)."""
+        kind = self._pygen_add_noise_kind
+        if kind is None or getattr(self, "_pygen_table64", None) is None or not isinstance(timesteps, torch.Tensor):
+            return super().add_noise(original_samples, noise, timesteps)
+        dev, dtype = original_samples.device, original_samples.dtype
+        key = ("add_noise", dev, dtype)
+        sig = self._pygen_tables.get(key)
+        if sig is None:
+            sig = self._pygen_tables[key] = self.sigmas.to(device=dev, dtype=dtype)
+        num = timesteps.reshape(-1).shape[0]
+        k = len(self.timesteps)
+        if self.begin_index is None:  # training / no begin index: look each timestep up
+            idx = self._pygen_lookup(timesteps, dev)
+            if kind == "alpha_sigma":  # DPM-Solver/UniPC: an unknown timestep means the last step
+                idx = torch.where(idx >= k, k - 1, idx)
+        elif self._pygen_index is not None:  # inpainting: after the first step
+            idx = self._pygen_index.expand(num) if self._pygen_index.numel() == 1 else self._pygen_index
+        else:  # img2img: before the first step
+            idx = torch.full((num,), int(self.begin_index), dtype=torch.int64, device=dev)
+        sigma = sig.index_select(0, idx.clamp(0, sig.shape[0] - 1))
+        sigma = torch.where(idx < sig.shape[0], sigma, torch.full_like(sigma, float("nan")))
+        sigma = sigma.view((-1,) + (1,) * (original_samples.dim() - 1))
+        if kind == "ve":
+            return original_samples + noise * sigma
+        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
+        return alpha_t * original_samples + sigma_t * noise
+
     # --- noise ---------------------------------------------------------------
     def _pygen_noise_mode(self):
         mode = getattr(self.config, "pygen_noise", None) or "auto"

@@ -154,6 +154,8 @@ def _update_coeffs(algo, solver_type, order, alpha_t, sig_t, sig_s0, alpha_s0, h
 class DPMSolverMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.DPMSolverMultistepScheduler):
     """diffusers' DPMSolverMultistepScheduler with a fused, sync-free ``step()`` (same config and API)."""
 
+    _pygen_add_noise_kind = "alpha_sigma"
+
     # --- tables ------------------------------------------------------------------
     def _pygen_order_at(self, i, lower_order_nums):
         """The order diffusers uses at step index i after ``lower_order_nums`` steps."""

@@ -134,6 +134,8 @@ class EulerDiscreteScheduler(CInMixin, FusedSchedulerMixin, diffusers.EulerDiscr
     See the module docstring for the ``s_churn`` paths and output dtypes.
     """
 
+    _pygen_add_noise_kind = "ve"
+
     def _pygen_rows(self):
         return sigma_space_rows(host_sigmas(self), self.config.prediction_type, type(self).__name__)
 

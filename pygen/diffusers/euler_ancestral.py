@@ -45,6 +45,8 @@ def ancestral_rows(sigmas, prediction_type, scheduler_name):
 class EulerAncestralDiscreteScheduler(CInMixin, FusedSchedulerMixin, diffusers.EulerAncestralDiscreteScheduler):
     """diffusers' EulerAncestralDiscreteScheduler with a fused, sync-free ``step()`` (same config and API)."""
 
+    _pygen_add_noise_kind = "ve"
+
     def _pygen_rows(self):
         return ancestral_rows(host_sigmas(self), self.config.prediction_type, type(self).__name__)
 

@@ -65,6 +65,8 @@ class HeunDiscreteScheduler(CInMixin, FusedSchedulerMixin, diffusers.HeunDiscret
     See the module docstring for how the two calls per timestep are folded.
     """
 
+    _pygen_add_noise_kind = "ve"
+
     # --- diffusers' two-call state, kept on the host -------------------------
     @property
     def state_in_first_order(self):

@@ -68,6 +68,8 @@ class LMSDiscreteScheduler(CInMixin, FusedSchedulerMixin, diffusers.LMSDiscreteS
     See the module docstring for the history ring and ``step(order=...)``.
     """
 
+    _pygen_add_noise_kind = "ve"
+
     def _pygen_rows(self):
         return self._pygen_order_rows(DEFAULT_ORDER)
 

@@ -181,6 +181,8 @@ def _safe(fn, *args):
 class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.UniPCMultistepScheduler):
     """diffusers' UniPCMultistepScheduler with a fused, sync-free ``step()`` (same config and API)."""
 
+    _pygen_add_noise_kind = "alpha_sigma"
+
     # --- tables ------------------------------------------------------------------
     def _pygen_order_at(self, i, lower_order_nums):
         """this_order diffusers uses at step index i after ``lower_order_nums`` steps."""
