@@ -16,7 +16,6 @@ import torch
 import pygen
 from pygen import distributed as pd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 N = 7  # uneven split over 2 ranks: 4 / 3
 
@@ -136,11 +135,15 @@ def gathered(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     init_file = tmp / "rendezvous"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # the children import the pygen this process imported (an installed package in CI, the source
+    # tree with an in-place build in development), and run from tmp so that `python -c`'s ''
+    # entry on sys.path cannot put a source tree first
+    here = os.path.dirname(os.path.dirname(os.path.abspath(pygen.__file__)))
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     procs = [subprocess.Popen([sys.executable, "-c", _LAUNCH, os.path.abspath(__file__), str(r), str(WORLD),
-                               str(init_file), str(tmp)], cwd=ROOT, env=env,
+                               str(init_file), str(tmp)], cwd=str(tmp), env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(WORLD)]
     logs = []
