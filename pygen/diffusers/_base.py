@@ -265,8 +265,10 @@ class FusedSchedulerMixin:
             return self._pygen_key_t if noisy else torch.zeros((), dtype=torch.int64)
         return self._pygen_seed if noisy else 0
 
-    def _pygen_launch(self, model_output, sample, index, noise=None, *, clamp=0.0, advance=True, out_dtype=None):
-        """One fused step: returns (prev_sample, pred_original_sample) in ``out_dtype`` (default: sample's)."""
+    def _pygen_launch(self, model_output, sample, index, noise=None, *, clamp=0.0, advance=True, out_dtype=None,
+                      want_pred=True):
+        """One fused step: returns (prev_sample, pred_original_sample) in ``out_dtype`` (default: sample's);
+        with ``want_pred=False`` the kernel skips pred_original_sample (returned as None)."""
         if isinstance(model_output, torch.Tensor) and model_output.dtype != sample.dtype:
             model_output = model_output.to(sample.dtype)  # diffusers mixes dtypes freely (fp16 model, fp32 sample)
         check_model_out(model_output, sample, "model_output")
@@ -282,14 +284,14 @@ class FusedSchedulerMixin:
             noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
         launch = step_launcher(self._pygen_launchers, sample.device)
         prev = torch.empty_like(sample)
-        pred = torch.empty_like(sample)
+        pred = torch.empty_like(sample) if want_pred else None
         single = index.numel() == 1
         launch(sample, model_output, table, index, self._pygen_history if num_hist else None, noise, prev, pred,
                self._pygen_key(), 0, None, float(clamp), bool(advance and single))
         if advance and not single:
             index.add_(1)
         if out_dtype is not None and out_dtype != prev.dtype:
-            prev, pred = prev.to(out_dtype), pred.to(out_dtype)
+            prev, pred = prev.to(out_dtype), (pred.to(out_dtype) if pred is not None else None)
         return prev, pred
 
     @staticmethod

@@ -105,7 +105,7 @@ class FlowMatchEulerDiscreteScheduler(FusedSchedulerMixin, diffusers.FlowMatchEu
                 from diffusers.utils.torch_utils import randn_tensor
 
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-        prev, _ = self._pygen_launch(model_output.to(compute), sample.to(compute), idx, noise)
+        prev, _ = self._pygen_launch(model_output.to(compute), sample.to(compute), idx, noise, want_pred=False)
         prev = prev.to(model_output.dtype)
         if not return_dict:
             return (prev,)
