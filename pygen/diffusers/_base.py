@@ -265,28 +265,36 @@ class FusedSchedulerMixin:
             return self._pygen_key_t if noisy else torch.zeros((), dtype=torch.int64)
         return self._pygen_seed if noisy else 0
 
+    def _pygen_history_for(self, x, num_hist):
+        """The history ring (num_hist, *x.shape), zeroed when first needed or when x's shape, dtype or
+        device changes; None for tables without history columns."""
+        if not num_hist:
+            return None
+        h = self._pygen_history
+        if h is None or h.shape[1:] != x.shape or h.dtype != x.dtype or h.device != x.device:
+            h = self._pygen_history = torch.zeros((num_hist,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        return h
+
     def _pygen_launch(self, model_output, sample, index, noise=None, *, clamp=0.0, advance=True, out_dtype=None,
-                      want_pred=True):
+                      want_pred=True, table=None):
         """One fused step: returns (prev_sample, pred_original_sample) in ``out_dtype`` (default: sample's);
-        with ``want_pred=False`` the kernel skips pred_original_sample (returned as None)."""
+        with ``want_pred=False`` the kernel skips pred_original_sample (returned as None). ``table``:
+        the device table to use (default: this schedule's table)."""
         if isinstance(model_output, torch.Tensor) and model_output.dtype != sample.dtype:
             model_output = model_output.to(sample.dtype)  # diffusers mixes dtypes freely (fp16 model, fp32 sample)
         check_model_out(model_output, sample, "model_output")
         sample = sample.contiguous()
         model_output = model_output.contiguous()
-        table = self._pygen_table(sample.device, sample.dtype)
-        num_hist = table.shape[1] - COL_HIST
-        if num_hist and (self._pygen_history is None or self._pygen_history.shape[1:] != sample.shape
-                         or self._pygen_history.dtype != sample.dtype):
-            self._pygen_history = torch.zeros((num_hist,) + tuple(sample.shape), dtype=sample.dtype,
-                                              device=sample.device)
+        if table is None:
+            table = self._pygen_table(sample.device, sample.dtype)
+        history = self._pygen_history_for(sample, table.shape[1] - COL_HIST)
         if noise is not None:
             noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
         launch = step_launcher(self._pygen_launchers, sample.device)
         prev = torch.empty_like(sample)
         pred = torch.empty_like(sample) if want_pred else None
         single = index.numel() == 1
-        launch(sample, model_output, table, index, self._pygen_history if num_hist else None, noise, prev, pred,
+        launch(sample, model_output, table, index, history, noise, prev, pred,
                self._pygen_key(), 0, None, float(clamp), bool(advance and single))
         if advance and not single:
             index.add_(1)

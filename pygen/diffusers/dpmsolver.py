@@ -51,7 +51,7 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin, step_launcher
+from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_S, COL_SLOT
 from pygen.samplers.program import check_model_out
 
@@ -274,19 +274,4 @@ class DPMSolverMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffuse
         return SchedulerOutput(prev_sample=prev)
 
     def _pygen_fused(self, m, x, idx, noise, lon):
-        x = x.contiguous()
-        m = m.contiguous()
-        table = self._pygen_dev_table(lon, x.device, x.dtype)
-        num_hist = table.shape[1] - COL_HIST
-        if num_hist and (self._pygen_history is None or self._pygen_history.shape[1:] != x.shape
-                         or self._pygen_history.dtype != x.dtype or self._pygen_history.device != x.device):
-            self._pygen_history = torch.zeros((num_hist,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-        launch = step_launcher(self._pygen_launchers, x.device)
-        prev = torch.empty_like(x)
-        pred = torch.empty_like(x)
-        single = idx.numel() == 1
-        launch(x, m, table, idx, self._pygen_history if num_hist else None, noise, prev, pred,
-               self._pygen_key(), 0, None, 0.0, single)
-        if not single:
-            idx.add_(1)
-        return prev, pred
+        return self._pygen_launch(m, x, idx, noise, table=self._pygen_dev_table(lon, x.device, x.dtype))

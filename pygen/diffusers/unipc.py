@@ -74,7 +74,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_S, COL_SLOT
-from pygen.samplers.program import check_model_out, resolve_step_launcher
+from pygen.samplers.program import check_model_out
 
 __all__ = ["UniPCMultistepScheduler"]
 
@@ -300,19 +300,5 @@ class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.U
         return SchedulerOutput(prev_sample=prev)
 
     def _pygen_fused(self, m, x, idx, z, lon):
-        x = x.contiguous()
-        m = m.contiguous()
         table = self._pygen_dev_table(lon, x.device, x.dtype)
-        num_hist = table.shape[1] - COL_HIST
-        if (self._pygen_history is None or self._pygen_history.shape[1:] != x.shape
-                or self._pygen_history.dtype != x.dtype or self._pygen_history.device != x.device):
-            self._pygen_history = torch.zeros((num_hist,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-        launch = self._pygen_launchers.get(x.device)
-        if launch is None:
-            launch = self._pygen_launchers[x.device] = resolve_step_launcher(x.device)
-        out = torch.empty_like(x)
-        single = idx.numel() == 1
-        launch(x, m, table, idx, self._pygen_history, z, out, None, self._pygen_seed, 0, None, 0.0, single)
-        if not single:
-            idx.add_(1)
-        return out
+        return self._pygen_launch(m, x, idx, z, table=table, want_pred=False)[0]
