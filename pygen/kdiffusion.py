@@ -286,6 +286,13 @@ class _Plan:
         self.churn0 = 0.0      # s_churn noise scale before the first model call
         self.r = 0.5           # dpmpp_sde's midpoint fraction
 
+    def churn_start(self, x, seed):
+        """x plus the s_churn noise of step 0 (``pygen.randn(x.shape, seed, 0)``), or x itself."""
+        if self.churn0 == 0.0:
+            return x
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (x.to(acc) + self.churn0 * randn(x.shape, seed, 0, device=x.device, dtype=acc)).to(x.dtype)
+
     def launch(self, step, sigma, noise=None, **cols):
         row = [0.0] * self.width
         row[COL_CM] = 1.0
@@ -634,7 +641,7 @@ def _check_x(x):
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
-def _run(plan, model, x, sigmas, sig, extra_args, callback, disable, noise_sampler):
+def _run(plan, model, x, sigmas, extra_args, callback, disable, noise_sampler):
     extra_args = {} if extra_args is None else extra_args
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
@@ -648,9 +655,7 @@ def _run(plan, model, x, sigmas, sig, extra_args, callback, disable, noise_sampl
     call_in = torch.tensor(plan.call_sigmas, dtype=torch.float64).to(sigmas.device, sigmas.dtype)[:, None] * s_in
 
     x = x.contiguous()
-    if plan.churn0 != 0.0:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x = (x.to(acc) + plan.churn0 * randn(x.shape, seed, 0, device=x.device, dtype=acc)).to(x.dtype)
+    x = plan.churn_start(x, seed)
     ns_args = None if noise_sampler is None else [_noise_args(spec, sigmas, plan.r) for spec in plan.noise]
     fresh = True  # the caller's x is never written
     for i in _trange(len(plan.steps), disable):
@@ -676,7 +681,7 @@ def _sample(plan_fn, model, x, sigmas, extra_args, callback, disable, noise_samp
     """Check x and the sigmas (the one host read), build the coefficient program, run it."""
     _check_x(x)
     sig = _host_sigmas(sigmas)
-    return _run(plan_fn(sig, *plan_args), model, x, sigmas, sig, extra_args, callback, disable, noise_sampler)
+    return _run(plan_fn(sig, *plan_args), model, x, sigmas, extra_args, callback, disable, noise_sampler)
 
 
 @torch.no_grad()

@@ -139,24 +139,22 @@ def sample(model, x_T_or_shape, sampler="dpmpp_2m", steps=25, schedule=None, pre
 # diffusion samplers (sigma space, fused coefficient programs)
 # ---------------------------------------------------------------------------
 def _plan(sampler, sig, opts):
+    """The k-diffusion coefficient program of ``sampler`` (the plan functions validate their options)."""
     take = opts.pop
     if sampler in ("euler", "heun", "dpm_2"):
         args = (take("s_churn", 0.0), take("s_tmin", 0.0), take("s_tmax", float("inf")), take("s_noise", 1.0))
         return getattr(_K, "_plan_" + sampler)(sig, *args)
     if sampler in ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddim", "ddpm"):
-        default_eta = {"ddim": 0.0, "ddpm": 1.0}.get(sampler, 1.0)
-        eta = _K._check_real("eta", take("eta", default_eta), ge=0.0)
-        s_noise = _K._check_real("s_noise", take("s_noise", 1.0))
+        eta = take("eta", {"ddim": 0.0, "ddpm": 1.0}.get(sampler, 1.0))
         name = "euler_ancestral" if sampler in ("ddim", "ddpm") else sampler
-        return getattr(_K, "_plan_" + name)(sig, eta, s_noise)
+        return getattr(_K, "_plan_" + name)(sig, eta, take("s_noise", 1.0))
     if sampler == "lms":
         return _K._plan_lms(sig, take("order", 4))
     if sampler == "dpmpp_2m":
         return _K._plan_dpmpp_2m(sig)
-    eta = _K._check_real("eta", take("eta", 1.0), ge=0.0)
-    s_noise = _K._check_real("s_noise", take("s_noise", 1.0))
+    eta, s_noise = take("eta", 1.0), take("s_noise", 1.0)
     if sampler == "dpmpp_sde":
-        return _K._plan_dpmpp_sde(sig, eta, s_noise, _K._check_real("r", take("r", 0.5), gt=0.0), True)
+        return _K._plan_dpmpp_sde(sig, eta, s_noise, take("r", 0.5), True)
     if sampler == "dpmpp_2m_sde":
         return _K._plan_dpmpp_2m_sde(sig, eta, s_noise, take("solver_type", "midpoint"))
     return _K._plan_dpmpp_3m_sde(sig, eta, s_noise)
@@ -230,9 +228,7 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
     rows[:, COL_CX], rows[:, COL_CM] = cx, cm
     prog = StepProgram(rows, eps, seed=seed, stream=1)
     x = eps * sig[0] if prediction_type != "flow" else eps * (1 + sig[0])
-    if plan.churn0 != 0.0:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x = (x.to(acc) + plan.churn0 * randn(x.shape, seed, 0, device=x.device, dtype=acc)).to(x.dtype)
+    x = plan.churn_start(x, seed)
     x = x.contiguous()
     dev = dict(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     c_in_dev = c_in.to(**dev)
@@ -240,15 +236,17 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
     num = prog.num_rows
     bar = _progress(num, progress)
 
+    scale_input = prediction_type != "denoiser"  # (c_in = 1 for a denoiser: no copy per call)
+
     def launch(k):  # eager: views by host index
-        out = check_model_out(model((x * c_in_dev[k]).to(x.dtype), t_dev[k]), x)
+        out = check_model_out(model((x * c_in_dev[k]).to(x.dtype) if scale_input else x, t_dev[k]), x)
         prog.step(x, out, x)
 
     try:
         if cuda_graph and x.device.type != "cuda":
             warnings.warn("cuda_graph=True needs CUDA tensors; running eagerly", stacklevel=3)
             cuda_graph = False
-        graph = _capture(model, x, prog, c_in_dev, t_dev, launch) if cuda_graph else None
+        graph = _capture(model, x, prog, c_in_dev if scale_input else None, t_dev, launch) if cuda_graph else None
         for k in range(num):
             if graph is not None and k > 0:
                 graph.replay()
@@ -275,9 +273,9 @@ def _capture(model, x, prog, c_in_dev, t_dev, launch):
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
-            c = c_in_dev.index_select(0, prog.index)
             t = t_dev.index_select(0, prog.index)[0]
-            out = check_model_out(model((x * c).to(x.dtype), t), x)
+            x_in = x if c_in_dev is None else (x * c_in_dev.index_select(0, prog.index)).to(x.dtype)
+            out = check_model_out(model(x_in, t), x)
             prog.step(x, out, x)
     except Exception as err:  # the model is not capturable: say so once, finish eagerly
         warnings.warn(f"cuda_graph=True: the model could not be captured in a CUDA graph ({err}); "
