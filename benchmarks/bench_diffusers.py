@@ -240,21 +240,11 @@ def final_diff(runs):
 # ---------------------------------------------------------------------------
 # pytest-benchmark
 # ---------------------------------------------------------------------------
-def _device(config):
-    name = config.getoption("--bench-device", default=None)
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _sync_timer():
-    torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def pytest_generate_tests(metafunc):
     if "dcase" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    device = _device(config)
+    device = bench.default_device(config.getoption("--bench-device", default=None))
     smoke = config.getoption("benchmark_disable", default=False)
     shapes = SHAPES[:1] if smoke else SHAPES
     dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
@@ -264,7 +254,7 @@ def pytest_generate_tests(metafunc):
         kw = {"group": group, "disable_gc": True}
         marks = list(marks)
         if device.type == "cuda":
-            kw["timer"] = _sync_timer
+            kw["timer"] = bench.cuda_sync_timer
             marks.append(pytest.mark.cuda)
         marks.append(pytest.mark.benchmark(**kw))
         params.append(pytest.param(case + (device,), marks=marks))

@@ -32,10 +32,8 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import sys
-import time
 import types
 
 import pytest
@@ -274,21 +272,11 @@ def build_impls(name, numel, device, model_kind="trivial", labels=None, count_nf
 LABELS = ("kdiffusion", "pygen", "torch", "pygen+ns", "pygen-loop", "pygen-graph")
 
 
-def _device(config):
-    name = config.getoption("--bench-device", default=None)
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _sync_timer():
-    torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def pytest_generate_tests(metafunc):
     if "sampler_case" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    device = _device(config)
+    device = bench.default_device(config.getoption("--bench-device", default=None))
     text = config.getoption("--bench-sizes", default=None)
     if text:
         sizes = [bench.parse_size(s) for s in bench.parse_list(text)]
@@ -311,7 +299,7 @@ def pytest_generate_tests(metafunc):
                     kw = {"group": group, "disable_gc": True}
                     marks = []
                     if device.type == "cuda":
-                        kw["timer"] = _sync_timer
+                        kw["timer"] = bench.cuda_sync_timer
                         marks.append(pytest.mark.cuda)
                     elif label == "pygen-graph":
                         marks.append(pytest.mark.skip(reason="CUDA graphs need a CUDA device"))

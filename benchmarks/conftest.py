@@ -21,7 +21,6 @@ discovery, ``tests/test_*.py``, does not pick them up).
 Options: --bench-device cpu|cuda, --bench-sizes 2^16,2^22, --bench-dtypes
 fp32,bf16, --bench-backends eager,cpu, --bench-rounds N, --bench-min-time S.
 """
-import time
 
 import pytest
 import torch
@@ -49,10 +48,7 @@ def pytest_collect_file(file_path, parent):
 
 
 def bench_device(config):
-    name = config.getoption("--bench-device")
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return bench.default_device(config.getoption("--bench-device"))
 
 
 def bench_sizes(config, device, default=None):
@@ -70,11 +66,6 @@ def bench_backends(config, device):
     run, skipped = bench.pygen_backends_for(device)
     out = [("eager", None)] + [(b, None) for b in run] + list(skipped.items())
     return [(b, r) for b, r in out if not wanted or b in wanted]
-
-
-def _sync_timer():
-    torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def pytest_generate_tests(metafunc):
@@ -112,7 +103,7 @@ def pytest_collection_modifyitems(config, items):
         group = f"{op} {bench.shape_str(bench.shape_for(numel))} {bench.DTYPE_NAMES[dtype]}"
         kwargs = {"group": group, "disable_gc": True}
         if device.type == "cuda":
-            kwargs["timer"] = _sync_timer
+            kwargs["timer"] = bench.cuda_sync_timer
         item.add_marker(pytest.mark.benchmark(**kwargs))
 
 

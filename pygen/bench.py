@@ -170,6 +170,17 @@ def cpu_model():
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def default_device(name=None):
+    """``name`` as a torch.device, or cuda when available, else cpu."""
+    return torch.device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cuda_sync_timer():
+    """A pytest-benchmark timer that waits for the GPU before reading the clock."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def device_name(device):
     device = torch.device(device)
     if device.type == "cuda":
