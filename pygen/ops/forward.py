@@ -74,6 +74,15 @@ def forward_coefficients_reference(t, table, interpolation, acc_dtype):
     return torch.where(valid, a, nan).to(acc_dtype), torch.where(valid, s, nan).to(acc_dtype), valid
 
 
+def _reference_noise(like, noise, seed, stream, row_seeds, acc):
+    """(eps in ``acc``, the noise output): the given noise (output empty), or pygen.randn's normals
+    drawn as the kernels draw them (fp32), returned in ``like``'s dtype."""
+    if noise is not None:
+        return noise.to(acc), _empty0(like)
+    eps32 = randn_reference(like.shape, seed, stream, row_seeds, device=like.device, dtype=torch.float32)
+    return eps32.to(acc), eps32.to(like.dtype)
+
+
 def q_sample_reference(x0, t, table, noise, seed, stream, row_seeds, interpolation, target):
     """Plain-PyTorch q_sample (the spec); same arguments and outputs as the op."""
     acc = _acc_dtype(x0.dtype)
@@ -81,13 +90,7 @@ def q_sample_reference(x0, t, table, noise, seed, stream, row_seeds, interpolati
     bshape = (-1,) + (1,) * (x0.dim() - 1)
     a, s, valid = a.view(bshape), s.view(bshape), valid.view(bshape)
     x = x0.to(acc)
-    if noise is None:
-        eps32 = randn_reference(x0.shape, seed, stream, row_seeds, device=x0.device, dtype=torch.float32)
-        eps = eps32.to(acc)
-        noise_out = eps32.to(x0.dtype)
-    else:
-        eps = noise.to(acc)
-        noise_out = _empty0(x0)
+    eps, noise_out = _reference_noise(x0, noise, seed, stream, row_seeds, acc)
     x_t = a * x + s * eps
     if target == _TARGET_NONE:
         target_out = _empty0(x0)
@@ -109,13 +112,7 @@ def q_sample_reference(x0, t, table, noise, seed, stream, row_seeds, interpolati
 def reparameterize_reference(mu, logvar, noise, seed, stream, row_seeds):
     """Plain-PyTorch reparameterize (the spec): ``(z, noise_out)``; differentiable."""
     acc = _acc_dtype(mu.dtype)
-    if noise is None:
-        eps32 = randn_reference(mu.shape, seed, stream, row_seeds, device=mu.device, dtype=torch.float32)
-        eps = eps32.to(acc)
-        noise_out = eps32.to(mu.dtype)
-    else:
-        eps = noise.to(acc)
-        noise_out = _empty0(mu)
+    eps, noise_out = _reference_noise(mu, noise, seed, stream, row_seeds, acc)
     z = mu.to(acc) + torch.exp(logvar.to(acc) * 0.5) * eps
     return z.to(mu.dtype), noise_out
 
