@@ -29,7 +29,6 @@ Standalone runner (interleaved rounds, medians, markdown + JSON)::
     python benchmarks/bench_diffusers.py --device cpu --threads 1 --out benchmarks/results/diffusers-cpu-2026-11-23
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -371,21 +370,7 @@ def main(argv=None):
     print(format_markdown(report).rstrip(), flush=True)
 
     def write():
-        if hasattr(os, "getloadavg"):
-            env["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
-        env["foreign_cpu_cores_max"] = max([r["foreign_cpu_cores"] or 0.0 for r in report["results"]] or [0.0])
-        md = format_markdown(report)
-        if args.note:
-            title, body = md.split("\n", 1)
-            md = f"{title}\n\n{args.note}\n{body}"
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-            with open(args.out + ".json", "w") as f:
-                json.dump(report, f, indent=2)
-                f.write("\n")
-            with open(args.out + ".md", "w") as f:
-                f.write(md)
-        return md
+        return bench.write_report(report, env, format_markdown, args.out, args.note)
 
     jobs = [("step", label, shape, dtype) for shape in shapes for dtype in dtypes for label in labels]
     if not args.no_pipeline:

@@ -31,7 +31,6 @@ Standalone runner (interleaved rounds, medians, markdown + JSON)::
 import argparse
 import contextlib
 import importlib.util
-import json
 import os
 import sys
 import types
@@ -460,21 +459,7 @@ def main(argv=None):
     report["results"] = []
 
     def write():
-        if hasattr(os, "getloadavg"):
-            env["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
-        env["foreign_cpu_cores_max"] = max([r["foreign_cpu_cores"] or 0.0 for r in report["results"]] or [0.0])
-        md = format_markdown(report)
-        if args.note:
-            title, body = md.split("\n", 1)
-            md = f"{title}\n\n{args.note}\n{body}"
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-            with open(args.out + ".json", "w") as f:
-                json.dump(report, f, indent=2)
-                f.write("\n")
-            with open(args.out + ".md", "w") as f:
-                f.write(md)
-        return md
+        return bench.write_report(report, env, format_markdown, args.out, args.note)
 
     run_all(device, sizes, samplers, repeats=args.repeats, min_time=min_time, max_time=max_time,
             ref_sizes=ref_sizes, rows=report["results"], on_row=write, models=bench.parse_list(args.models))

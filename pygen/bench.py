@@ -170,6 +170,28 @@ def cpu_model():
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def write_report(report, env, format_markdown, out=None, note=None):
+    """Finish ``env`` (load at the end, most foreign CPU use of any result), render the report with
+    ``format_markdown`` (``note`` under its title) and, with ``out``, write ``out``.json/.md."""
+    import json
+
+    if hasattr(os, "getloadavg"):
+        env["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+    env["foreign_cpu_cores_max"] = max([r["foreign_cpu_cores"] or 0.0 for r in report["results"]] or [0.0])
+    md = format_markdown(report)
+    if note:
+        title, body = md.split("\n", 1)
+        md = f"{title}\n\n{note}\n{body}"
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+        with open(out + ".json", "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        with open(out + ".md", "w") as f:
+            f.write(md)
+    return md
+
+
 def default_device(name=None):
     """``name`` as a torch.device, or cuda when available, else cpu."""
     return torch.device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -73,6 +73,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin
+from pygen.diffusers.dpmsolver import _alpha_sigma_lambda
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_S, COL_SLOT
 from pygen.samplers.program import check_model_out
 
@@ -85,16 +86,8 @@ class _Schedule:
     """alpha_t, sigma_t, lambda_t per sigma index (float32 as diffusers, then float64), python indexing."""
 
     def __init__(self, sigmas, flow):
-        s = sigmas.detach().to("cpu", torch.float32)
-        if flow:
-            alpha, sig_t = 1 - s, s
-        else:
-            alpha = 1 / ((s ** 2 + 1) ** 0.5)
-            sig_t = s * alpha
-        self.lam32 = torch.log(alpha) - torch.log(sig_t)
-        self.alpha = alpha.double().tolist()
-        self.sig_t = sig_t.double().tolist()
-        self.sigma = s.double().tolist()
+        self.alpha, self.sig_t, _, self.lam32 = _alpha_sigma_lambda(sigmas, flow)
+        self.sigma = sigmas.detach().to("cpu", torch.float32).double().tolist()
 
     def dlam(self, j, k):
         """lambda_j - lambda_k as diffusers computes it (float32 difference)."""
