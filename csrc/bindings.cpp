@@ -35,6 +35,20 @@ TORCH_LIBRARY(pygen, m) {
       "leapfrog_(Tensor(a!) x, Tensor(b!) p, Tensor grad, Tensor? step_sizes, float step_size, float kick, "
       "float drift) -> ()");
   m.def("mh_select_(Tensor(a!) x, Tensor x_prop, Tensor log_accept, Tensor log_u, Tensor(b!) accepted) -> ()");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool causal) -> (Tensor, Tensor, Tensor)");
+  m.def("adaln_modulate(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, Tensor? scale, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("adaln_modulate_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("gated_residual(Tensor x, Tensor gate, Tensor y) -> Tensor");
+  m.def("gated_residual_backward(Tensor grad, Tensor gate, Tensor y) -> (Tensor, Tensor)");
+  m.def("group_norm(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, bool silu) -> (Tensor, Tensor, Tensor)");
+  m.def("group_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int groups, bool silu) -> (Tensor, Tensor, Tensor)");
+  m.def("timestep_embedding(Tensor t, int dim, float max_period, float downscale_freq_shift, float scale, bool flip_sin_to_cos) -> Tensor");
+  m.def("timestep_embedding_backward(Tensor grad, Tensor t, int dim, float max_period, float downscale_freq_shift, float scale, bool flip_sin_to_cos) -> Tensor");
+  m.def("diffusion_loss(Tensor model_out, Tensor x0, Tensor? noise, Tensor coeffs, int seed, int stream, Tensor? row_seeds) -> Tensor");
+  m.def("diffusion_loss_backward(Tensor grad_rows, Tensor model_out, Tensor x0, Tensor? noise, Tensor coeffs, int seed, int stream, Tensor? row_seeds) -> Tensor");
+  m.def("reparameterize_kl(Tensor mu, Tensor logvar, Tensor? noise, int seed, int stream, Tensor? row_seeds) -> (Tensor, Tensor)");
+  m.def("reparameterize_kl_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? noise, int seed, int stream, Tensor? row_seeds) -> (Tensor, Tensor)");
 }
 
 #ifdef PYGEN_TORCH_EXTENSION

@@ -39,4 +39,40 @@ SCHEMAS = {
         "float drift) -> ()"
     ),
     "mh_select_": "mh_select_(Tensor(a!) x, Tensor x_prop, Tensor log_accept, Tensor log_u, Tensor(b!) accepted) -> ()",
+    "attention_fwd": "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> (Tensor, Tensor)",
+    "attention_bwd": (
+        "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool causal) -> (Tensor, Tensor, Tensor)"
+    ),
+    "adaln_modulate": (
+        "adaln_modulate(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, Tensor? scale, float eps) -> (Tensor, Tensor, Tensor)"
+    ),
+    "adaln_modulate_backward": (
+        "adaln_modulate_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "gated_residual": "gated_residual(Tensor x, Tensor gate, Tensor y) -> Tensor",
+    "gated_residual_backward": "gated_residual_backward(Tensor grad, Tensor gate, Tensor y) -> (Tensor, Tensor)",
+    "group_norm": (
+        "group_norm(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, bool silu) -> (Tensor, Tensor, Tensor)"
+    ),
+    "group_norm_backward": (
+        "group_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int groups, bool silu) -> (Tensor, Tensor, Tensor)"
+    ),
+    "timestep_embedding": (
+        "timestep_embedding(Tensor t, int dim, float max_period, float downscale_freq_shift, float scale, bool flip_sin_to_cos) -> Tensor"
+    ),
+    "timestep_embedding_backward": (
+        "timestep_embedding_backward(Tensor grad, Tensor t, int dim, float max_period, float downscale_freq_shift, float scale, bool flip_sin_to_cos) -> Tensor"
+    ),
+    "diffusion_loss": (
+        "diffusion_loss(Tensor model_out, Tensor x0, Tensor? noise, Tensor coeffs, int seed, int stream, Tensor? row_seeds) -> Tensor"
+    ),
+    "diffusion_loss_backward": (
+        "diffusion_loss_backward(Tensor grad_rows, Tensor model_out, Tensor x0, Tensor? noise, Tensor coeffs, int seed, int stream, Tensor? row_seeds) -> Tensor"
+    ),
+    "reparameterize_kl": (
+        "reparameterize_kl(Tensor mu, Tensor logvar, Tensor? noise, int seed, int stream, Tensor? row_seeds) -> (Tensor, Tensor)"
+    ),
+    "reparameterize_kl_backward": (
+        "reparameterize_kl_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? noise, int seed, int stream, Tensor? row_seeds) -> (Tensor, Tensor)"
+    ),
 }
