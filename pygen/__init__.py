@@ -24,6 +24,7 @@ from pygen.samplers import sample  # noqa: E402,F401  (imports pygen.kdiffusion)
 from pygen import distributed, kdiffusion, mcmc, metrics, models, schedules, sde  # noqa: E402,F401
 from pygen.ops.forward import *  # noqa: E402,F401,F403  (q_sample, reparameterize)
 from pygen.ops.langevin import *  # noqa: E402,F401,F403  (langevin_step, langevin_snr_step)
+from pygen.ops.loss import *  # noqa: E402,F401,F403  (fused_diffusion_mse, reparameterize_kl)
 from pygen.ops.mcmc import *  # noqa: E402,F401,F403  (leapfrog_, mh_select_)
 from pygen.ops.random import randn  # noqa: E402
 from pygen.ops.schedule import *  # noqa: E402,F401,F403  (step_coefficients)
