@@ -205,17 +205,40 @@ def test_loss_step(benchmark, request, loss_case):
 # ---------------------------------------------------------------------------
 # standalone runner
 # ---------------------------------------------------------------------------
-def run_all(device, shapes, dtypes, *, repeats, min_time, max_time, log=print):
+def _wait_idle(threshold, timeout):
+    """benchmarks/record.py's wait_idle (this directory is on sys.path when run as a script)."""
+    try:
+        from record import wait_idle
+    except ImportError:
+        return
+    wait_idle(threshold, timeout)
+
+
+def run_all(device, shapes, dtypes, *, repeats, min_time, max_time, idle=None, idle_timeout=900.0,
+            max_foreign=0.1, tries=3, log=print):
+    """Time every case. With ``idle`` (an idle CPU fraction), wait for an idle machine before each
+    case and re-run a case (up to ``tries`` times) when other processes used more than
+    ``max_foreign`` cores during it; the run with the least foreign load is kept."""
     rows = []
     for dtype in dtypes:
         for shape in shapes:
             for case in CASES:
                 impls, skipped = build_impls(case, shape, dtype, device)
-                load = bench.ForeignLoad()
-                timings = bench.measure(impls, device, warmup=2, repeats=repeats, min_time=min_time,
-                                        max_time=max_time, min_repeats=3)
+                best = None
+                for _ in range(tries if idle is not None else 1):
+                    if idle is not None:
+                        _wait_idle(idle, idle_timeout)
+                    load = bench.ForeignLoad()
+                    timings = bench.measure(impls, device, warmup=2, repeats=repeats, min_time=min_time,
+                                            max_time=max_time, min_repeats=3)
+                    foreign = load.cores()
+                    if best is None or (foreign or 0.0) < (best[1] or 0.0):
+                        best = (timings, foreign)
+                    if foreign is None or foreign <= max_foreign:
+                        break
+                timings, foreign = best
                 row = {"case": case, "shape": bench.shape_str(shape), "numel": int(torch.Size(shape).numel()),
-                       "dtype": bench.DTYPE_NAMES.get(dtype, str(dtype)), "foreign_cpu_cores": load.cores(),
+                       "dtype": bench.DTYPE_NAMES.get(dtype, str(dtype)), "foreign_cpu_cores": foreign,
                        "impls": {}, "skipped": skipped}
                 eager = timings["eager"].median_s
                 for impl in impls:
@@ -282,6 +305,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--min-time", type=float, default=0.05)
     parser.add_argument("--max-time", type=float, default=10.0)
+    parser.add_argument("--idle", type=float, default=None,
+                        help="wait for this idle CPU fraction before each case and re-run cases that saw "
+                             "other processes' CPU use (e.g. 0.9; CPU runs on a shared machine)")
+    parser.add_argument("--idle-timeout", type=float, default=900.0)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     parser.add_argument("--note", default=None, help="a line under the markdown title")
     args = parser.parse_args(argv)
@@ -290,9 +317,10 @@ def main(argv=None):
     dtypes = bench.select_dtypes(bench.parse_list(args.dtypes))
     env = bench.environment(device)
     settings = {"repeats": args.repeats, "min_time": args.min_time, "max_time": args.max_time,
-                "seed": SEED, "stream": STREAM}
+                "seed": SEED, "stream": STREAM, "idle": args.idle}
     print(f"# {env['device']['name']}; torch threads {env['device']['torch_threads']}")
-    rows = run_all(device, shapes, dtypes, repeats=args.repeats, min_time=args.min_time, max_time=args.max_time)
+    rows = run_all(device, shapes, dtypes, repeats=args.repeats, min_time=args.min_time, max_time=args.max_time,
+                   idle=args.idle, idle_timeout=args.idle_timeout)
     report = {"environment": env, "settings": settings, "results": rows}
     print(bench.write_report(report, env, format_markdown, args.out, args.note))
 
