@@ -198,10 +198,12 @@ def _diffusion_loss_setup_context(ctx, inputs, output):
     ctx.seed, ctx.stream = seed, stream
 
 
-def _diffusion_loss_backward_impl(ctx, grad_rows, backward_fn):
+def _diffusion_loss_backward_impl(ctx, grad_rows, backward_fn, first=0):
+    """Gradients of (model_out, x0, noise, coeffs, seed, stream, row_seeds); the op's inputs start at
+    ``ctx.needs_input_grad[first]``."""
     model_out, x0, noise, coeffs, row_seeds = ctx.saved_tensors
     seed, stream = ctx.seed, ctx.stream
-    need_out, need_x0, need_noise, need_coeffs = (ctx.needs_input_grad[i] for i in range(4))
+    need_out, need_x0, need_noise, need_coeffs = ctx.needs_input_grad[first:first + 4]
     grad_out = gx0 = gnoise = gcoeffs = None
     grad_rows = contiguous(grad_rows)
     if need_out:
@@ -230,9 +232,10 @@ def _zeros_if_none(g, shape, dtype, device):
     return torch.zeros(shape, dtype=dtype, device=device) if g is None else contiguous(g)
 
 
-def _reparameterize_kl_backward_impl(ctx, grad_z, grad_kl, backward_fn):
+def _reparameterize_kl_backward_impl(ctx, grad_z, grad_kl, backward_fn, first=0):
+    """Gradients of (mu, logvar, noise, seed, stream, row_seeds) (inputs from ``needs_input_grad[first]``)."""
     mu, logvar, noise, row_seeds = ctx.saved_tensors
-    need_mu, need_lv, need_noise = (ctx.needs_input_grad[i] for i in range(3))
+    need_mu, need_lv, need_noise = ctx.needs_input_grad[first:first + 3]
     gmu = glv = gnoise = None
     if need_mu or need_lv:
         grad_z = _zeros_if_none(grad_z, mu.shape, mu.dtype, mu.device)
@@ -259,36 +262,50 @@ def _triton_launchers():
     return tk
 
 
-class _DiffusionLossTriton(torch.autograd.Function):
-    """Autograd around the direct Triton launches (the eager hot path; same formulas as the op's)."""
+class _CompiledKernels:
+    """The compiled ops (cpu/cuda backends) under the launcher names of pygen.kernels.loss."""
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.pygen, name).default
+        setattr(self, name, op)
+        return op
+
+
+_COMPILED = _CompiledKernels()
+
+
+class _DiffusionLossFn(torch.autograd.Function):
+    """Autograd of the public API's hot path: ``kernels`` is the Triton launcher module or the
+    compiled ops (direct calls, no per-call op-registration overhead); same formulas as the
+    register_autograd of pygen::diffusion_loss."""
 
     @staticmethod
-    def forward(model_out, x0, noise, coeffs, seed, stream, row_seeds):
-        return _triton_launchers().diffusion_loss(model_out, x0, noise, coeffs, seed, stream, row_seeds)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _diffusion_loss_setup_context(ctx, inputs, output)
+    def forward(ctx, kernels, model_out, x0, noise, coeffs, seed, stream, row_seeds):
+        # old-style (ctx in forward): cheaper per call than setup_context in eager mode
+        ctx.kernels = kernels
+        ctx.save_for_backward(model_out, x0, noise, coeffs, row_seeds)
+        ctx.seed, ctx.stream = seed, stream
+        return kernels.diffusion_loss(model_out, x0, noise, coeffs, seed, stream, row_seeds)
 
     @staticmethod
     def backward(ctx, grad_rows):
-        return _diffusion_loss_backward_impl(ctx, grad_rows, _triton_launchers().diffusion_loss_backward)
+        return (None,) + _diffusion_loss_backward_impl(ctx, grad_rows, ctx.kernels.diffusion_loss_backward, 1)
 
 
-class _ReparameterizeKLTriton(torch.autograd.Function):
-    """Autograd around the direct Triton launches (same formulas as the op's)."""
-
-    @staticmethod
-    def forward(mu, logvar, noise, seed, stream, row_seeds):
-        return _triton_launchers().reparameterize_kl(mu, logvar, noise, seed, stream, row_seeds)
+class _ReparameterizeKLFn(torch.autograd.Function):
+    """As _DiffusionLossFn, for reparameterize_kl."""
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        _reparameterize_kl_setup_context(ctx, inputs, output)
+    def forward(ctx, kernels, mu, logvar, noise, seed, stream, row_seeds):
+        ctx.kernels = kernels
+        ctx.save_for_backward(mu, logvar, noise, row_seeds)
+        ctx.seed, ctx.stream = seed, stream
+        return kernels.reparameterize_kl(mu, logvar, noise, seed, stream, row_seeds)
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
-        return _reparameterize_kl_backward_impl(ctx, grad_z, grad_kl, _triton_launchers().reparameterize_kl_backward)
+        return (None,) + _reparameterize_kl_backward_impl(ctx, grad_z, grad_kl, ctx.kernels.reparameterize_kl_backward,
+                                                          1)
 
 
 # ---------------------------------------------------------------------------
@@ -356,11 +373,10 @@ def fused_diffusion_mse(model_out, x0, coeffs, *, noise=None, seed=None, stream=
     backend = _backend.resolve(device)
     if backend == "torch":
         return diffusion_loss_reference(model_out, x0, noise, coeffs, seed_i, stream, rs)
-    if backend == "triton":
-        if _needs_grad(model_out, x0, noise, coeffs):
-            return _DiffusionLossTriton.apply(model_out, x0, noise, coeffs, seed_i, stream, rs)
-        return _triton_launchers().diffusion_loss(model_out, x0, noise, coeffs, seed_i, stream, rs)
-    return torch.ops.pygen.diffusion_loss(model_out, x0, noise, coeffs, seed_i, stream, rs)
+    kernels = _triton_launchers() if backend == "triton" else _COMPILED
+    if _needs_grad(model_out, x0, noise, coeffs):
+        return _DiffusionLossFn.apply(kernels, model_out, x0, noise, coeffs, seed_i, stream, rs)
+    return kernels.diffusion_loss(model_out, x0, noise, coeffs, seed_i, stream, rs)
 
 
 def reparameterize_kl(mu, logvar, seed=None, stream=0, *, noise=None, row_seeds=None):
@@ -397,11 +413,10 @@ def reparameterize_kl(mu, logvar, seed=None, stream=0, *, noise=None, row_seeds=
     backend = _backend.resolve(mu.device)
     if backend == "torch":
         return reparameterize_kl_reference(mu, logvar, noise, seed_i, stream, rs)
-    if backend == "triton":
-        if _needs_grad(mu, logvar, noise):
-            return _ReparameterizeKLTriton.apply(mu, logvar, noise, seed_i, stream, rs)
-        return _triton_launchers().reparameterize_kl(mu, logvar, noise, seed_i, stream, rs)
-    return torch.ops.pygen.reparameterize_kl(mu, logvar, noise, seed_i, stream, rs)
+    kernels = _triton_launchers() if backend == "triton" else _COMPILED
+    if _needs_grad(mu, logvar, noise):
+        return _ReparameterizeKLFn.apply(kernels, mu, logvar, noise, seed_i, stream, rs)
+    return kernels.reparameterize_kl(mu, logvar, noise, seed_i, stream, rs)
 
 
 def _needs_grad(*tensors):
