@@ -350,9 +350,9 @@ def fused_diffusion_mse(model_out, x0, coeffs, *, noise=None, seed=None, stream=
     stored residual). Gradients w.r.t. x0, a given noise or coeffs, when they
     require them, are computed with plain torch ops.
 
-    Regenerate or read? On a GPU regenerating eps is free next to memory
-    traffic (pass ``seed``). On a CPU generating normals costs about four
-    tensor reads (benchmarks/results/losses-cpu-*.md), so passing the noise
+    Regenerate or read? On a GPU regenerating eps should cost little next to
+    memory traffic (pass ``seed``; not yet measured). On a CPU generating normals costs about ten
+    times reading them (benchmarks/results/losses-cpu-*.md), so passing the noise
     that q_sample returned (``noise=eps``) is the faster choice there. With
     fp16/bf16 storage the regenerated eps is exactly the fp32 eps that formed
     x_t, while q_sample's returned noise is that eps rounded to the storage dtype.
