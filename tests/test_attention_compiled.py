@@ -336,14 +336,16 @@ def test_fakes_match_cpu_outputs():
 # ---------------------------------------------------------------------------
 # CUDA (run on a GPU session; compared with an fp32 reference from the same rounded inputs)
 # ---------------------------------------------------------------------------
-CUDA_FWD_TOL = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2), torch.float32: (1e-5, 1e-5)}
+CUDA_FWD_TOL = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2), torch.float32: (1e-5, 1e-5),
+                torch.float64: (1e-10, 1e-10)}
 CUDA_LENGTHS = [(1, 1), (1, 77), (7, 13), (33, 17), (127, 257), (1024, 1024), (300, 1000), (1000, 300)]
 
 
 def _cuda_check_fwd(q, k, v, scale, causal):
     out, lse = torch.ops.pygen.attention_fwd(q, k, v, scale, causal)
     ref_out, ref_lse = reference(q, k, v, scale, causal, torch.float32)
-    assert out.dtype == q.dtype and out.shape == q.shape and out.stride() == torch.empty_like(q).stride() and out.is_cuda
+    assert out.is_cuda and out.dtype == q.dtype and out.shape == q.shape
+    assert out.stride() == torch.empty_like(q).stride()
     rtol, atol = CUDA_FWD_TOL[q.dtype]
     torch.testing.assert_close(out.float(), ref_out, rtol=rtol, atol=atol)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
@@ -370,6 +372,27 @@ def test_cuda_forward(Sq, Sk, D, causal, dtype):
 def test_cuda_forward_layouts_and_fp32(layout, causal, dtype):
     q, k, v = make_qkv(2, 4, 200, 333, 64, dtype, layout, device="cuda", seed=11)
     _cuda_check_fwd(q, k, v, 0.11, causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_EXT, reason="no CUDA device or CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_fallback_paths(causal, dtype):
+    # Head dims without a tensor-core instantiation, and rows that are not 16-byte aligned,
+    # take the simple kernel; fp64 too.
+    for D in (16, 48, 200):
+        q, k, v = make_qkv(1, 2, 70, 90, D, dtype, device="cuda", seed=D)
+        _cuda_check_fwd(q, k, v, D**-0.5, causal)
+    g = torch.Generator().manual_seed(15)
+    big = torch.randn(2, 3, 100, 72, generator=g).to(dtype=dtype, device="cuda")
+    q, k, v = big[:, :, 1:70, 1:65], big[:, :, 2:99, 3:67], big[:, :, 1:98, 8:72]  # odd element offsets
+    _cuda_check_fwd(q, k, v, 0.125, causal)
+    q, k, v = make_qkv(1, 2, 70, 90, 64, torch.float64, device="cuda", seed=16)
+    out, lse = torch.ops.pygen.attention_fwd(q, k, v, 0.125, causal)
+    ref_out, ref_lse = reference(q, k, v, 0.125, causal)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.cuda
@@ -419,7 +442,8 @@ def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.pygen.attention_fwd.default, (q, k, v, 0.125, True),
                           test_utils=_opcheck_utils("attention_fwd"))
     out, lse = torch.ops.pygen.attention_fwd(q, k, v, 0.125, True)
-    torch.library.opcheck(torch.ops.pygen.attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, 0.125, True),
+    args = (torch.randn_like(out), q, k, v, out, lse, 0.125, True)
+    torch.library.opcheck(torch.ops.pygen.attention_bwd.default, args,
                           test_utils=_opcheck_utils("attention_bwd"))
 
 

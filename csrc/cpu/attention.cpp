@@ -368,8 +368,8 @@ PYGEN_ATTN_INLINE void probs_row(double* __restrict__ row, int64_t nvis, double 
 }
 
 template <typename T>
-PYGEN_ATTN_CLONES void probs_tile(T* __restrict__ s, int64_t nq, int64_t nk, int64_t q0, int64_t j0, bool causal, T scale2,
-                const T* __restrict__ lse2) {
+PYGEN_ATTN_CLONES void probs_tile(T* __restrict__ s, int64_t nq, int64_t nk, int64_t q0, int64_t j0, bool causal,
+                                  T scale2, const T* __restrict__ lse2) {
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t nvis = causal ? std::clamp<int64_t>(q0 + i - j0 + 1, 0, nk) : nk;
     probs_row(s + i * kBlockK, nvis, scale2, lse2[i]);
@@ -378,7 +378,8 @@ PYGEN_ATTN_CLONES void probs_tile(T* __restrict__ s, int64_t nq, int64_t nk, int
 
 // dS = P · (dP - delta_i), in place in dp (both nq rows of stride kBlockK).
 template <typename T>
-PYGEN_ATTN_CLONES void dscores_tile(T* __restrict__ dp, const T* __restrict__ p, int64_t nq, const T* __restrict__ delta) {
+PYGEN_ATTN_CLONES void dscores_tile(T* __restrict__ dp, const T* __restrict__ p, int64_t nq,
+                                    const T* __restrict__ delta) {
   for (int64_t i = 0; i < nq; ++i) {
     const T di = delta[i];
     for (int64_t j = 0; j < kBlockK; ++j) dp[i * kBlockK + j] = p[i * kBlockK + j] * (dp[i * kBlockK + j] - di);
@@ -398,8 +399,8 @@ struct Rows {
 
 // dst[r · ld + d] = mul · src row (r0 + r), for r < n.
 template <typename T, typename scalar_t>
-PYGEN_ATTN_CLONES void load_rows(T* __restrict__ dst, int64_t ld, const Rows<scalar_t>& src, int64_t b, int64_t h, int64_t r0, int64_t n,
-               int64_t D, T mul) {
+PYGEN_ATTN_CLONES void load_rows(T* __restrict__ dst, int64_t ld, const Rows<scalar_t>& src, int64_t b, int64_t h,
+                                 int64_t r0, int64_t n, int64_t D, T mul) {
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* __restrict__ x = src.row(b, h, r0 + r);
     T* __restrict__ y = dst + r * ld;
@@ -409,8 +410,8 @@ PYGEN_ATTN_CLONES void load_rows(T* __restrict__ dst, int64_t ld, const Rows<sca
 
 // dst[d · ld + r] = mul · src row (r0 + r)[d] (transposed), for r < n.
 template <typename T, typename scalar_t>
-PYGEN_ATTN_CLONES void load_rows_transposed(T* __restrict__ dst, int64_t ld, const Rows<scalar_t>& src, int64_t b, int64_t h, int64_t r0,
-                          int64_t n, int64_t D, T mul) {
+PYGEN_ATTN_CLONES void load_rows_transposed(T* __restrict__ dst, int64_t ld, const Rows<scalar_t>& src, int64_t b,
+                                            int64_t h, int64_t r0, int64_t n, int64_t D, T mul) {
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* __restrict__ x = src.row(b, h, r0 + r);
     for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = static_cast<T>(x[d]) * mul;
@@ -428,7 +429,9 @@ PYGEN_ATTN_CLONES void store_rows(const Rows<scalar_t>& dst, int64_t b, int64_t 
   }
 }
 
-int64_t grain_for(int64_t macs_per_task) { return std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, macs_per_task)); }
+int64_t grain_for(int64_t macs_per_task) {
+  return std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, macs_per_task));
+}
 
 // ---------------------------------------------------------------------------
 // Forward
