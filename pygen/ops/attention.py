@@ -148,11 +148,17 @@ def _bwd_op(backend):
         from pygen.kernels import attention as tk
 
         return tk.attention_bwd
-    if backend == "cuda" and not _extension.has_kernel("attention_bwd", "CUDA"):
-        from pygen.kernels import attention as tk  # compiled forward, Triton backward
+    if backend == "cuda" and (_triton_on_cuda() or not _extension.has_kernel("attention_bwd", "CUDA")):
+        # The compiled CUDA backward is a simple exact kernel without tensor cores; the Triton one
+        # (same lse convention) is the fast path when Triton is there.
+        from pygen.kernels import attention as tk
 
         return tk.attention_bwd
     return _compiled_bwd
+
+
+def _triton_on_cuda():
+    return _backend.backends()["triton"] == _backend.AVAILABLE and torch.cuda.is_available()
 
 
 def _compiled_fwd(q, k, v, scale, causal):
@@ -579,7 +585,8 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd()(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal)
+        # grad_out may be expanded (e.g. from .sum()); the ops take a unit last stride.
+        dq, dk, dv = bwd()(_unit_last(grad_out), q, k, v, out, lse, ctx.scale, ctx.causal)
         return dq, dk, dv, None, None
 
     return backward
