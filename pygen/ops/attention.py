@@ -488,7 +488,27 @@ def _select(q, k, v, scale, causal, layout, grad):
 # ---------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------
+_DTYPE_SET = frozenset(DTYPES)
+_TENSOR = torch.Tensor
+
+
 def _validate(q, k, v, scale, causal, layout):
+    """The scale to use; raises ValueError/TypeError naming the bad argument."""
+    # Fast path (the common, valid call): a handful of comparisons, then the scale.
+    if (isinstance(q, _TENSOR) and isinstance(k, _TENSOR) and isinstance(v, _TENSOR) and causal.__class__ is bool
+            and q.dtype in _DTYPE_SET and k.dtype is q.dtype and v.dtype is q.dtype):
+        qs, ks = q.shape, k.shape
+        if len(qs) == 4 and ks == v.shape and len(ks) == 4 and ks[0] == qs[0] and ks[3] == qs[3]:
+            h, s = (1, 2) if layout == "bhsd" else (2, 1) if layout == "bshd" else (0, 0)
+            if h and ks[h] == qs[h] and ks[s] > 0 and k.device == q.device and v.device == q.device:
+                if scale is None:
+                    return 1.0 / math.sqrt(qs[3])
+                if scale.__class__ is float and 0.0 < scale < math.inf:
+                    return scale
+    return _validate_slow(q, k, v, scale, causal, layout)
+
+
+def _validate_slow(q, k, v, scale, causal, layout):
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     dims = "(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)"
