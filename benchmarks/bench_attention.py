@@ -231,6 +231,8 @@ def compile_check(capability=90):
             block_d = triton.next_power_of_2(d)
             for c in prune(configs, {"SQ_BUCKET": 4096}, BLOCK_D=block_d):
                 consts = dict(D=d, BLOCK_D=block_d, CAUSAL=causal, IEEE=K._dot_mode(dtype), **c.kwargs)
+                if "STORE_LSE" in jit.arg_names:
+                    consts["STORE_LSE"] = True
                 sig = {}
                 for name in jit.arg_names:
                     if name in consts:

@@ -8,7 +8,8 @@ tensor passed as ``.transpose(1, 2)`` is read in place):
   (log2(e) folded into the score scale); key blocks that are fully visible run without masks,
   the ragged last block and the causal diagonal blocks with masks; causal key blocks past the
   diagonal are skipped. Writes ``out`` (like ``torch.empty_like(q)``) and ``lse`` (B, H, Sq)
-  fp32 = natural-log logsumexp of the scaled scores per query row.
+  fp32 = natural-log logsumexp of the scaled scores per query row (not allocated or written by the
+  inference launch, ``need_lse=False``).
 * backward (deterministic, no atomics): ``delta = rowsum(dO * O)`` (preprocess kernel), then a
   dK/dV kernel (one program per key block, looping over query blocks) and a dQ kernel (one
   program per query block, looping over key blocks); both recompute P = exp(S - lse).
@@ -193,7 +194,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                      slb, slh, sls,
                      SQ, SK, qk_scale, SQ_BUCKET, SK_BUCKET,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     STORE_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the heaviest (last) query blocks first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -222,8 +223,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                                SK, qk_scale, full, hi, True, CAUSAL, D, BLOCK_D, BLOCK_N, IEEE)
     out = acc / l_i[:, None]
     _store_rows(O + b * sob + h * soh, out.to(O.dtype.element_ty), rows, offs_d, sos, sod, SQ, D, BLOCK_D)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
-    tl.store(LSE + b * slb + h * slh + rows * sls, lse, mask=rows < SQ)
+    if STORE_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
+        tl.store(LSE + b * slb + h * slh + rows * sls, lse, mask=rows < SQ)
 
 
 # ---------------------------------------------------------------------------
@@ -367,21 +369,25 @@ def _grid_n(n):
     return grid
 
 
-def attention_fwd(q, k, v, scale, causal):
-    """(out, lse) for q (B, H, Sq, D), k, v (B, H, Sk, D); see the module docstring."""
+def attention_fwd(q, k, v, scale, causal, need_lse=True):
+    """(out, lse) for q (B, H, Sq, D), k, v (B, H, Sk, D); see the module docstring.
+
+    ``need_lse=False`` (inference): lse is neither allocated nor written and None is returned for it.
+    """
     _check(q, k, v)
     B, H, SQ, D = q.shape
     SK = k.shape[2]
     out = torch.empty_like(q)
-    lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32)
+    lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32) if need_lse else None
     if out.numel() == 0:
         return out, lse
     if SK == 0:
         raise ValueError("k and v must have at least one key (Sk >= 1)")
+    lse_strides = lse.stride() if need_lse else (0, 0, 0)
     _attn_fwd_kernel[_grid_m((SQ, B, H))](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        q, k, v, out, lse if need_lse else out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides,
         SQ, SK, float(scale) * LOG2E, _seq_bucket(SQ), _seq_bucket(SK),
-        D=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=bool(causal), IEEE=_dot_mode(q.dtype))
+        D=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=bool(causal), IEEE=_dot_mode(q.dtype), STORE_LSE=need_lse)
     return out, lse
 
 

@@ -239,6 +239,18 @@ def test_ops_fwd_bwd_lse(kind, causal):
         assert_grad_close(a, e, GRAD_RTOL[torch.float32], name)
 
 
+def test_triton_forward_without_lse():
+    """The inference launch (no lse allocated or written) gives the same output."""
+    if not TRITON_ON_CPU:
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    from pygen.kernels import attention as tk
+
+    q, k, v = make_qkv((1, 2, 19, 10, 80), torch.float16, seed=23)
+    out, lse = tk.attention_fwd(q, k, v, 0.2, True)
+    out2, none = tk.attention_fwd(q, k, v, 0.2, True, need_lse=False)
+    assert none is None and torch.equal(out, out2)
+
+
 def test_ops_output_strides_follow_q():
     """out is like torch.empty_like(q): a bshd-strided q gives a bshd-strided out; lse is contiguous."""
     q, k, v = make_qkv((1, 3, 5, 4, 32), torch.float32, layout="bshd", seed=1)
@@ -440,6 +452,15 @@ def test_dispatcher_real_measurement(cache_dir, monkeypatch):
     out = pygen.attention(q, k, v)
     assert A.last_choice()[0] == choice
     assert_rows_close(out, reference64(q, k, v, False), FWD_RTOL[torch.float32])
+
+
+def test_dispatcher_measures_backward_under_no_grad(cache_dir, monkeypatch):
+    """attention_choice(requires_grad=True) inside torch.no_grad still times fwd+bwd."""
+    monkeypatch.setattr(A, "_candidates", lambda *a: ["torch", "sdpa_math"])
+    q, k, v = make_qkv((1, 1, 4, 5, 32), torch.float32, seed=78)
+    with torch.no_grad():
+        A.attention_choice(q, k, v, requires_grad=True)
+    assert all(t is not None and t > 0 for t in A.last_timings.values())
 
 
 def test_dispatcher_cpu_default(cache_dir):
