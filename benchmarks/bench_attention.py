@@ -34,7 +34,6 @@ Triton's bundled ptxas) and prints the shared memory each needs.
 """
 import argparse
 import contextlib
-import math
 import os
 import sys
 

@@ -4,7 +4,6 @@ pygen.attention_reference, the dispatcher (pygen.ops.attention), bad input and N
 GPU tests (all head dims, fp16/bf16, long sequences, both kernels vs SDPA math) are marked cuda."""
 import importlib.util
 import json
-import math
 import os
 import warnings
 
@@ -331,8 +330,8 @@ def _bad_cases():
         ("head-dim mismatch", ValueError, (q, k, torch.randn(1, 2, 7, 16)), {}),
         ("batch mismatch", ValueError, (q, torch.randn(2, 2, 7, 32), torch.randn(2, 2, 7, 32)), {}),
         ("head-count mismatch", ValueError, (q, torch.randn(1, 3, 7, 32), torch.randn(1, 3, 7, 32)), {}),
-        ("head-count mismatch", ValueError, (torch.randn(1, 5, 2, 32), torch.randn(1, 7, 3, 32), torch.randn(1, 7, 3, 32)),
-         {"layout": "bshd"}),
+        ("head-count mismatch", ValueError,
+         (torch.randn(1, 5, 2, 32), torch.randn(1, 7, 3, 32), torch.randn(1, 7, 3, 32)), {"layout": "bshd"}),
         ("q must have dtype", TypeError, (q.to(torch.int32), k.to(torch.int32), k.to(torch.int32)), {}),
         ("q must have dtype", TypeError, (q.to(torch.complex64), k.to(torch.complex64), k.to(torch.complex64)), {}),
         ("k must have q's dtype", TypeError, (q.half(), k, k.half()), {}),
@@ -659,3 +658,17 @@ def test_gpu_dispatcher_never_slower_choice(cache_dir):
     out = pygen.attention(q, k, v)
     assert A.last_choice()[0] == choice
     assert_rows_close(out, _sdpa_math_fp32(q, k, v, False), 2 * FWD_RTOL[torch.float16])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_nan_propagates(cache_dir):
+    """A NaN in a query row gives a NaN output row on the pygen kernels and on the dispatcher's choice."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 300, 64, device="cuda", generator=g, dtype=torch.float16) for _ in range(3))
+    q[0, 1, 17, 5] = float("nan")
+    for name in _gpu_kernels():
+        out = run(name, q, k, v)
+        assert torch.isnan(out[0, 1, 17]).all() and torch.isfinite(out[0, 0]).all(), name
+    out = pygen.attention(q, k, v)
+    assert torch.isnan(out[0, 1, 17]).all(), f"dispatcher choice {A.last_choice()[0]} hides a NaN query row"
