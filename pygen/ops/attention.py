@@ -462,7 +462,7 @@ def _forced(name, device, dtype, d, source):
 
 def _select(q, k, v, scale, causal, layout, grad):
     """(name, key) of the implementation for these (B, H, S, D) tensors."""
-    forced = _backend._override.get()  # pygen.use_backend(...)
+    forced = _backend.forced_in_context()  # pygen.use_backend(...)
     if forced is not None:
         return _forced(forced, q.device, q.dtype, q.shape[3], f"pygen.use_backend({forced!r})"), None
     env = os.environ.get("PYGEN_ATTENTION")
