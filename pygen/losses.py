@@ -64,11 +64,12 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from pygen import _backend
 from pygen import mcmc as _mcmc
 from pygen.ops._common import (
     STORAGE_DTYPES, check_like, check_real, check_stream, check_tensor, contiguous, split_seed, to_signed64,
 )
-from pygen.ops.forward import _check_t, q_sample
+from pygen.ops.forward import INTERPOLATIONS, _check_t, q_sample_reference
 from pygen.ops.random import randn
 from pygen.schedules import NoiseSchedule
 
@@ -189,6 +190,20 @@ def _model_output(name, out, like):
     if out.dtype != like.dtype:  # e.g. a bf16 output under autocast on fp32 data (autograd casts the gradient back)
         out = out.to(like.dtype)
     return contiguous(out)
+
+
+def _noised(x0, t, table, noise, seed_i, row_seeds, stream, interpolation):
+    """x_t of ``pygen.q_sample`` (a·x0 + s·eps, eps given or drawn in the kernel) without its host-side
+    range check of t (a device sync on CUDA): t here is sampled in range or was checked by the caller."""
+    interp = INTERPOLATIONS[interpolation]
+    backend = _backend.resolve(x0.device)
+    if backend == "torch":
+        return q_sample_reference(x0, t, table, noise, seed_i, stream, row_seeds, interp, 0)[0]
+    if backend == "triton":
+        from pygen.kernels import forward as tk
+
+        return tk.q_sample(x0, t, table, noise, seed_i, stream, row_seeds, interp, 0)[0]
+    return torch.ops.pygen.q_sample(x0, t, table, noise, seed_i, stream, row_seeds, interp, 0)[0]
 
 
 # per-(table, device, dtype) copies of schedule tables, so a CPU scheduler table costs one copy per device
@@ -481,12 +496,8 @@ def diffusion_loss(model, x0, schedule=None, prediction_type="eps", weighting="u
     coeffs = diffusion_loss_coefficients(a, s, prediction_type, weighting, min_snr_gamma=gamma,
                                          sigma_data=sigma_data).to(acc)
 
-    interpolation = "flow" if flow else "vp"
     with torch.no_grad():
-        if noise is not None:
-            x_t = q_sample(x0, qt, qtable, noise, interpolation=interpolation)
-        else:
-            x_t, _ = q_sample(x0, qt, qtable, seed=seed, stream=stream, interpolation=interpolation)
+        x_t = _noised(x0, qt, qtable, noise, seed_i, row_seeds, stream, "flow" if flow else "vp")
     out = _model_output("model", model(x_t, model_t, **model_kwargs), x0)
     rows = _fused_mse(out, x0, coeffs, noise, seed, stream)
     _check_nan("diffusion_loss", rows, check_nan, t_idx)
@@ -555,10 +566,7 @@ def dsm_loss(score_model, x, sigmas, t=None, seed=None, *, stream=0, noise=None,
     tau = sig / (1.0 + sig)
     rows_t = torch.arange(batch, device=device)
     with torch.no_grad():
-        if noise is not None:
-            xs = q_sample(x, rows_t, tau, noise, interpolation="flow")
-        else:
-            xs, _ = q_sample(x, rows_t, tau, seed=seed, stream=stream, interpolation="flow")
+        xs = _noised(x, rows_t, contiguous(tau), noise, seed_i, row_seeds, stream, "flow")
         xs = (xs.to(acc) * _rows_view(1.0 + sig, x.dim()).to(acc)).to(x.dtype)
     out = _model_output("score_model", score_model(xs, sig.to(x.dtype), **model_kwargs), x)
     zero = torch.zeros_like(sig)
