@@ -69,6 +69,11 @@ def _row_len(x):
     return x[0].numel() if x.shape[0] > 0 else 0
 
 
+def _rows(x):
+    """``x`` as (B, elements per row) (also for B == 0)."""
+    return x.reshape(x.shape[0], _row_len(x))
+
+
 # ---------------------------------------------------------------------------
 # torch reference (the spec)
 # ---------------------------------------------------------------------------
@@ -87,7 +92,7 @@ def diffusion_loss_reference(model_out, x0, noise, coeffs, seed, stream, row_see
     """Plain-PyTorch diffusion_loss (the spec): (B,) per-row weighted MSE; differentiable."""
     r, _, (_, _, _, w) = _diffusion_residual(model_out, x0, noise, coeffs, seed, stream, row_seeds)
     batch = model_out.shape[0]
-    sq = (r * r).reshape(batch, -1).sum(1)
+    sq = _rows(r * r).sum(1)
     return w.reshape(batch) * (sq / _row_len(model_out))
 
 
@@ -114,7 +119,7 @@ def reparameterize_kl_reference(mu, logvar, noise, seed, stream, row_seeds):
     std = torch.exp(lv * 0.5)
     z = m + std * eps
     terms = m * m + std * std - 1 - lv
-    kl = 0.5 * terms.reshape(mu.shape[0], -1).sum(1)
+    kl = 0.5 * _rows(terms).sum(1)
     return z.to(mu.dtype), kl
 
 
@@ -165,7 +170,6 @@ def _diffusion_loss_extra_grads(grad_rows, model_out, x0, noise, coeffs, seed, s
     need_x0, need_noise, need_coeffs = need
     acc = _acc_dtype(model_out.dtype)
     nd = model_out.dim()
-    batch = model_out.shape[0]
     n = _row_len(model_out)
     r, eps, (m, ca, cb, w) = _diffusion_residual(model_out.detach(), x0.detach(),
                                                  None if noise is None else noise.detach(), coeffs.detach(),
@@ -177,12 +181,12 @@ def _diffusion_loss_extra_grads(grad_rows, model_out, x0, noise, coeffs, seed, s
     gcoeffs = None
     if need_coeffs:
         def row_mean(v):
-            return v.reshape(batch, -1).sum(1) / n
+            return _rows(v).sum(1) / n
 
-        kr = (k * r).reshape(batch, -1)
-        gm = (kr * model_out.detach().to(acc).reshape(batch, -1)).sum(1)
-        gca = -(kr * x0.detach().to(acc).reshape(batch, -1)).sum(1)
-        gcb = -(kr * eps.reshape(batch, -1)).sum(1)
+        kr = _rows(k * r)
+        gm = (kr * _rows(model_out.detach().to(acc))).sum(1)
+        gca = -(kr * _rows(x0.detach().to(acc))).sum(1)
+        gcb = -(kr * _rows(eps)).sum(1)
         gw = grad_rows.to(acc) * row_mean(r * r)
         gcoeffs = torch.stack([gm, gca, gcb, gw], 1).to(coeffs.dtype)
     return gx0, gnoise, gcoeffs
