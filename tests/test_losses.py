@@ -234,6 +234,23 @@ def test_diffusion_loss_reductions_and_schedule_forms():
                                    rtol=1e-5, atol=1e-7)
 
 
+def test_schedule_table_copies_and_checks_follow_in_place_changes():
+    x0 = torch.randn(4, 3, generator=gen(3))
+    model = Affine((3,))
+    table = schedule().alphas_cumprod.to(torch.float16)  # converted to float32 once, then reused
+    t = torch.tensor([1, 300, 600, 999])
+    a = losses.diffusion_loss(model, x0, table, t=t, seed=2, reduction="none")
+    assert torch.equal(losses.diffusion_loss(model, x0, table, t=t, seed=2, reduction="none"), a)
+    ref = losses.diffusion_loss(model, x0, table.float(), t=t, seed=2, reduction="none")
+    assert torch.equal(a, ref)
+    table[300] = 0.5  # an in-place change is seen (new version: a new copy)
+    b = losses.diffusion_loss(model, x0, table, t=t, seed=2, reduction="none")
+    assert not torch.equal(a[1], b[1]) and torch.equal(a[[0, 2, 3]], b[[0, 2, 3]])
+    table[0] = 2.0  # ... and checked again
+    with pytest.raises(ValueError, match="alphas_cumprod values in"):
+        losses.diffusion_loss(model, x0, table, t=t, seed=2)
+
+
 def test_diffusion_loss_accepts_a_diffusers_scheduler():
     diffusers = pytest.importorskip("diffusers")
     x0 = torch.randn(4, 3, generator=gen(8))
