@@ -130,6 +130,7 @@ def main(argv=None):
         f"alpha={args.alpha}",
         f"train_seconds={train_s:.2f} final_cd_loss={sum(curve[-50:]) / len(curve[-50:]):+.4f}",
         f"eval: {args.samples} chains x {args.eval_steps} Langevin steps from uniform noise; nonfinite={skipped}",
+        f"mode_weight_error={metrics.mode_weight_error(trained[finite], mixture):.4f}",
         f"sliced_wasserstein replay_buffer={swd_buffer:.4f}",
         f"sliced_wasserstein untrained={swd_untrained:.4f} trained={swd_trained:.4f}",
     ]
