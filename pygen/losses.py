@@ -628,7 +628,8 @@ def vae_reparameterize(mu, logvar, seed=None, stream=0, *, noise=None):
     the kernel (or the given ``noise``), and the analytic KL of q = N(mu, diag(exp(logvar)))
     to the prior N(0, I), summed over each row's elements:
 
-    .. math:: \mathrm{KL}_b = \tfrac12 \sum_i \left(\mu_{bi}^2 + e^{\mathrm{logvar}_{bi}} - 1 - \mathrm{logvar}_{bi}\right)
+    .. math:: \mathrm{KL}_b = \tfrac12 \sum_i \left(\mu_{bi}^2 + e^{\ell_{bi}} - 1 - \ell_{bi}\right),
+              \quad \ell = \mathrm{logvar}
 
     Args:
         mu, logvar: (B, ...) tensors of the same shape, dtype and device.

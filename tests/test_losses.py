@@ -88,7 +88,8 @@ def ref_weight(prediction, weighting, a, s, gamma=5.0, sd=0.5):
         return torch.ones_like(a)
     snr = a * a / (s * s)
     sigma2 = 1 / snr  # equivalent VE noise level
-    lam = {"snr": snr, "min_snr": torch.clamp(snr, max=gamma), "edm": (sigma2 + sd * sd) / (sigma2 * sd * sd)}[weighting]
+    lam = {"snr": snr, "min_snr": torch.clamp(snr, max=gamma),
+           "edm": (sigma2 + sd * sd) / (sigma2 * sd * sd)}[weighting]
     c2 = {"eps": 1 / snr, "x0": torch.ones_like(a), "v": 1 / (snr + 1), "flow": s * s}[prediction]
     return lam * c2
 
