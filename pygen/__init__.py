@@ -22,6 +22,7 @@ from pygen._backend import backends, use_backend  # noqa: E402
 from pygen.ops import _registry  # noqa: E402,F401  (schemas fallback, fakes, triton ops)
 from pygen.samplers import sample  # noqa: E402,F401  (imports pygen.kdiffusion)
 from pygen import distributed, kdiffusion, mcmc, metrics, models, schedules, sde  # noqa: E402,F401
+from pygen.ops.attention import attention, attention_reference  # noqa: E402,F401
 from pygen.ops.forward import *  # noqa: E402,F401,F403  (q_sample, reparameterize)
 from pygen.ops.langevin import *  # noqa: E402,F401,F403  (langevin_step, langevin_snr_step)
 from pygen.ops.mcmc import *  # noqa: E402,F401,F403  (leapfrog_, mh_select_)
