@@ -26,6 +26,7 @@ from pygen.ops.attention import attention, attention_reference  # noqa: E402,F40
 from pygen.ops.forward import *  # noqa: E402,F401,F403  (q_sample, reparameterize)
 from pygen.ops.langevin import *  # noqa: E402,F401,F403  (langevin_step, langevin_snr_step)
 from pygen.ops.mcmc import *  # noqa: E402,F401,F403  (leapfrog_, mh_select_)
+from pygen.ops.norm import *  # noqa: E402,F401,F403  (adaln_modulate, gated_residual, group_norm, timestep_embedding)
 from pygen.ops.random import randn  # noqa: E402
 from pygen.ops.schedule import *  # noqa: E402,F401,F403  (step_coefficients)
 from pygen.ops.step import *  # noqa: E402,F401,F403  (sampler_step)
