@@ -142,7 +142,9 @@ def grads(module, inputs, out, gout):
     return dict(zip([f"input{i}" for i in range(len(inputs))] + [n for n, _ in module.named_parameters()], g))
 
 
-def assert_grads_close(g_pg, g_ref, **tol):
+def assert_grads_close(g_pg, g_ref, rel=3e-5):
+    """Each gradient within ``rel`` of its largest magnitude (fp32 sums in a different order: the fused
+    backward kernels vs autograd through the eager ops)."""
     assert g_pg.keys() == g_ref.keys()
     for name in g_ref:
         a, b = g_pg[name], g_ref[name]
@@ -150,7 +152,8 @@ def assert_grads_close(g_pg, g_ref, **tol):
             assert a is None or not a.abs().max() > 0, name
             continue
         assert a is not None, name
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=rel * max(1.0, b.abs().max().item()),
+                                   msg=lambda m: f"grad of {name}: {m}")
 
 
 # ---------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def test_attention_matches_eager(backend, case):
     g_ref = grads(ref, inputs, expected, gout)
     assert out.shape == (b, n, dim)
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
-    assert_grads_close(g_pg, g_ref, rtol=1e-4, atol=5e-5)
+    assert_grads_close(g_pg, g_ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -253,7 +256,7 @@ def test_dit_block_matches_eager(backend, case):
     expected = ref(x, c)
     g_ref = grads(ref, [x, c], expected, gout)
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
-    assert_grads_close(g_pg, g_ref, rtol=1e-4, atol=1e-4)
+    assert_grads_close(g_pg, g_ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -347,7 +350,7 @@ def test_unet_attention_block_matches_eager(backend, case, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
-    assert_grads_close(g_pg, g_ref, rtol=1e-4, atol=1e-4)
+    assert_grads_close(g_pg, g_ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -411,7 +414,7 @@ def test_group_norm_module(backend, silu, layout):
     expected = F.silu(ref(x)) if silu else ref(x)
     g_ref = grads(ref, [x], expected, gout)
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
-    assert_grads_close(g_pg, g_ref, rtol=1e-4, atol=1e-4)
+    assert_grads_close(g_pg, g_ref)
 
 
 def test_group_norm_module_bad_input():
@@ -443,3 +446,35 @@ def test_timestep_embedder(backend, freq_dim):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)  # sin/cos of t up to 1e3: fp32 arguments
     torch.testing.assert_close(out_int, out, rtol=1e-5, atol=1e-5)  # integer timesteps accepted
     assert set(mod.state_dict()) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+
+
+# ---------------------------------------------------------------------------
+# one tiny Triton case per block (interpreter on CPU; the ops' own tests cover Triton in depth)
+# ---------------------------------------------------------------------------
+def _triton_ok():
+    import os
+
+    return pygen.backends()["triton"] == "available" and (torch.cuda.is_available() or
+                                                          os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.skipif(not _triton_ok(), reason="triton unavailable (on CPU it needs TRITON_INTERPRET=1)")
+def test_blocks_on_triton_tiny():
+    gen = torch.Generator().manual_seed(11)
+    block = randomize_(pnn.DiTBlock(64, 2, mlp_ratio=1.0), gen)
+    ref = twin(block, EagerDiTBlock(64, 2, mlp_ratio=1.0))
+    x, c = randn(gen, 1, 5, 64).requires_grad_(), randn(gen, 1, 64)
+    gout = randn(gen, 1, 5, 64)
+    with pygen.use_backend("triton"):
+        out = block(x, c)
+        g_pg = grads(block, [x], out, gout)
+    expected = ref(x, c)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    assert_grads_close(g_pg, grads(ref, [x], expected, gout))
+
+    unet = randomize_(pnn.UNetAttentionBlock(64, head_dim=32, num_groups=8), gen)
+    uref = twin(unet, EagerUNetAttention(64, 2, 32, 8, 1e-5))
+    x = randn(gen, 1, 64, 2, 3).contiguous(memory_format=torch.channels_last)
+    with pygen.use_backend("triton"), torch.no_grad():
+        out = unet(x)
+    torch.testing.assert_close(out, uref(x), **TOL[torch.float32])

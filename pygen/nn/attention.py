@@ -20,10 +20,7 @@ state dict loads as it is:
     group_norm.weight, group_norm.bias, to_q.weight/bias, to_k.weight/bias, to_v.weight/bias,
     to_out.0.weight/bias.
 """
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pygen.nn.functional import attention_bshd, spatial_to_tokens, tokens_to_spatial
@@ -54,8 +51,8 @@ class Attention(nn.Module):
         head_dim: channels per head (default ``dim // num_heads``); inner width = num_heads * head_dim.
         cross_dim: channels of the context tokens for cross-attention (None: self-attention).
         qkv_bias: bias in the q/k/v projections. out_bias: bias in the output projection.
-        causal: causal mask (query i attends to keys j <= i + (S_k - S_q), i.e. aligned at the end,
-            as ``pygen.attention``).
+        causal: causal mask, top-left aligned as ``pygen.attention`` and SDPA's ``is_causal``
+            (query i attends to keys j <= i).
 
     ``forward(x, context=None)``: ``context`` (B, M, cross_dim) is required for cross-attention and
     not accepted for self-attention. The scale is 1/sqrt(head_dim).

@@ -18,7 +18,6 @@ checkpoint's ``blocks.i.*`` load as they are:
 (norm1 / norm2 have no parameters). ``TimestepEmbedder``: mlp.0.weight/bias, mlp.2.weight/bias as
 DiT's ``t_embedder``; diffusers' ``TimestepEmbedding`` names them linear_1 / linear_2.
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 

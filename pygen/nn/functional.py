@@ -25,13 +25,11 @@ def group_norm_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, silu=Fals
     """GroupNorm of a (B, S, C) token tensor over groups of its C channels (and all S tokens).
 
     Equals ``F.group_norm(x.transpose(1, 2), num_groups, weight, bias, eps).transpose(1, 2)``
-    (optionally followed by SiLU). The (B, C, S, 1) view of a contiguous (B, S, C) tensor is
-    channels-last, so ``pygen.group_norm`` runs on it without a copy; the result comes back as
+    (optionally followed by SiLU). The (B, C, S) view of a contiguous (B, S, C) tensor is
+    channels-last, which ``pygen.group_norm`` takes as it is (no copy); the result comes back as
     (B, S, C).
     """
-    b, s, c = x.shape
-    y = pygen.group_norm(x.transpose(1, 2).unsqueeze(-1), num_groups, weight, bias, eps, silu=silu)
-    return y.squeeze(-1).transpose(1, 2)
+    return pygen.group_norm(x.transpose(1, 2), num_groups, weight, bias, eps, silu=silu).transpose(1, 2)
 
 
 def is_channels_last(x):
