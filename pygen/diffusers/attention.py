@@ -18,8 +18,10 @@ What differs is how, not what:
 * ``attn.group_norm`` (a ``torch.nn.GroupNorm``) runs as ``pygen.group_norm`` on the 4-D input (NCHW or
   channels-last), or on the channels-last view of 3-D tokens; no transposes.
 * 4-D outputs: the out projection's (B, HW, C) result is used as a channels-last (B, C, H, W) view and
-  the residual add writes the final layout (stock copies to NCHW, then adds, then divides by
-  ``rescale_output_factor``; the division by 1.0 is skipped here: it is exact).
+  the residual add writes the final tensor (stock copies to NCHW, then adds, then divides by
+  ``rescale_output_factor``; the division by 1.0 is skipped here: it is exact). The output has the
+  input's memory format: NCHW-contiguous for NCHW inputs (as stock), channels-last for channels-last
+  inputs (stock returns NCHW-contiguous there; the values are the same).
 * ``norm_q`` / ``norm_k`` are applied to (B, S, H, D) instead of (B, H, S, D); both act on the last dim
   (LayerNorm / RMSNorm / L2 over head_dim), so the result is the same.
 
