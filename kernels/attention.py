@@ -97,10 +97,22 @@ _KEY = ["BLOCK_D", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"]  # the autotuner adds the
 # ---------------------------------------------------------------------------
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
+    """fp32-accumulating dot. IEEE: 0 native (fp16/bf16 tensor cores), 1 fp32 without TF32,
+    2 operands upcast to fp32 first (bf16 under the interpreter, whose bf16 ``tl.dot`` is wrong)."""
+    if IEEE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE == 1:
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+def _dot_mode(dtype):
+    if dtype == torch.float32:
+        return 1
+    if dtype == torch.bfloat16 and INTERPRET:
+        return 2
+    return 0
 
 
 @triton.jit
@@ -362,7 +374,7 @@ def attention_fwd(q, k, v, scale, causal):
     _attn_fwd_kernel[_grid_m((SQ, B, H))](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         SQ, SK, float(scale) * LOG2E, _seq_bucket(SQ), _seq_bucket(SK),
-        D=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=bool(causal), IEEE=q.dtype == torch.float32)
+        D=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=bool(causal), IEEE=_dot_mode(q.dtype))
     return out, lse
 
 
@@ -383,7 +395,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, causal):
     _bwd_delta_kernel[(triton.cdiv(SQ, block_m_delta), B, H)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), SQ, H, D=D, BLOCK_D=block_d, BLOCK_M=block_m_delta)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride())
-    consts = dict(D=D, BLOCK_D=block_d, CAUSAL=bool(causal), IEEE=q.dtype == torch.float32)
+    consts = dict(D=D, BLOCK_D=block_d, CAUSAL=bool(causal), IEEE=_dot_mode(q.dtype))
     tail = (SQ, SK, H, float(scale), float(scale) * LOG2E, _seq_bucket(SQ), _seq_bucket(SK))
     _attn_bwd_dkdv_kernel[_grid_n((SK, B, H))](
         q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), *tail, **consts)

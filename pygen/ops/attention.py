@@ -17,14 +17,18 @@ of each query row. ``causal`` is top-left aligned: key j is visible to query i i
   variable ``PYGEN_ATTENTION`` (auto, triton, cuda, cpu, torch, sdpa_flash, sdpa_cudnn,
   sdpa_efficient, sdpa_math), else ``PYGEN_BACKEND``;
 * otherwise (auto): fp32/fp64 on CUDA, empty inputs, and head dims outside {32, 64, 80, 96, 128, 256}
-  (with a one-time warning per head dim) take the torch path (``F.scaled_dot_product_attention``).
-  Everything else is *measured once* per (device, dtype, layout, B, H, Sq, Sk, D, causal, grad):
-  on CUDA fp16/bf16 the candidates are pygen ``cuda`` and ``triton`` and SDPA's flash, cuDNN and
-  efficient backends (fwd, or fwd+bwd when a gradient is needed, timed with CUDA events); on the
-  CPU pygen ``cpu`` (when built) and ``torch`` (SDPA's CPU kernel). The fastest is cached in memory
-  and in ``$PYGEN_CACHE_DIR/attention.json`` (default ``~/.cache/pygen``; never fatal when
-  unwritable). Under CUDA-graph capture or torch.compile tracing nothing is measured: the cached
-  choice is used, else the static default ``torch``.
+  (with a one-time warning per head dim) take the ``torch`` path. Everything else is *measured once*
+  per (device, dtype, layout, B, H, Sq, Sk, D, causal, grad): on CUDA fp16/bf16 the candidates are
+  pygen ``cuda`` and ``triton`` and SDPA's flash, cuDNN and efficient backends (fwd, or fwd+bwd when
+  a gradient is needed, timed with CUDA events); on the CPU pygen ``cpu`` (when built) and
+  ``torch``, one warm-up and two timed calls. The fastest is cached in memory and in
+  ``$PYGEN_CACHE_DIR/attention.json`` (default ``~/.cache/pygen``; never fatal when unwritable).
+  Under CUDA-graph capture or torch.compile tracing nothing is measured: the cached choice is used,
+  else the static default ``torch``.
+
+The ``torch`` path is ``F.scaled_dot_product_attention`` (SDPA's own backend pick) on CUDA and
+the reference on the CPU: SDPA's CPU flash kernel returns zeros for a query row holding a NaN,
+which would hide the NaN (pygen propagates NaN), so it is not a CPU candidate either.
 """
 import json
 import math
@@ -181,10 +185,18 @@ def _sdpa(q, k, v, scale, causal):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
+def _torch_path(q, k, v, scale, causal):
+    """The "torch" implementation: SDPA (its own backend pick) on CUDA; the reference on the CPU,
+    where SDPA's flash kernel turns a query row with a NaN into zeros instead of NaN."""
+    if q.device.type == "cuda":
+        return _sdpa(q, k, v, scale, causal)
+    return attention_reference(q, k, v, scale, causal)
+
+
 def _run(name, q, k, v, scale, causal, grad):
     """Attention (B, H, S, D) on implementation ``name``; differentiable when ``grad``."""
     if name == "torch":
-        return _sdpa(q, k, v, scale, causal)
+        return _torch_path(q, k, v, scale, causal)
     if name in _SDPA_BACKENDS:
         if torch.compiler.is_compiling():
             return _sdpa(q, k, v, scale, causal)
@@ -516,7 +528,7 @@ def attention(q, k, v, scale=None, causal=False, layout="bhsd"):
         layout: ``"bhsd"`` or ``"bshd"``; the output has the same layout.
 
     dtypes float16/bfloat16 (pygen kernels, or SDPA's when faster), float32/float64 (torch path on
-    CUDA; on the CPU the fastest of pygen ``cpu`` and SDPA). Head dims 32, 64, 80, 96, 128, 256 on
+    CUDA; on the CPU the faster of pygen ``cpu`` and the reference). Head dims 32, 64, 80, 96, 128, 256 on
     pygen kernels; others fall back to the torch path with a one-time warning. See the module
     docstring for the dispatcher and its overrides (``pygen.use_backend``, ``PYGEN_ATTENTION``).
     """
