@@ -157,10 +157,7 @@ def test_layer_matches_attn_processor2_0(backend, kind):
     with backend_ctx(backend):
         out, g = _run_layer(ours, inputs, gout)
     assert out.shape == out_ref.shape and out.dtype == out_ref.dtype
-    if out_ref.dim() == 4:  # the input's memory format (stock: always NCHW-contiguous)
-        x = inputs["hidden_states"]
-        cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert out.stride() == out_ref.stride()  # stock's layout (4-D: channels-last strides), so later convs match
     torch.testing.assert_close(out, out_ref, **FP32)
     names = [k for k, v in inputs.items() if v.requires_grad] + [n for n, _ in stock.named_parameters()]
     for name, a, b in zip(names, g, g_ref):

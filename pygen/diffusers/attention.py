@@ -17,11 +17,10 @@ What differs is how, not what:
   to (B, H, S, D) for SDPA and copies back).
 * ``attn.group_norm`` (a ``torch.nn.GroupNorm``) runs as ``pygen.group_norm`` on the 4-D input (NCHW or
   channels-last), or on the channels-last view of 3-D tokens; no transposes.
-* 4-D outputs: the out projection's (B, HW, C) result is used as a channels-last (B, C, H, W) view and
-  the residual add writes the final tensor (stock copies to NCHW, then adds, then divides by
-  ``rescale_output_factor``; the division by 1.0 is skipped here: it is exact). The output has the
-  input's memory format: NCHW-contiguous for NCHW inputs (as stock), channels-last for channels-last
-  inputs (stock returns NCHW-contiguous there; the values are the same).
+* 4-D outputs: the out projection's (B, HW, C) result is viewed as (B, C, H, W) (channels-last strides,
+  as stock's ``transpose(-1, -2).reshape``, which is a view too) and ``+ residual`` writes the result in
+  that layout, as stock; the division by ``rescale_output_factor`` is skipped when it is 1.0 (exact).
+  So outputs have stock's strides, and the layers after attention (convolutions) see the same layout.
 * ``norm_q`` / ``norm_k`` are applied to (B, S, H, D) instead of (B, H, S, D); both act on the last dim
   (LayerNorm / RMSNorm / L2 over head_dim), so the result is the same.
 
@@ -33,7 +32,6 @@ prepares the mask exactly as ``AttnProcessor2_0`` (``attn.prepare_attention_mask
 Like ``AttnProcessor2_0`` it ignores ``attn.scale`` / ``scale_qk`` (SDPA's default scale), ``attn.is_causal``
 and the added-KV projections (other diffusers processors handle those; ``patch`` leaves them alone).
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -126,18 +124,10 @@ class AttnProcessor:
         hidden_states = attn.to_out[1](hidden_states)  # dropout
 
         if input_ndim == 4:
-            hidden_states = tokens_to_spatial(hidden_states, height, width)  # channels-last view
-            if not attn.residual_connection:
-                # stock returns a fresh tensor in its layout: copy out of the view
-                hidden_states = hidden_states.contiguous(memory_format=_memory_format(residual))
-        if attn.residual_connection:  # residual first: the sum takes the residual's memory format
-            hidden_states = residual + hidden_states
+            hidden_states = tokens_to_spatial(hidden_states, height, width)  # a view, as stock's reshape
+        if attn.residual_connection:  # this order: the sum takes the layout of the first operand, as stock
+            hidden_states = hidden_states + residual
         if attn.rescale_output_factor != 1.0:
             hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
 
-
-def _memory_format(x):
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
