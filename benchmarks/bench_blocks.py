@@ -416,11 +416,9 @@ def main(argv=None):
                 del case
                 if cuda:
                     torch.cuda.empty_cache()
-    md = bench.write_report(report, env, format_markdown, args.out, args.note)
+    bench.write_report(report, env, format_markdown, args.out, args.note)
     if args.out:
         print(f"wrote {args.out}.json and {args.out}.md")
-    else:
-        print(md)
     return 0
 
 
