@@ -8,7 +8,8 @@ tensor passed as ``.transpose(1, 2)`` is read in place):
   (log2(e) folded into the score scale); key blocks that are fully visible run without masks,
   the ragged last block and the causal diagonal blocks with masks; causal key blocks past the
   diagonal are skipped. Writes ``out`` (like ``torch.empty_like(q)``) and ``lse`` (B, H, Sq)
-  fp32 = natural-log logsumexp of the scaled scores per query row.
+  fp32 = natural-log logsumexp of the scaled scores per query row (not allocated or written by the
+  inference launch, ``need_lse=False``).
 * backward (deterministic, no atomics): ``delta = rowsum(dO * O)`` (preprocess kernel), then a
   dK/dV kernel (one program per key block, looping over query blocks) and a dQ kernel (one
   program per query block, looping over key blocks); both recompute P = exp(S - lse).
@@ -48,45 +49,49 @@ def _cfg(bm, bn, warps, stages):
 if INTERPRET:
     # One small config: exercises several blocks and every mask at tiny test sizes, no tuning.
     _FWD_CONFIGS = _BWD_CONFIGS = [_cfg(16, 16, 1, 1)]
+    _FWD_BY_D = _BWD_BY_D = None
 else:
-    # (BLOCK_M, BLOCK_N, warps, stages); pruned per head dim below (shared memory, registers).
-    _FWD_CONFIGS = [_cfg(bm, bn, w, s) for bm, bn, w, s in (
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-        (64, 128, 4, 3), (64, 32, 4, 4), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2))]
-    _BWD_CONFIGS = [_cfg(bm, bn, w, s) for bm, bn, w, s in (
-        (64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2),
-        (128, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2))]
+    # (BLOCK_M, BLOCK_N, warps, stages) per padded head dim (<= 64, 128, 256): a short list each,
+    # so a new key costs a few compiles. Shared memory stays under ~100 KB (checked for sm_90).
+    _FWD_BY_D = {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)],
+        128: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2)],
+        256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    }
+    # dK/dV programs hold a key block (BLOCK_N) and loop over query blocks (BLOCK_M); dQ the reverse:
+    # the list has shapes for both and each kernel tunes on its own.
+    _BWD_BY_D = {
+        64: [(32, 128, 4, 2), (64, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 3)],
+        128: [(32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2)],
+        256: [(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+    }
+    _FWD_CONFIGS = [_cfg(*c) for c in dict.fromkeys(c for cs in _FWD_BY_D.values() for c in cs)]
+    _BWD_CONFIGS = [_cfg(*c) for c in dict.fromkeys(c for cs in _BWD_BY_D.values() for c in cs)]
+
+
+def _d_class(block_d):
+    return 64 if block_d <= 64 else block_d
+
+
+def _select_configs(configs, table, block_d, max_m=None):
+    if table is None:
+        return configs
+    wanted = table[_d_class(block_d)]
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+    if max_m is not None:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] <= max_m] or kept
+    return kept
 
 
 def _prune_fwd(configs, named_args, **kwargs):
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    sq = named_args.get("SQ_BUCKET", 1 << 20)
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if block_d >= 256 and (bm * bn > 64 * 64 or c.num_stages > 2):
-            continue
-        if block_d == 128 and bn > 64 and bm > 64:
-            continue
-        if block_d <= 64 and bm < 64:
-            continue
-        if bm > max(sq, 64):
-            continue
-        kept.append(c)
-    return kept or configs[-1:]
+    # Short query sequences: blocks of 128 queries would mostly be padding.
+    max_m = max(named_args.get("SQ_BUCKET", 1 << 20), 64)
+    return _select_configs(configs, _FWD_BY_D, block_d, max_m)
 
 
 def _prune_bwd(configs, named_args, **kwargs):
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if block_d >= 256 and (bm * bn > 32 * 64 or c.num_stages > 2):
-            continue
-        if block_d == 128 and bm * bn > 64 * 128:
-            continue
-        kept.append(c)
-    return kept or configs[-1:]
+    return _select_configs(configs, _BWD_BY_D, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
 
 
 _KEY = ["BLOCK_D", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"]  # the autotuner adds the tensors' dtypes
@@ -181,14 +186,15 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, rows, offs_n, offs_d, stride_kn
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd},
+                 cache_results=True)
 @triton.jit(do_not_specialize=["SQ_BUCKET", "SK_BUCKET"])
 def _attn_fwd_kernel(Q, K, V, O, LSE,
                      sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
                      slb, slh, sls,
                      SQ, SK, qk_scale, SQ_BUCKET, SK_BUCKET,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     STORE_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the heaviest (last) query blocks first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -217,8 +223,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                                SK, qk_scale, full, hi, True, CAUSAL, D, BLOCK_D, BLOCK_N, IEEE)
     out = acc / l_i[:, None]
     _store_rows(O + b * sob + h * soh, out.to(O.dtype.element_ty), rows, offs_d, sos, sod, SQ, D, BLOCK_D)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
-    tl.store(LSE + b * slb + h * slh + rows * sls, lse, mask=rows < SQ)
+    if STORE_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
+        tl.store(LSE + b * slb + h * slh + rows * sls, lse, mask=rows < SQ)
 
 
 # ---------------------------------------------------------------------------
@@ -238,7 +245,8 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, sos, sod, sgb, sgh, sgs, sgd, SQ, 
     tl.store(DELTA + (b * H + h) * SQ + rows, tl.sum(o * do, 1), mask=rows < SQ)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd},
+                 cache_results=True)
 @triton.jit(do_not_specialize=["SQ_BUCKET", "SK_BUCKET"])
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                           sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sgb, sgh, sgs, sgd,
@@ -286,7 +294,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     _store_rows(DV + b * sdvb + h * sdvh, dv.to(DV.dtype.element_ty), cols, offs_d, sdvs, sdvd, SK, D, BLOCK_D)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd},
+                 cache_results=True)
 @triton.jit(do_not_specialize=["SQ_BUCKET", "SK_BUCKET"])
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                         sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sgb, sgh, sgs, sgd,
@@ -360,21 +369,25 @@ def _grid_n(n):
     return grid
 
 
-def attention_fwd(q, k, v, scale, causal):
-    """(out, lse) for q (B, H, Sq, D), k, v (B, H, Sk, D); see the module docstring."""
+def attention_fwd(q, k, v, scale, causal, need_lse=True):
+    """(out, lse) for q (B, H, Sq, D), k, v (B, H, Sk, D); see the module docstring.
+
+    ``need_lse=False`` (inference): lse is neither allocated nor written and None is returned for it.
+    """
     _check(q, k, v)
     B, H, SQ, D = q.shape
     SK = k.shape[2]
     out = torch.empty_like(q)
-    lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32)
+    lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32) if need_lse else None
     if out.numel() == 0:
         return out, lse
     if SK == 0:
         raise ValueError("k and v must have at least one key (Sk >= 1)")
+    lse_strides = lse.stride() if need_lse else (0, 0, 0)
     _attn_fwd_kernel[_grid_m((SQ, B, H))](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        q, k, v, out, lse if need_lse else out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides,
         SQ, SK, float(scale) * LOG2E, _seq_bucket(SQ), _seq_bucket(SK),
-        D=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=bool(causal), IEEE=_dot_mode(q.dtype))
+        D=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=bool(causal), IEEE=_dot_mode(q.dtype), STORE_LSE=need_lse)
     return out, lse
 
 

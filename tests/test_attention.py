@@ -4,7 +4,6 @@ pygen.attention_reference, the dispatcher (pygen.ops.attention), bad input and N
 GPU tests (all head dims, fp16/bf16, long sequences, both kernels vs SDPA math) are marked cuda."""
 import importlib.util
 import json
-import math
 import os
 import warnings
 
@@ -239,6 +238,18 @@ def test_ops_fwd_bwd_lse(kind, causal):
         assert_grad_close(a, e, GRAD_RTOL[torch.float32], name)
 
 
+def test_triton_forward_without_lse():
+    """The inference launch (no lse allocated or written) gives the same output."""
+    if not TRITON_ON_CPU:
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    from pygen.kernels import attention as tk
+
+    q, k, v = make_qkv((1, 2, 19, 10, 80), torch.float16, seed=23)
+    out, lse = tk.attention_fwd(q, k, v, 0.2, True)
+    out2, none = tk.attention_fwd(q, k, v, 0.2, True, need_lse=False)
+    assert none is None and torch.equal(out, out2)
+
+
 def test_ops_output_strides_follow_q():
     """out is like torch.empty_like(q): a bshd-strided q gives a bshd-strided out; lse is contiguous."""
     q, k, v = make_qkv((1, 3, 5, 4, 32), torch.float32, layout="bshd", seed=1)
@@ -319,8 +330,8 @@ def _bad_cases():
         ("head-dim mismatch", ValueError, (q, k, torch.randn(1, 2, 7, 16)), {}),
         ("batch mismatch", ValueError, (q, torch.randn(2, 2, 7, 32), torch.randn(2, 2, 7, 32)), {}),
         ("head-count mismatch", ValueError, (q, torch.randn(1, 3, 7, 32), torch.randn(1, 3, 7, 32)), {}),
-        ("head-count mismatch", ValueError, (torch.randn(1, 5, 2, 32), torch.randn(1, 7, 3, 32), torch.randn(1, 7, 3, 32)),
-         {"layout": "bshd"}),
+        ("head-count mismatch", ValueError,
+         (torch.randn(1, 5, 2, 32), torch.randn(1, 7, 3, 32), torch.randn(1, 7, 3, 32)), {"layout": "bshd"}),
         ("q must have dtype", TypeError, (q.to(torch.int32), k.to(torch.int32), k.to(torch.int32)), {}),
         ("q must have dtype", TypeError, (q.to(torch.complex64), k.to(torch.complex64), k.to(torch.complex64)), {}),
         ("k must have q's dtype", TypeError, (q.half(), k, k.half()), {}),
@@ -440,6 +451,15 @@ def test_dispatcher_real_measurement(cache_dir, monkeypatch):
     out = pygen.attention(q, k, v)
     assert A.last_choice()[0] == choice
     assert_rows_close(out, reference64(q, k, v, False), FWD_RTOL[torch.float32])
+
+
+def test_dispatcher_measures_backward_under_no_grad(cache_dir, monkeypatch):
+    """attention_choice(requires_grad=True) inside torch.no_grad still times fwd+bwd."""
+    monkeypatch.setattr(A, "_candidates", lambda *a: ["torch", "sdpa_math"])
+    q, k, v = make_qkv((1, 1, 4, 5, 32), torch.float32, seed=78)
+    with torch.no_grad():
+        A.attention_choice(q, k, v, requires_grad=True)
+    assert all(t is not None and t > 0 for t in A.last_timings.values())
 
 
 def test_dispatcher_cpu_default(cache_dir):
@@ -638,3 +658,17 @@ def test_gpu_dispatcher_never_slower_choice(cache_dir):
     out = pygen.attention(q, k, v)
     assert A.last_choice()[0] == choice
     assert_rows_close(out, _sdpa_math_fp32(q, k, v, False), 2 * FWD_RTOL[torch.float16])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_nan_propagates(cache_dir):
+    """A NaN in a query row gives a NaN output row on the pygen kernels and on the dispatcher's choice."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 300, 64, device="cuda", generator=g, dtype=torch.float16) for _ in range(3))
+    q[0, 1, 17, 5] = float("nan")
+    for name in _gpu_kernels():
+        out = run(name, q, k, v)
+        assert torch.isnan(out[0, 1, 17]).all() and torch.isfinite(out[0, 0]).all(), name
+    out = pygen.attention(q, k, v)
+    assert torch.isnan(out[0, 1, 17]).all(), f"dispatcher choice {A.last_choice()[0]} hides a NaN query row"

@@ -148,11 +148,17 @@ def _bwd_op(backend):
         from pygen.kernels import attention as tk
 
         return tk.attention_bwd
-    if backend == "cuda" and not _extension.has_kernel("attention_bwd", "CUDA"):
-        from pygen.kernels import attention as tk  # compiled forward, Triton backward
+    if backend == "cuda" and (_triton_on_cuda() or not _extension.has_kernel("attention_bwd", "CUDA")):
+        # The compiled CUDA backward is a simple exact kernel without tensor cores; the Triton one
+        # (same lse convention) is the fast path when Triton is there.
+        from pygen.kernels import attention as tk
 
         return tk.attention_bwd
     return _compiled_bwd
+
+
+def _triton_on_cuda():
+    return _backend.backends()["triton"] == _backend.AVAILABLE and torch.cuda.is_available()
 
 
 def _compiled_fwd(q, k, v, scale, causal):
@@ -210,7 +216,11 @@ def _run(name, q, k, v, scale, causal, grad):
         return torch.ops.pygen.attention_fwd(q, k, v, scale, causal)[0]
     if grad:
         return _AttentionFunction.apply(q, k, v, scale, causal, name)
-    return _fwd_op(name)(q, k, v, scale, causal)[0]  # the hot path: a direct launch
+    if name == "triton":  # the hot path: a direct launch, no lse
+        from pygen.kernels import attention as tk
+
+        return tk.attention_fwd(q, k, v, scale, causal, False)[0]
+    return _compiled_fwd(q, k, v, scale, causal)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -358,8 +368,9 @@ def _time_candidate(name, q, k, v, scale, causal, grad):
         g = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
 
         def call():
-            out = _run(name, qg, kg, vg, scale, causal, True)
-            torch.autograd.grad(out, (qg, kg, vg), g)
+            with torch.enable_grad():
+                out = _run(name, qg, kg, vg, scale, causal, True)
+                torch.autograd.grad(out, (qg, kg, vg), g)
     else:
         def call():
             with torch.no_grad():
@@ -451,7 +462,7 @@ def _forced(name, device, dtype, d, source):
 
 def _select(q, k, v, scale, causal, layout, grad):
     """(name, key) of the implementation for these (B, H, S, D) tensors."""
-    forced = _backend._override.get()  # pygen.use_backend(...)
+    forced = _backend.forced_in_context()  # pygen.use_backend(...)
     if forced is not None:
         return _forced(forced, q.device, q.dtype, q.shape[3], f"pygen.use_backend({forced!r})"), None
     env = os.environ.get("PYGEN_ATTENTION")
@@ -482,7 +493,27 @@ def _select(q, k, v, scale, causal, layout, grad):
 # ---------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------
+_DTYPE_SET = frozenset(DTYPES)
+_TENSOR = torch.Tensor
+
+
 def _validate(q, k, v, scale, causal, layout):
+    """The scale to use; raises ValueError/TypeError naming the bad argument."""
+    # Fast path (the common, valid call): a handful of comparisons, then the scale.
+    if (isinstance(q, _TENSOR) and isinstance(k, _TENSOR) and isinstance(v, _TENSOR) and causal.__class__ is bool
+            and q.dtype in _DTYPE_SET and k.dtype is q.dtype and v.dtype is q.dtype):
+        qs, ks = q.shape, k.shape
+        if len(qs) == 4 and ks == v.shape and len(ks) == 4 and ks[0] == qs[0] and ks[3] == qs[3]:
+            h, s = (1, 2) if layout == "bhsd" else (2, 1) if layout == "bshd" else (0, 0)
+            if h and ks[h] == qs[h] and ks[s] > 0 and k.device == q.device and v.device == q.device:
+                if scale is None:
+                    return 1.0 / math.sqrt(qs[3])
+                if scale.__class__ is float and 0.0 < scale < math.inf:
+                    return scale
+    return _validate_slow(q, k, v, scale, causal, layout)
+
+
+def _validate_slow(q, k, v, scale, causal, layout):
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     dims = "(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)"
@@ -579,7 +610,8 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd()(grad_out, q, k, v, out, lse, ctx.scale, ctx.causal)
+        # grad_out may be expanded (e.g. from .sum()); the ops take a unit last stride.
+        dq, dk, dv = bwd()(_unit_last(grad_out), q, k, v, out, lse, ctx.scale, ctx.causal)
         return dq, dk, dv, None, None
 
     return backward

@@ -634,14 +634,17 @@ def _triton_impl(name):
     def check_and_launch(*args):
         from pygen.kernels import norm as tk
 
-        if name in ("adaln_modulate", "gated_residual", "group_norm", "timestep_embedding"):
+        if name in _CHECKS:
             args = _CHECKS[name](*args)
+        elif name == "group_norm_backward":
+            grad, x, *rest = args
+            layout = group_norm_layout(x)
+            if layout is None:
+                x, layout = x.contiguous(), "nchw"
+            rest = [contiguous(a) if isinstance(a, torch.Tensor) else a for a in rest]
+            args = (to_layout(grad, x, layout), x, *rest)
         else:
             args = tuple(contiguous(a) if isinstance(a, torch.Tensor) else a for a in args)
-            if name == "group_norm_backward":
-                layout = group_norm_layout(args[1]) or "nchw"
-                x = args[1] if group_norm_layout(args[1]) else args[1].contiguous()
-                args = (to_layout(args[0], x, layout), x) + args[2:]
         return getattr(tk, name)(*args)
 
     return check_and_launch
