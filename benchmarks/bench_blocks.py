@@ -22,6 +22,11 @@ U-Net C 128, 2 heads of 64, 16x16, B 2. Modes: ``fwd`` (under ``torch.no_grad``)
 (calibrated batches, implementations interleaved in rounds, medians; CUDA events on the GPU), so
 the speedups are measured side by side.
 
+pygen.attention's dispatcher measures its candidates once per shape and caches the pick in
+``$PYGEN_CACHE_DIR/attention.json``; the picks used are listed under the table. A cache written before
+the extension was (re)built can hold stale picks (e.g. ``torch`` from before a CPU kernel existed):
+record with a fresh ``PYGEN_CACHE_DIR``.
+
 pytest-benchmark::
 
     python -m pytest benchmarks/bench_blocks.py --benchmark-only
@@ -29,7 +34,7 @@ pytest-benchmark::
 
 Standalone (markdown + JSON)::
 
-    python benchmarks/bench_blocks.py --device cpu --out benchmarks/results/blocks-cpu-DATE
+    PYGEN_CACHE_DIR=$(mktemp -d) python benchmarks/bench_blocks.py --device cpu --out benchmarks/results/blocks-cpu-DATE
     python benchmarks/bench_blocks.py --device cuda --dtypes bf16,fp16 --modes fwd,fwd+bwd --out ...
 """
 import argparse
@@ -352,9 +357,22 @@ def format_markdown(report):
              "", "| case | size | dtype | mode | impl | ms | TFLOP/s | speedup | rel. diff | other CPU use (cores) |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     lines += [format_row(r) for r in report["results"]]
+    if report.get("attention_choices"):
+        lines += ["", "pygen.attention dispatcher choices (device, dtype, layout, B, H, Sq, Sk, D, causal, grad -> "
+                  "implementation): " + "; ".join(f"{k} -> {v}" for k, v in report["attention_choices"].items())]
     if report.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(report["skipped"])]
     return "\n".join(lines) + "\n"
+
+
+def attention_choices():
+    """{key: implementation} that pygen.attention's dispatcher has chosen in this process."""
+    try:
+        from pygen.ops import attention as A
+
+        return {"|".join(str(x) for x in key[1:]): name for key, name in A.cached_choices().items()}
+    except (ImportError, AttributeError):
+        return {}
 
 
 def _parse_size(text, keys):
@@ -410,6 +428,7 @@ def main(argv=None):
                 rows = run_case(case, repeats=args.repeats, min_time=min_time, warmup=3 if cuda else 1,
                                 max_time=10.0 if cuda else 30.0)
                 report["results"] += rows
+                report["attention_choices"] = attention_choices()
                 for r in rows:
                     print(format_row(r), flush=True)
                 bench.write_report(report, env, format_markdown, args.out, args.note)
