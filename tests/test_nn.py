@@ -1,7 +1,8 @@
 """pygen.nn modules (Attention, DiTBlock, UNetAttentionBlock, GroupNorm, TimestepEmbedder) vs eager
 PyTorch implementations written here from plain ops (F.linear, F.layer_norm, F.group_norm,
 F.scaled_dot_product_attention) with the same weights: forward, backward (input and parameter
-grads), odd sizes, fp32 under the default backend and under ``pygen.use_backend("torch")``, fp16/bf16
+grads), odd sizes, fp32 under the default backend, ``pygen.use_backend("torch")`` and (when built)
+``pygen.use_backend("cpu")``, fp16/bf16
 on the torch path at loose tolerances. State-dict names are checked by loading pygen's state dicts
 strictly into the eager modules (which use the DiT / diffusers names). The fused ops' own tests
 (tests/test_attention.py, tests/test_norm.py) cover the Triton and compiled kernels in depth.
@@ -17,7 +18,8 @@ from torch import nn
 import pygen
 import pygen.nn as pnn
 
-BACKENDS = ["default", "torch"]
+# default dispatch, the torch reference, and the compiled CPU kernels forced (when built)
+BACKENDS = ["default", "torch"] + (["cpu"] if pygen.backends()["cpu"] == "available" else [])
 
 
 def backend_ctx(name):
@@ -168,7 +170,8 @@ ATTN_CASES = [  # (dim, heads, head_dim, cross_dim, B, N, M, causal, qkv_bias, o
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"d{c[0]}h{c[1]}x{c[2]}c{c[3]}n{c[5]}m{c[6]}{'causal' if c[7] else ''}")
+@pytest.mark.parametrize("case", ATTN_CASES,
+                         ids=lambda c: f"d{c[0]}h{c[1]}x{c[2]}c{c[3]}n{c[5]}m{c[6]}{'causal' if c[7] else ''}")
 def test_attention_matches_eager(backend, case):
     dim, heads, head_dim, cross_dim, b, n, m, causal, qkv_bias, out_bias = case
     gen = torch.Generator().manual_seed(0)

@@ -185,7 +185,8 @@ class UNetAttentionBlock(nn.Module):
         """A ``UNetAttentionBlock`` with the weights of a diffusers ``Attention`` that has a group norm
         and a residual connection (e.g. ``UNet2DModel(...).mid_block.attentions[0]``)."""
         if attn.group_norm is None or not attn.residual_connection or attn.is_cross_attention:
-            raise ValueError("attn must be a diffusers self-Attention with norm_num_groups and residual_connection=True")
+            raise ValueError("attn must be a diffusers self-Attention with norm_num_groups and "
+                             "residual_connection=True")
         inner = attn.to_q.out_features
         mod = cls(attn.query_dim, num_heads=attn.heads, head_dim=inner // attn.heads,
                   num_groups=attn.group_norm.num_groups, eps=attn.group_norm.eps, bias=attn.to_q.bias is not None,
