@@ -4,6 +4,7 @@ Transformers") and pygen.nn.TimestepEmbedder, on pygen's fused ops.
 DiTBlock.forward(x (B, N, C), c (B, cond_dim)):
 
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaLN_modulation(c).chunk(6, dim=1)
+    (computed as one batched matmul into (6, B, C), so each piece is contiguous; same weights)
     x = gated_residual(x, gate_msa, attn(adaln_modulate(x, shift_msa, scale_msa)))
     x = gated_residual(x, gate_mlp, mlp(adaln_modulate(x, shift_mlp, scale_mlp)))
 
@@ -18,6 +19,7 @@ checkpoint's ``blocks.i.*`` load as they are:
 (norm1 / norm2 have no parameters). ``TimestepEmbedder``: mlp.0.weight/bias, mlp.2.weight/bias as
 DiT's ``t_embedder``; diffusers' ``TimestepEmbedding`` names them linear_1 / linear_2.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -72,12 +74,24 @@ class DiTBlock(nn.Module):
     def extra_repr(self):
         return f"hidden_size={self.hidden_size}, cond_dim={self.cond_dim}, eps={self.eps}"
 
+    def modulation(self, c):
+        """adaLN_modulation(c) = Linear(SiLU(c)) as (6, B, C): shift_msa, scale_msa, gate_msa, shift_mlp,
+        scale_mlp, gate_mlp, each a contiguous (B, C) (one batched matmul; ``.chunk(6, dim=1)`` of the
+        (B, 6C) output would give strided slices, which the fused ops copy first)."""
+        lin = self.adaLN_modulation[1]
+        hidden = self.hidden_size
+        weight = lin.weight.view(6, hidden, self.cond_dim).transpose(1, 2)  # (6, cond, C)
+        h = F.silu(c).unsqueeze(0).expand(6, -1, -1)  # (6, B, cond)
+        if lin.bias is None:
+            return torch.bmm(h, weight)
+        return torch.baddbmm(lin.bias.view(6, 1, hidden), h, weight)
+
     def forward(self, x, c):
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be (B, N, {self.hidden_size}), got shape {tuple(x.shape)}")
         if c.dim() != 2 or c.shape != (x.shape[0], self.cond_dim):
             raise ValueError(f"c must be (B, cond_dim) = ({x.shape[0]}, {self.cond_dim}), got shape {tuple(c.shape)}")
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c).unbind(0)
         h = pygen.adaln_modulate(x, shift=shift_msa, scale=scale_msa, eps=self.eps)
         x = pygen.gated_residual(x, gate_msa, self.attn(h))
         h = pygen.adaln_modulate(x, shift=shift_mlp, scale=scale_mlp, eps=self.eps)
