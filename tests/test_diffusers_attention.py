@@ -396,3 +396,43 @@ def test_patched_pipeline_output_matches_stock():
 def test_install_attn_processor_bad_input():
     with pytest.raises(TypeError, match="model"):
         PD.install_attn_processor(object())
+
+
+# ---------------------------------------------------------------------------
+# fp16 / bf16: whole models (CPU: the torch path; CUDA: the dispatcher's kernels)
+# ---------------------------------------------------------------------------
+def _cast_inputs(inputs, device, dtype):
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", id="cpu-torch"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")]),
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["unet_cond_hd32", "unet2d", "dit", "pixart_mask"])
+def test_model_low_precision(name, dtype, device):
+    """pygen's processor in fp16/bf16 vs the stock model in fp32 on the same rounded weights and inputs:
+    its max error is at most twice the stock fp16/bf16 model's own (floor 2e-3 of the output scale)."""
+    stock, inputs = _model_case(name)
+    stock_low = stock.to(device, dtype)
+    exact = copy.deepcopy(stock_low).float()
+    ours = copy.deepcopy(stock_low)
+    _install(ours)
+    low_inputs = _cast_inputs(inputs, device, dtype)
+    exact_inputs = _cast_inputs(low_inputs, device, torch.float32)
+    with torch.no_grad():
+        want = exact(**exact_inputs).sample
+        stock_out = stock_low(**low_inputs).sample
+        with pygen.use_backend("torch") if device == "cpu" else contextlib.nullcontext():
+            out = ours(**low_inputs).sample
+    assert out.dtype == dtype and out.shape == want.shape
+    err = (out.float() - want).abs().max().item()
+    stock_err = (stock_out.float() - want).abs().max().item()
+    assert err <= max(2 * stock_err, 2e-3 * want.abs().max().item()), (err, stock_err)

@@ -8,6 +8,7 @@ strictly into the eager modules (which use the DiT / diffusers names). The fused
 (tests/test_attention.py, tests/test_norm.py) cover the Triton and compiled kernels in depth.
 """
 import contextlib
+import copy
 import math
 
 import pytest
@@ -119,17 +120,48 @@ class EagerUNetAttention(nn.Module):
         return (o + x) / self.rescale
 
 
-def assert_low_precision_close(out, ref_module, args, dtype):
-    """``out`` (pygen in ``dtype``) vs ``ref_module`` in fp32 on the same rounded weights and inputs: the
-    error may be at most twice eager PyTorch's own error in ``dtype`` (and a floor of 1e-3 of the scale)."""
-    ref_module = ref_module.to(dtype)
-    with torch.no_grad():
-        eager_low = ref_module(*[a.to(dtype) for a in args]).float()
-        exact = ref_module.float()(*[a.to(dtype).float() for a in args])
-    assert out.dtype == dtype and out.shape == exact.shape
-    err = (out.float() - exact).abs().max().item()
-    eager_err = (eager_low - exact).abs().max().item()
-    assert err <= max(2 * eager_err, 1e-3 * exact.abs().max().item()), (err, eager_err)
+LOW_PRECISION_DEVICES = [
+    pytest.param("cpu", id="cpu-torch"),  # the torch path (the CPU kernels are fp32/fp64 only)
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")]),  # the dispatcher's kernels
+]
+
+
+def low_precision_ctx(device):
+    return pygen.use_backend("torch") if device == "cpu" else contextlib.nullcontext()
+
+
+def check_low_precision(mod, ref, args, dtype, device, seed=0):
+    """pygen ``mod`` in ``dtype`` vs ``ref`` (eager, same weights) computed in fp32 on the same rounded
+    weights and inputs, forward output and every input / parameter gradient: pygen's max error may be
+    at most twice eager PyTorch's own error in ``dtype``, with a floor of 1e-3 (output) / 3e-3 (grads)
+    of the largest magnitude."""
+    mod = mod.to(device, dtype)
+    ref_low = ref.to(device, dtype)
+    ref32 = copy.deepcopy(ref_low).float()
+    args_low = [a.to(device, dtype).requires_grad_() for a in args]
+    args32 = [a.detach().float().requires_grad_() for a in args_low]
+    exact = ref32(*args32)
+    gout = torch.randn(exact.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    names = [f"input{i}" for i in range(len(args))] + [n for n, _ in ref32.named_parameters()]
+
+    def run(module, inputs, ctx):
+        with ctx:
+            out = module(*inputs)
+            params = dict(module.named_parameters())
+            g = torch.autograd.grad(out, inputs + [params[n] for n in names[len(args):]], gout.to(out.dtype))
+        return [out] + list(g)
+
+    results = {"pygen": run(mod, args_low, low_precision_ctx(device)),
+               "eager": run(ref_low, args_low, contextlib.nullcontext()),
+               "exact": run(ref32, args32, contextlib.nullcontext())}
+    assert results["pygen"][0].dtype == dtype and results["pygen"][0].shape == exact.shape
+    for i, name in enumerate(["output"] + names):
+        want = results["exact"][i].float()
+        err = (results["pygen"][i].float() - want).abs().max().item()
+        eager_err = (results["eager"][i].float() - want).abs().max().item()
+        floor = (1e-3 if i == 0 else 3e-3) * want.abs().max().item()
+        assert err <= max(2 * eager_err, floor), f"{name}: pygen error {err:.3g}, eager error {eager_err:.3g}"
 
 
 def twin(pg_module, eager_module):
@@ -194,15 +226,16 @@ def test_attention_matches_eager(backend, case):
     assert_grads_close(g_pg, g_ref)
 
 
+@pytest.mark.parametrize("device", LOW_PRECISION_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_attention_low_precision_torch_path(dtype):
+def test_attention_low_precision(dtype, device):
     gen = torch.Generator().manual_seed(1)
     mod = randomize_(pnn.Attention(64, 2, cross_dim=32), gen)
     ref = twin(mod, EagerAttention(64, 2, 32, cross_dim=32))
-    x, ctx = randn(gen, 2, 9, 64), randn(gen, 2, 5, 32)
-    with pygen.use_backend("torch"), torch.no_grad():
-        out = mod.to(dtype)(x.to(dtype), ctx.to(dtype))
-    assert_low_precision_close(out, ref, (x, ctx), dtype)
+    check_low_precision(mod, ref, (randn(gen, 2, 9, 64), randn(gen, 2, 5, 32)), dtype, device)
+    mod = randomize_(pnn.Attention(128, 2, causal=True), gen)
+    ref = twin(mod, EagerAttention(128, 2, 64, causal=True))
+    check_low_precision(mod, ref, (randn(gen, 3, 33, 128),), dtype, device)
 
 
 def test_attention_from_diffusers():
@@ -262,15 +295,13 @@ def test_dit_block_matches_eager(backend, case):
     assert_grads_close(g_pg, g_ref)
 
 
+@pytest.mark.parametrize("device", LOW_PRECISION_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_dit_block_low_precision_torch_path(dtype):
+def test_dit_block_low_precision(dtype, device):
     gen = torch.Generator().manual_seed(4)
-    block = randomize_(pnn.DiTBlock(64, 2, 2.0), gen)
-    ref = twin(block, EagerDiTBlock(64, 2, 2.0))
-    x, c = randn(gen, 2, 9, 64), randn(gen, 2, 64)
-    with pygen.use_backend("torch"), torch.no_grad():
-        out = block.to(dtype)(x.to(dtype), c.to(dtype))
-    assert_low_precision_close(out, ref, (x, c), dtype)
+    block = randomize_(pnn.DiTBlock(128, 2, 2.0, cond_dim=48), gen)
+    ref = twin(block, EagerDiTBlock(128, 2, 2.0, cond_dim=48))
+    check_low_precision(block, ref, (randn(gen, 2, 37, 128), randn(gen, 2, 48)), dtype, device)
 
 
 def test_dit_block_init_is_identity_and_trains():
@@ -356,15 +387,15 @@ def test_unet_attention_block_matches_eager(backend, case, channels_last):
     assert_grads_close(g_pg, g_ref)
 
 
+@pytest.mark.parametrize("device", LOW_PRECISION_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_unet_attention_block_low_precision_torch_path(dtype):
+def test_unet_attention_block_low_precision(dtype, device):
     gen = torch.Generator().manual_seed(7)
-    block = randomize_(pnn.UNetAttentionBlock(64, head_dim=32, num_groups=8), gen)
-    ref = twin(block, EagerUNetAttention(64, 2, 32, 8, 1e-5))
-    x = randn(gen, 2, 64, 3, 5)
-    with pygen.use_backend("torch"), torch.no_grad():
-        out = block.to(dtype)(x.to(dtype))
-    assert_low_precision_close(out, ref, (x,), dtype)
+    block = randomize_(pnn.UNetAttentionBlock(128, head_dim=64, num_groups=32), gen)
+    ref = twin(block, EagerUNetAttention(128, 2, 64, 32, 1e-5))
+    check_low_precision(block, ref, (randn(gen, 2, 128, 5, 7),), dtype, device)
+    x = randn(gen, 1, 128, 4, 6).contiguous(memory_format=torch.channels_last)
+    check_low_precision(block, ref, (x,), dtype, device)
 
 
 def test_unet_attention_block_from_diffusers():
