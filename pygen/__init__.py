@@ -36,5 +36,6 @@ from pygen.ops.norm import *  # noqa: E402,F401,F403  (adaln_modulate, gated_res
 from pygen.ops.random import randn  # noqa: E402
 from pygen.ops.schedule import *  # noqa: E402,F401,F403  (step_coefficients)
 from pygen.ops.step import *  # noqa: E402,F401,F403  (sampler_step)
+from pygen import nn  # noqa: E402,F401  (modules on the ops above: Attention, DiTBlock, UNetAttentionBlock, ...)
 
 __version__ = "0.1.0"
