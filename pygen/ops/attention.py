@@ -295,7 +295,11 @@ def _versions():
         tv = triton.__version__
     except ImportError:
         tv = None
-    return {"torch": torch.__version__, "triton": tv}
+    # Which compiled kernels this build has: a choice measured before the extension was (re)built
+    # with (or without) them must not survive the rebuild.
+    built = [f"{name}:{key}" for name in ("attention_fwd", "attention_bwd") for key in ("CPU", "CUDA")
+             if _extension.has_kernel(name, key)]
+    return {"torch": torch.__version__, "triton": tv, "compiled": built}
 
 
 def _key_str(key):
