@@ -89,6 +89,11 @@ def use_backend(name):
         _override.reset(token)
 
 
+def forced_in_context():
+    """The backend forced by an enclosing ``with pygen.use_backend(name):`` (not the env), or None."""
+    return _override.get()
+
+
 def requested():
     """The explicitly requested backend (context manager, then env), or None."""
     name = _override.get()

@@ -54,7 +54,9 @@ def run(pipe, steps, seed=1234, **kw):
 def check_pipeline(pipe, steps, require_unclamped=True, **kw):
     original = pipe.scheduler
     stock, stock_x = run(pipe, steps, **kw)
-    assert pygen.diffusers.patch(pipe) is pipe
+    # The scheduler alone: these 1e-5 comparisons of whole pipelines would also see fp32 reordering in
+    # pygen's attention (its processor is checked against stock in tests/test_diffusers_attention.py).
+    assert pygen.diffusers.patch(pipe, attention=False) is pipe
     fused_cls = pygen.diffusers.SCHEDULERS[type(original).__name__]
     assert type(pipe.scheduler) is fused_cls
     assert isinstance(pipe.scheduler, type(original))  # subclass of the stock class

@@ -74,7 +74,7 @@ def register_triton(name, fn, *, mutates_args=()):
 
 def _import_families():
     # Imported for their registration side effects.
-    from pygen.ops import forward, langevin, loss, mcmc, random, schedule, step  # noqa: F401
+    from pygen.ops import attention, forward, langevin, loss, mcmc, norm, random, schedule, step  # noqa: F401
 
 
 _import_families()
