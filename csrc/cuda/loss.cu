@@ -211,8 +211,9 @@ void launch_row_reduction(const RowOp<scalar_t, KIND>& op, const Noise<scalar_t>
   acc* pp = part.data_ptr<acc>();
   const bool given = nz.given != nullptr;
   if (small) {
-    if (given) small_rows_kernel<scalar_t, KIND, true><<<blocks_for(batch), kThreads, 0, cs>>>(op, nz, batch, row_len, pp);
-    else small_rows_kernel<scalar_t, KIND, false><<<blocks_for(batch), kThreads, 0, cs>>>(op, nz, batch, row_len, pp);
+    const unsigned int blocks = blocks_for(batch);
+    if (given) small_rows_kernel<scalar_t, KIND, true><<<blocks, kThreads, 0, cs>>>(op, nz, batch, row_len, pp);
+    else small_rows_kernel<scalar_t, KIND, false><<<blocks, kThreads, 0, cs>>>(op, nz, batch, row_len, pp);
   } else {
     const auto grid = static_cast<unsigned int>(items);
     if (given) row_partials_kernel<scalar_t, KIND, true><<<grid, kThreads, 0, cs>>>(op, nz, row_len, windows, pp);
