@@ -50,6 +50,7 @@
 #include <utility>
 
 #include "cuda_common.cuh"
+#include "../attention_checks.h"
 #include "pygen/attention.h"
 
 namespace pygen::cuda {
@@ -57,36 +58,8 @@ namespace {
 
 namespace attn = pygen::attention;
 
-// ---------------------------------------------------------------------------
-// Argument checks (the Python layer validated already; this is the last line).
-// ---------------------------------------------------------------------------
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "pygen: attention q, k, v must be 4-D (B, H, S, D), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(q.device().type() == c10::kCUDA, "pygen: attention q must be a CUDA tensor, got ", q.device());
-  check_same_device(k, "k", q, "q");
-  check_same_device(v, "v", q, "q");
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "pygen: attention q must be float32, float64, float16 or bfloat16, got ", st);
-  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, "pygen: attention k and v must have the dtype of q (",
-              st, "), got ", k.scalar_type(), " and ", v.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "pygen: attention batch sizes differ: q ", q.sizes(),
-              ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(1) == q.size(1) && v.size(1) == q.size(1), "pygen: attention head counts differ: q ", q.sizes(),
-              ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(3) == q.size(3) && v.size(3) == q.size(3), "pygen: attention head dims differ: q ", q.sizes(),
-              ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(v.size(2) == k.size(2), "pygen: attention k and v must have the same length, got ", k.sizes(), " and ",
-              v.sizes());
-  TORCH_CHECK(k.size(2) >= 1, "pygen: attention needs at least one key, got k of shape ", k.sizes());
-  TORCH_CHECK(q.size(3) >= 1, "pygen: attention head dim must be >= 1, got ", q.size(3));
-  TORCH_CHECK(q.size(3) <= 256, "pygen: attention on CUDA supports head dims up to 256, got ", q.size(3));
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
-    TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "pygen: attention ", name,
-                " must have a unit stride in its last dimension, got strides ", t.strides());
-  }
-}
+// Largest head dim the CUDA kernels take (checked in attention_checks.h).
+constexpr int64_t kMaxHeadDim = 256;
 
 // (B, H, S, D) strides of a tensor with a unit last stride.
 struct Strides {
@@ -131,6 +104,7 @@ __device__ __forceinline__ T warp_max(T x) {
 // ===========================================================================
 constexpr int kSimpleWarps = 4;
 constexpr int kPerLane = 8;  // 8 · 32 = 256 head dims
+static_assert(kPerLane * 32 == kMaxHeadDim, "the simple kernels cover every head dim the checks let through");
 constexpr int kMaxD = kPerLane * 32;
 
 struct SimpleParams {
@@ -757,7 +731,7 @@ bool try_fwd_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 // ===========================================================================
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       double scale, bool causal) {
-  check_qkv(q, k, v);
+  attn::check_attention_fwd_args(q, k, v, c10::kCUDA, kMaxHeadDim);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
@@ -780,20 +754,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& out, const at::Tensor& lse,
                                                                   double scale, bool causal) {
-  check_qkv(q, k, v);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
-    check_same_device(t, name, q, "q");
-    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(), "pygen: attention_bwd ", name,
-                " must have the shape and dtype of q (", q.sizes(), ", ", q.scalar_type(), "), got ", t.sizes(), ", ",
-                t.scalar_type());
-    TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "pygen: attention_bwd ", name,
-                " must have a unit stride in its last dimension, got strides ", t.strides());
-  }
-  check_same_device(lse, "lse", q, "q");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
-                  lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-              "pygen: attention_bwd lse must be float32 of shape (B, H, Sq) = (", q.size(0), ", ", q.size(1), ", ",
-              q.size(2), "), got ", lse.scalar_type(), " of shape ", lse.sizes());
+  attn::check_attention_bwd_args(grad_out, q, k, v, out, lse, c10::kCUDA, kMaxHeadDim);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) {
