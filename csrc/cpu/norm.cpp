@@ -397,14 +397,9 @@ GnChannelStats<acc_t<scalar_t>> gn_statistics(const GnGeometry& g, const scalar_
 }
 
 // The GroupNorm element loops, branch-free (absent weight / bias are 1 / 0, exact in
-// ((x - mean)·rstd)·w + b, the reference's order) and compiled per ISA (PYGEN_VECTOR_CLONES)
-// so the compiler can vectorise them. NCHW rows take per-row scalars; channels-last rows
-// take per-channel arrays.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PYGEN_NO_TARGET_CLONES)
-#define PYGEN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PYGEN_VECTOR_CLONES
-#endif
+// ((x - mean)·rstd)·w + b, the reference's order) and compiled per ISA
+// (PYGEN_VECTOR_CLONES, cpu_common.h) so the compiler can vectorise them. NCHW rows
+// take per-row scalars; channels-last rows take per-channel arrays.
 
 // exp for the SiLU loops: Cephes' expf (Cody–Waite reduction, degree-5 polynomial; measured
 // <= 1.4 ulp on [-87, 87]) written without branches or float compares (integer masks on the
