@@ -403,6 +403,32 @@ int64_t grain_for(int64_t macs_per_task) {
   return std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, macs_per_task));
 }
 
+// Task w of a parallel loop over (b, h, block of rows): rows [r0, r0 + n) of
+// head (b, h) (bh = b·H + h), blocks of `block` rows out of S, nblocks per head.
+struct BlockTask {
+  int64_t bh, b, h, r0, n;
+};
+inline BlockTask block_task(int64_t w, int64_t nblocks, int64_t block, int64_t H, int64_t S) {
+  BlockTask t;
+  t.bh = w / nblocks;
+  t.r0 = (w - t.bh * nblocks) * block;
+  t.b = t.bh / H;
+  t.h = t.bh - t.b * H;
+  t.n = std::min(block, S - t.r0);
+  return t;
+}
+
+// Key tile [j0, j0 + nk) of head (b, h): Ks, Vs (nk × D) loaded, and the
+// key-major scores St = Ks·Qt (nk × kBlockQ; Qt is D × kBlockQ).
+template <typename T, typename scalar_t>
+void load_key_tile(T* Ks, T* Vs, T* St, const Rows<scalar_t>& K, const Rows<scalar_t>& V, const T* Qt, int64_t b,
+                   int64_t h, int64_t j0, int64_t nk, int64_t D) {
+  load_rows(Ks, D, K, b, h, j0, nk, D, T(1));
+  load_rows(Vs, D, V, b, h, j0, nk, D, T(1));
+  std::fill(St, St + nk * kBlockQ, T(0));
+  gemm_acc(St, kBlockQ, Ks, D, 1, Qt, kBlockQ, nk, kBlockQ, D);
+}
+
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
@@ -428,9 +454,7 @@ void attention_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
     T* l = m + kBlockQ;
     T* alpha = l + kBlockQ;
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t bh = w / nqb, i0 = (w - bh * nqb) * kBlockQ;
-      const int64_t b = bh / H, h = bh - b * H;
-      const int64_t nq = std::min(kBlockQ, Sq - i0);
+      const auto [bh, b, h, i0, nq] = block_task(w, nqb, kBlockQ, H, Sq);
       // Columns nq.. of Qt stay 0: those padding queries get finite scores and are never stored.
       std::fill(Qt, Qt + kBlockQ * D, T(0));
       load_rows_transposed(Qt, kBlockQ, Q, b, h, i0, nq, D, qmul);
@@ -440,11 +464,7 @@ void attention_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
       const int64_t kend = attn::key_end(i0 + nq, Sk, causal);
       for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, kend - j0);
-        load_rows(Ks, D, K, b, h, j0, nk, D, T(1));
-        load_rows(Vs, D, V, b, h, j0, nk, D, T(1));
-        // St = K Q^T (key-major scores, base 2)
-        std::fill(St, St + nk * kBlockQ, T(0));
-        gemm_acc(St, kBlockQ, Ks, D, 1, Qt, kBlockQ, nk, kBlockQ, D);
+        load_key_tile(Ks, Vs, St, K, V, Qt, b, h, j0, nk, D);  // St = K Q^T (key-major scores, base 2)
         softmax_cols(St, nk, i0, j0, causal, m, l, alpha);
         for (int64_t i = 0; i < nq; ++i) {
           if (alpha[i] == T(1)) continue;
@@ -523,9 +543,7 @@ void attention_bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::T
     T* dKa = dP + kBlockQ * kBlockK;
     T* dVa = dKa + kBlockK * D;
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t bh = w / nkb, j0 = (w - bh * nkb) * kBlockK;
-      const int64_t b = bh / H, h = bh - b * H;
-      const int64_t nk = std::min(kBlockK, Sk - j0);
+      const auto [bh, b, h, j0, nk] = block_task(w, nkb, kBlockK, H, Sk);
       load_rows_transposed(Kt, kBlockK, K, b, h, j0, nk, D, T(1));
       load_rows_transposed(Vt, kBlockK, V, b, h, j0, nk, D, T(1));
       std::fill(dKa, dKa + nk * D, T(0));
@@ -567,9 +585,7 @@ void attention_bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::T
     T* lse2_blk = dPt + kBlockK * kBlockQ;
     T* delta_blk = lse2_blk + kBlockQ;
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t bh = w / nqb, i0 = (w - bh * nqb) * kBlockQ;
-      const int64_t b = bh / H, h = bh - b * H;
-      const int64_t nq = std::min(kBlockQ, Sq - i0);
+      const auto [bh, b, h, i0, nq] = block_task(w, nqb, kBlockQ, H, Sq);
       const int64_t r0 = bh * Sq + i0;
       // Padding query columns (nq..) are 0 with lse2 = delta = 0: finite, never stored.
       std::fill(Qt, Qt + kBlockQ * D, T(0));
@@ -583,10 +599,7 @@ void attention_bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::T
       const int64_t kend = attn::key_end(i0 + nq, Sk, causal);
       for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, kend - j0);
-        load_rows(Ks, D, K, b, h, j0, nk, D, T(1));
-        load_rows(Vs, D, V, b, h, j0, nk, D, T(1));
-        std::fill(St, St + nk * kBlockQ, T(0));
-        gemm_acc(St, kBlockQ, Ks, D, 1, Qt, kBlockQ, nk, kBlockQ, D);  // S^T = K Q^T
+        load_key_tile(Ks, Vs, St, K, V, Qt, b, h, j0, nk, D);  // S^T = K Q^T
         std::fill(dPt, dPt + nk * kBlockQ, T(0));
         gemm_acc(dPt, kBlockQ, Vs, D, 1, dOt, kBlockQ, nk, kBlockQ, D);  // dP^T = V dO^T
         probs_dscores_cols(St, dPt, nk, i0, j0, causal, scale2, lse2_blk, delta_blk);
