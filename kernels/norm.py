@@ -395,19 +395,25 @@ def _gn_tile_offsets(n, g, c0, s0, C, S, sC, sS, Cg, CB: tl.constexpr, SB: tl.co
 
 
 @triton.jit
+def _gn_program(G, chunk, S):
+    """This program's work: (n, g) group row ng = n·G + g (axis 0) and spatial chunk p
+    (axis 1), covering spatial positions [s_begin, s_end)."""
+    ng = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64)
+    s_begin = p * chunk
+    s_end = tl.minimum(s_begin + chunk, S)
+    return ng, ng // G, ng % G, p, s_begin, s_end
+
+
+@triton.jit
 def _gn_stats_kernel(
     x_ptr, part_ptr, C, S, sC, sS, Cg, G, chunk, P,
     ACC: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr,
 ):
-    ng = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
-    n = ng // G
-    g = ng % G
+    ng, n, g, p, s_begin, s_end = _gn_program(G, chunk, S)
     cnt = tl.zeros([], ACC)
     mean = tl.zeros([], ACC)
     m2 = tl.zeros([], ACC)
-    s_begin = p * chunk
-    s_end = tl.minimum(s_begin + chunk, S)
     for s0 in range(s_begin, s_end, SB):
         for c0 in range(0, Cg, CB):
             off, ch, m = _gn_tile_offsets(n, g, c0, s0, C, S, sC, sS, Cg, CB, SB)
@@ -450,16 +456,11 @@ def _gn_fwd_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     ACC: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, PMAX: tl.constexpr,
 ):
-    ng = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
-    n = ng // G
-    g = ng % G
+    ng, n, g, p, s_begin, s_end = _gn_program(G, chunk, S)
     mean, rstd = _gn_group_stats(part_ptr, ng, P, eps, ACC, PMAX)
     if p == 0:
         tl.store(mean_ptr + ng, mean)
         tl.store(rstd_ptr + ng, rstd)
-    s_begin = p * chunk
-    s_end = tl.minimum(s_begin + chunk, S)
     for s0 in range(s_begin, s_end, SB):
         for c0 in range(0, Cg, CB):
             off, ch, m = _gn_tile_offsets(n, g, c0, s0, C, S, sC, sS, Cg, CB, SB)
@@ -531,16 +532,11 @@ def _gn_bwd_sums_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     ACC: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr,
 ):
-    ng = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
-    n = ng // G
-    g = ng % G
+    ng, n, g, p, s_begin, s_end = _gn_program(G, chunk, S)
     mean = tl.load(mean_ptr + ng).to(ACC)
     rstd = tl.load(rstd_ptr + ng).to(ACC)
     s1 = tl.zeros([], ACC)
     s2 = tl.zeros([], ACC)
-    s_begin = p * chunk
-    s_end = tl.minimum(s_begin + chunk, S)
     for c0 in range(0, Cg, CB):
         cw = tl.zeros([CB], ACC)
         cbias = tl.zeros([CB], ACC)
@@ -570,10 +566,7 @@ def _gn_dx_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     ACC: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, PMAX: tl.constexpr,
 ):
-    ng = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
-    n = ng // G
-    g = ng % G
+    ng, n, g, p, s_begin, s_end = _gn_program(G, chunk, S)
     mean = tl.load(mean_ptr + ng).to(ACC)
     rstd = tl.load(rstd_ptr + ng).to(ACC)
     i = tl.arange(0, PMAX)
@@ -583,8 +576,6 @@ def _gn_dx_kernel(
     total = (tl.zeros([], ACC) + Cg) * S
     c1 = s1 / total
     c2 = s2 / total
-    s_begin = p * chunk
-    s_end = tl.minimum(s_begin + chunk, S)
     for s0 in range(s_begin, s_end, SB):
         for c0 in range(0, Cg, CB):
             off, ch, m = _gn_tile_offsets(n, g, c0, s0, C, S, sC, sS, Cg, CB, SB)
