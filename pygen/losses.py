@@ -149,6 +149,17 @@ def _noise_and_seed(noise, x, x_name, seed):
     return noise, seed, seed_i, row_seeds
 
 
+def _table_rows(table, t, batch, seed_i, row_seeds, stream, device):
+    """(table on ``device`` in its float dtype, each row's index into it): the given t, range-checked,
+    or indices drawn uniformly from the rows' noise stream."""
+    table = _table_on(table, device, torch.float64 if table.dtype == torch.float64 else torch.float32)
+    n = table.shape[0]
+    if t is None:
+        u, _ = _row_uniforms(batch, seed_i, row_seeds, stream, device)
+        return table, torch.clamp((u * n).to(torch.int64), max=n - 1)
+    return table, _check_t(t, batch, n, device)
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -525,13 +536,7 @@ def diffusion_loss(model, x0, schedule=None, prediction_type="eps", weighting="u
         table = _check_table("schedule (sigmas)", schedule, 0.0, 1.0, "flow sigmas")
 
     if table is not None:
-        table = _table_on(table, device, torch.float64 if table.dtype == torch.float64 else torch.float32)
-        n = table.shape[0]
-        if t is None:
-            u, _ = _row_uniforms(batch, seed_i, row_seeds, stream, device)
-            t_idx = torch.clamp((u * n).to(torch.int64), max=n - 1)
-        else:
-            t_idx = _check_t(t, batch, n, device)
+        table, t_idx = _table_rows(table, t, batch, seed_i, row_seeds, stream, device)
         level = table[t_idx]
         qt, qtable = t_idx, table
         model_t = t_idx if not flow else level.to(x0.dtype)
@@ -603,13 +608,7 @@ def dsm_loss(score_model, x, sigmas, t=None, seed=None, *, stream=0, noise=None,
     acc = _acc_dtype(x.dtype)
     noise, seed, seed_i, row_seeds = _noise_and_seed(noise, x, "x", seed)
     x = contiguous(x)
-    table = _table_on(sigmas, device, torch.float64 if sigmas.dtype == torch.float64 else torch.float32)
-    n = table.shape[0]
-    if t is None:
-        u, _ = _row_uniforms(batch, seed_i, row_seeds, stream, device)
-        t_idx = torch.clamp((u * n).to(torch.int64), max=n - 1)
-    else:
-        t_idx = _check_t(t, batch, n, device)
+    table, t_idx = _table_rows(sigmas, t, batch, seed_i, row_seeds, stream, device)
     sig = table[t_idx]
     cdt = torch.float64 if (sig.dtype == torch.float64 or acc == torch.float64) else torch.float32
     sig = sig.to(cdt)
