@@ -177,6 +177,21 @@ def adaln_modulate(x, weight, bias, shift, scale, eps):
 
 
 @triton.jit
+def _adaln_dx_tile(g_ptr, x_ptr, w_ptr, scale_ptr, base, bi, c0, C, mean, rstd,
+                   HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns [c0, c0 + BLOCK_C) of one row: (cols, mask, x̂ = (x - mean)·rstd, d = dL/dx̂)."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    m = cols < C
+    xn = (tl.load(x_ptr + base + cols, mask=m, other=0.0).to(ACC) - mean) * rstd
+    d = tl.load(g_ptr + base + cols, mask=m, other=0.0).to(ACC)
+    if HAS_SCALE:
+        d = d * (1.0 + tl.load(scale_ptr + bi * C + cols, mask=m, other=0.0).to(ACC))
+    if HAS_W:
+        d = d * tl.load(w_ptr + cols, mask=m, other=0.0).to(ACC)
+    return cols, m, xn, d
+
+
+@triton.jit
 def _adaln_dx_kernel(
     g_ptr, x_ptr, w_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, N, C,
     HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -189,27 +204,15 @@ def _adaln_dx_kernel(
     a1 = tl.zeros([BLOCK_C], ACC)
     a2 = tl.zeros([BLOCK_C], ACC)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        m = cols < C
-        xn = (tl.load(x_ptr + base + cols, mask=m, other=0.0).to(ACC) - mean) * rstd
-        d = tl.load(g_ptr + base + cols, mask=m, other=0.0).to(ACC)
-        if HAS_SCALE:
-            d = d * (1.0 + tl.load(scale_ptr + bi * C + cols, mask=m, other=0.0).to(ACC))
-        if HAS_W:
-            d = d * tl.load(w_ptr + cols, mask=m, other=0.0).to(ACC)
+        cols, m, xn, d = _adaln_dx_tile(g_ptr, x_ptr, w_ptr, scale_ptr, base, bi, c0, C, mean, rstd,
+                                        HAS_W, HAS_SCALE, ACC, BLOCK_C)
         a1 += d
         a2 += tl.where(m, d * xn, 0.0)
     c1 = tl.sum(a1, axis=0) / C
     c2 = tl.sum(a2, axis=0) / C
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        m = cols < C
-        xn = (tl.load(x_ptr + base + cols, mask=m, other=0.0).to(ACC) - mean) * rstd
-        d = tl.load(g_ptr + base + cols, mask=m, other=0.0).to(ACC)
-        if HAS_SCALE:
-            d = d * (1.0 + tl.load(scale_ptr + bi * C + cols, mask=m, other=0.0).to(ACC))
-        if HAS_W:
-            d = d * tl.load(w_ptr + cols, mask=m, other=0.0).to(ACC)
+        cols, m, xn, d = _adaln_dx_tile(g_ptr, x_ptr, w_ptr, scale_ptr, base, bi, c0, C, mean, rstd,
+                                        HAS_W, HAS_SCALE, ACC, BLOCK_C)
         dx = rstd * (d - c1 - xn * c2)
         tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
