@@ -193,13 +193,11 @@ def format_markdown(report):
     env = report["environment"]
     dev, v, st = env["device"], env["versions"], report["settings"]
     lines = [f"# pygen.attention vs SDPA, {dev['type']}: {dev['name']}", "",
-             f"- date: {env['date']}; git commit: {env.get('git_commit', 'unknown')}",
-             f"- CPU: {dev['cpu_model']}, {dev['cpu_count']} CPUs; torch threads {dev['torch_threads']}",
+             bench.report_date_line(env), bench.report_cpu_line(env),
              f"- torch {v['torch']}, triton {v['triton']}, pygen {v['pygen']}, python {v['python']}"
              + (f", CUDA {v['cuda']}" if v.get("cuda") else ""),
              f"- pygen backends: {env['backends']}",
-             f"- load average (1 min) at start {env.get('loadavg_1m')}, at end {env.get('loadavg_1m_end')}; "
-             f"worst other-process CPU use during a shape: {env.get('foreign_cpu_cores_max')} cores",
+             bench.report_load_line(env, "shape"),
              "- FLOPs: fwd 4·B·H·S²·D (halved when causal); fwd+bwd 3.5× fwd. Times are medians of "
              f"interleaved calibrated batches ({st['repeats']} rounds at most); CUDA: CUDA events.",
              "- max err: max|out − SDPA-math fp32| / max|SDPA-math fp32| (forward only)", ""]
@@ -273,12 +271,7 @@ def pytest_generate_tests(metafunc):
         for mode in MODES:
             group = f"attention {mode} {bench.shape_str(shape)} {DTYPE_NAMES[dtype]}"
             for impl in IMPLS:
-                kw = {"group": group, "disable_gc": True}
-                marks = []
-                if device.type == "cuda":
-                    kw["timer"] = bench.cuda_sync_timer
-                    marks.append(pytest.mark.cuda)
-                marks.append(pytest.mark.benchmark(**kw))
+                marks = bench.benchmark_marks(device, group)
                 params.append(pytest.param((shape, dtype, device, mode, impl), marks=marks))
                 ids.append(f"{mode}-{bench.shape_str(shape)}-{impl}")
     metafunc.parametrize("acase", params, ids=ids)
@@ -314,9 +307,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--min-time", type=float, default=None, help="least seconds per timed batch")
     p.add_argument("--max-time", type=float, default=None, help="soft seconds per implementation")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--out", default=None, help="output path without extension (.json and .md)")
-    p.add_argument("--note", default=None, help="a line added to the markdown")
+    bench.add_report_options(p)
     p.add_argument("--compile-check", type=int, default=None, metavar="SM",
                    help="only compile the Triton kernels for sm_SM (e.g. 90) and exit")
     args = p.parse_args(argv)

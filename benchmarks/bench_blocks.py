@@ -289,14 +289,8 @@ def pytest_generate_tests(metafunc):
             for mode in DEFAULT_MODES[device.type]:
                 impls = ("eager", "pygen") + (("pygen.nn",) if case == "unet_attention" else ())
                 for impl in impls:
-                    marks = []
-                    kw = {"group": f"{case} {bench.DTYPE_NAMES[dtype]} {mode}", "disable_gc": True}
-                    if device.type == "cuda":
-                        kw["timer"] = bench.cuda_sync_timer
-                        marks.append(pytest.mark.cuda)
-                    if case == "unet_attention" and DIFFUSERS is not None:
-                        marks.append(pytest.mark.skip(reason=DIFFUSERS))
-                    marks.append(pytest.mark.benchmark(**kw))
+                    marks = bench.benchmark_marks(device, f"{case} {bench.DTYPE_NAMES[dtype]} {mode}",
+                                                  DIFFUSERS if case == "unet_attention" else None)
                     params.append(pytest.param((case, dtype, mode, impl, device, smoke), marks=marks))
                     ids.append(f"{case}-{bench.DTYPE_NAMES[dtype]}-{mode}-{impl}")
     metafunc.parametrize("block_case", params, ids=ids)
@@ -341,13 +335,11 @@ def format_markdown(report):
     env = report["environment"]
     dev, v, st = env["device"], env["versions"], report["settings"]
     lines = [f"# Attention blocks: pygen vs eager PyTorch / stock diffusers, {dev['type']}: {dev['name']}", "",
-             f"- date: {env['date']}; git commit: {env.get('git_commit', 'unknown')}",
-             f"- CPU: {dev['cpu_model']}, {dev['cpu_count']} CPUs; torch threads {dev['torch_threads']}",
+             bench.report_date_line(env), bench.report_cpu_line(env),
              f"- torch {v['torch']}, diffusers {st['diffusers']}, triton {v['triton']}, pygen {v['pygen']}, "
              f"python {v['python']}",
              f"- pygen backends: {env['backends']}",
-             f"- load average (1 min) at start {env.get('loadavg_1m')}, at end {env.get('loadavg_1m_end')}; "
-             f"worst other-process CPU use during a case: {env.get('foreign_cpu_cores_max')} cores",
+             bench.report_load_line(env),
              "- dit_block: eager = the DiT reference block (LayerNorm, modulate, SDPA on permuted heads, gate*y+x); "
              "pygen = pygen.nn.DiTBlock, same weights",
              "- unet_attention: diffusers Attention(norm_num_groups, residual_connection=True); eager = stock "
@@ -360,8 +352,7 @@ def format_markdown(report):
     if report.get("attention_choices"):
         lines += ["", "pygen.attention dispatcher choices (device, dtype, layout, B, H, Sq, Sk, D, causal, grad -> "
                   "implementation): " + "; ".join(f"{k} -> {v}" for k, v in report["attention_choices"].items())]
-    if report.get("skipped"):
-        lines += ["", "Skipped: " + "; ".join(report["skipped"])]
+    lines += bench.report_skipped_lines(report.get("skipped"))
     return "\n".join(lines) + "\n"
 
 
@@ -392,9 +383,7 @@ def main(argv=None):
     p.add_argument("--unet", default=None, help="channels,head_dim,side,batch (default by device)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--min-time", type=float, default=None, help="least seconds per timed batch")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--out", default=None, help="output path without extension (.json and .md)")
-    p.add_argument("--note", default=None, help="a line added to the markdown")
+    bench.add_report_options(p)
     args = p.parse_args(argv)
     device = bench.default_device(args.device)
     cuda = device.type == "cuda"

@@ -250,12 +250,7 @@ def pytest_generate_tests(metafunc):
     params, ids = [], []
 
     def add(case, group, label, marks=()):
-        kw = {"group": group, "disable_gc": True}
-        marks = list(marks)
-        if device.type == "cuda":
-            kw["timer"] = bench.cuda_sync_timer
-            marks.append(pytest.mark.cuda)
-        marks.append(pytest.mark.benchmark(**kw))
+        marks = bench.benchmark_marks(device, group, marks=marks)
         params.append(pytest.param(case + (device,), marks=marks))
         ids.append(f"{group.replace(' ', '-')}-{label}")
 
@@ -316,12 +311,10 @@ def format_markdown(report):
     env = report["environment"]
     dev, v, st = env["device"], env["versions"], report["settings"]
     lines = [f"# pygen.diffusers vs stock diffusers, {dev['type']}: {dev['name']}", "",
-             f"- date: {env['date']}; git commit: {env.get('git_commit', 'unknown')}",
-             f"- CPU: {dev['cpu_model']}, {dev['cpu_count']} CPUs; torch threads {dev['torch_threads']}",
+             bench.report_date_line(env), bench.report_cpu_line(env),
              f"- torch {v['torch']}, diffusers {st['diffusers']}, triton {v['triton']}, pygen {v['pygen']}, "
              f"python {v['python']}",
-             f"- load average (1 min) at start {env.get('loadavg_1m')}, at end {env.get('loadavg_1m_end')}; "
-             f"worst other-process CPU use during a case: {env.get('foreign_cpu_cores_max')} cores",
+             bench.report_load_line(env),
              f"- {st['steps']} inference steps, default configs; per step = `scale_model_input` + `step` with a "
              "precomputed model_output (no model); `set_timesteps` before every timed loop, not timed; "
              f"stock and fused interleaved, {st['rounds']} rounds at most, medians; µs/step = loop / step calls",
@@ -334,8 +327,7 @@ def format_markdown(report):
              "| graph ratio | rel. diff | other CPU use (cores) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [format_row(r) for r in report["results"]]
-    if report.get("skipped"):
-        lines += ["", "Skipped: " + "; ".join(report["skipped"])]
+    lines += bench.report_skipped_lines(report.get("skipped"))
     return "\n".join(lines) + "\n"
 
 
@@ -348,11 +340,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--max-time", type=float, default=None, help="soft seconds per case (>= 3 rounds)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--out", default=None, help="output path without extension (.json and .md)")
-    p.add_argument("--note", default=None, help="a line added to the markdown")
+    bench.add_report_options(p)
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench.default_device(args.device)
     cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)

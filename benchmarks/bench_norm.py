@@ -210,14 +210,8 @@ def pytest_generate_tests(metafunc):
         for dtype in dtypes:
             group = f"{op} {bench.shape_str(shape)} {layout} {bench.DTYPE_NAMES[dtype]} {passes}"
             for label in ("eager", "pygen", "triton"):
-                kw = {"group": group, "disable_gc": True}
-                marks = []
-                if device.type == "cuda":
-                    kw["timer"] = bench.cuda_sync_timer
-                    marks.append(pytest.mark.cuda)
-                elif label == "triton":
-                    marks.append(pytest.mark.skip(reason="triton is timed on CUDA tensors only"))
-                marks.append(pytest.mark.benchmark(**kw))
+                skip = "triton is timed on CUDA tensors only" if label == "triton" and device.type != "cuda" else None
+                marks = bench.benchmark_marks(device, group, skip)
                 params.append(pytest.param((op, shape, layout, passes, dtype, label, device), marks=marks))
                 ids.append(f"{group.replace(' ', '-')}-{label}")
     metafunc.parametrize("norm_case", params, ids=ids)
@@ -293,13 +287,8 @@ def format_row(row):
 def format_markdown(report):
     env = report["environment"]
     dev = env["device"]
-    v = env["versions"]
     lines = [f"# Norm ops (adaLN, gated residual, GroupNorm+SiLU, timestep embedding), {dev['type']}: {dev['name']}",
-             "", f"- date: {env['date']}; git commit: {env.get('git_commit', 'unknown')}",
-             f"- torch {v['torch']}, triton {v['triton']}, pygen {v['pygen']}, python {v['python']}; "
-             f"torch threads {dev['torch_threads']} of {dev['cpu_count']} CPUs",
-             f"- load average (1 min) at start {env.get('loadavg_1m')}, at end {env.get('loadavg_1m_end')}; "
-             f"worst other-process CPU use during a case: {env.get('foreign_cpu_cores_max')} cores",
+             "", bench.report_date_line(env), bench.report_versions_line(env), bench.report_load_line(env),
              "- eager: the PyTorch composite (F.layer_norm + modulation, x + gate·y, F.silu(F.group_norm), "
              "diffusers' get_timestep_embedding); pygen: the device's default backend; ms = median per call "
              f"(implementations interleaved, {report['settings']['repeats']} rounds at most)",
@@ -309,9 +298,7 @@ def format_markdown(report):
              "| triton GB/s | torch-ref ms | torch-ref GB/s | pygen speedup vs eager | other CPU use (cores) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [format_row(r) for r in report["results"]]
-    skipped = sorted({f"{k}: {v}" for r in report["results"] for k, v in r["skipped"].items()})
-    if skipped:
-        lines += ["", "Skipped: " + "; ".join(skipped)]
+    lines += bench.report_skipped_lines(bench.row_skips(report["results"]))
     return "\n".join(lines) + "\n"
 
 
@@ -326,9 +313,7 @@ def main(argv=None):
     p.add_argument("--max-time", type=float, default=None, help="soft seconds budget per implementation")
     p.add_argument("--idle", type=float, default=0.0, help="wait for this idle CPU fraction before starting")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds to wait for --idle at most")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--out", default=None, help="output path without extension (.json and .md)")
-    p.add_argument("--note", default=None, help="a line added to the markdown")
+    bench.add_report_options(p)
     args = p.parse_args(argv)
     device = bench.default_device(args.device)
     dtypes = bench.select_dtypes(bench.parse_list(args.dtypes))

@@ -295,14 +295,9 @@ def pytest_generate_tests(metafunc):
                 labels += ["pygen-graph"]
                 group = f"{name} {bench.shape_str(shape_of(numel))} {model_kind}"
                 for label in labels:
-                    kw = {"group": group, "disable_gc": True}
-                    marks = []
-                    if device.type == "cuda":
-                        kw["timer"] = bench.cuda_sync_timer
-                        marks.append(pytest.mark.cuda)
-                    elif label == "pygen-graph":
-                        marks.append(pytest.mark.skip(reason="CUDA graphs need a CUDA device"))
-                    marks.append(pytest.mark.benchmark(**kw))
+                    cpu_graph = label == "pygen-graph" and device.type != "cuda"
+                    marks = bench.benchmark_marks(device, group,
+                                                  "CUDA graphs need a CUDA device" if cpu_graph else None)
                     params.append(pytest.param((name, numel, model_kind, label, device), marks=marks))
                     ids.append(f"{name}-{bench.shape_str(shape_of(numel))}-{model_kind}-{label}")
     metafunc.parametrize("sampler_case", params, ids=ids)
@@ -394,13 +389,8 @@ def format_row(row):
 def format_markdown(report):
     env = report["environment"]
     dev = env["device"]
-    v = env["versions"]
     lines = [f"# Sampler loops, {dev['type']}: {dev['name']}", "",
-             f"- date: {env['date']}; git commit: {env.get('git_commit', 'unknown')}",
-             f"- torch {v['torch']}, triton {v['triton']}, pygen {v['pygen']}, python {v['python']}; "
-             f"torch threads {dev['torch_threads']} of {dev['cpu_count']} CPUs",
-             f"- load average (1 min) at start {env.get('loadavg_1m')}, at end {env.get('loadavg_1m_end')}; "
-             f"worst other-process CPU use during a case: {env.get('foreign_cpu_cores_max')} cores",
+             bench.report_date_line(env), bench.report_versions_line(env), bench.report_load_line(env),
              f"- {report['settings']['steps']} Karras steps (sigma {SIGMA_MIN}..{SIGMA_MAX}), fp32, disable=True "
              "(no tqdm bar); model `trivial` = x / (1 + sigma^2), `noop` = returns a preallocated tensor",
              "- ms/step = median time of a whole sampler run / NFE (model evaluations); implementations "
@@ -414,9 +404,7 @@ def format_markdown(report):
              "| other CPU use (cores) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [format_row(r) for r in report["results"]]
-    skipped = sorted({f"{k}: {v}" for r in report["results"] for k, v in r["skipped"].items()})
-    if skipped:
-        lines += ["", "Skipped: " + "; ".join(skipped)]
+    lines += bench.report_skipped_lines(bench.row_skips(report["results"]))
     return "\n".join(lines) + "\n"
 
 
@@ -432,11 +420,9 @@ def main(argv=None):
     p.add_argument("--min-time", type=float, default=None, help="least seconds per timed batch")
     p.add_argument("--max-time", type=float, default=None, help="soft seconds budget per implementation")
     p.add_argument("--idle", type=float, default=0.0, help="wait for this idle CPU fraction before starting")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--out", default=None, help="output path without extension (.json and .md)")
-    p.add_argument("--note", default=None, help="a line added to the markdown")
+    bench.add_report_options(p)
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench.default_device(args.device)
     sizes = [bench.parse_size(s) for s in bench.parse_list(args.sizes)] if args.sizes else list(DEFAULT_SIZES)
     samplers = bench.parse_list(args.samplers) or SAMPLERS
     ref_sizes = None if args.ref_sizes == "all" else [bench.parse_size(v) for v in bench.parse_list(args.ref_sizes)]

@@ -8,11 +8,14 @@
 // argument) and return the tensors in the layout the kernels read.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
+#include <tuple>
 
 namespace pygen::norm {
 
@@ -182,6 +185,49 @@ inline at::Tensor check_timestep_args(const at::Tensor& t, int64_t dim, double m
   TORCH_CHECK(dim / 2 == 0 || static_cast<double>(dim / 2) - downscale_freq_shift != 0.0,
               "pygen: dim // 2 - downscale_freq_shift must be nonzero");
   return t.contiguous();
+}
+
+// timestep_embedding's output (and incoming gradient) dtype: float64 for float64 t, else float32.
+inline c10::ScalarType timestep_out_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// timestep_embedding_backward: t (already through check_timestep_args) must be floating point;
+// grad is the (B, dim) timestep_out_type(t) gradient on t's device, returned contiguous.
+inline at::Tensor check_timestep_backward_args(const at::Tensor& grad, const at::Tensor& t, int64_t dim,
+                                               c10::DeviceType type) {
+  TORCH_CHECK(t.is_floating_point(), "pygen: timestep_embedding_backward needs floating-point t, got ",
+              t.scalar_type());
+  const int64_t B = t.size(0);
+  const auto out_type = timestep_out_type(t);
+  TORCH_CHECK(grad.device() == t.device() && grad.scalar_type() == out_type && grad.dim() == 2 && grad.size(0) == B &&
+                  grad.size(1) == dim,
+              "pygen: grad must be a (", B, ", ", dim, ") ", out_type, " ", c10::DeviceTypeName(type),
+              " tensor on t's device, got ", grad.scalar_type(), " of shape ", grad.sizes(), " on ", grad.device());
+  return grad.contiguous();
+}
+
+// ---------------------------------------------------------------------------
+// Output allocation shared by the CPU and CUDA ops
+// ---------------------------------------------------------------------------
+// Per-row statistics (mean / rstd) of x: `sizes`, x's accumulation dtype, x's device.
+inline at::Tensor empty_stats(const at::Tensor& x, at::IntArrayRef sizes) {
+  return at::empty(sizes, x.options().dtype(acc_type(x.scalar_type())));
+}
+
+// The forward's result when rows exist but have no elements: the statistics are NaN.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> with_nan_stats(const at::Tensor& y, at::Tensor& mean,
+                                                                     at::Tensor& rstd) {
+  mean.fill_(std::numeric_limits<double>::quiet_NaN());
+  rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+  return {y, mean, rstd};
+}
+
+// Gradient of an optional parameter of shape `sizes` (x's dtype and device): allocated when the
+// parameter is given, an empty (0,) tensor when it is absent.
+inline at::Tensor empty_param_grad(const std::optional<at::Tensor>& param, at::IntArrayRef sizes,
+                                   const at::Tensor& x) {
+  return param.has_value() ? at::empty(sizes, x.options()) : at::empty({0}, x.options());
 }
 
 }  // namespace pygen::norm

@@ -177,6 +177,21 @@ def adaln_modulate(x, weight, bias, shift, scale, eps):
 
 
 @triton.jit
+def _adaln_dx_tile(g_ptr, x_ptr, w_ptr, scale_ptr, base, bi, c0, C, mean, rstd,
+                   HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns [c0, c0 + BLOCK_C) of one row: (cols, mask, x̂ = (x - mean)·rstd, d = dL/dx̂)."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    m = cols < C
+    xn = (tl.load(x_ptr + base + cols, mask=m, other=0.0).to(ACC) - mean) * rstd
+    d = tl.load(g_ptr + base + cols, mask=m, other=0.0).to(ACC)
+    if HAS_SCALE:
+        d = d * (1.0 + tl.load(scale_ptr + bi * C + cols, mask=m, other=0.0).to(ACC))
+    if HAS_W:
+        d = d * tl.load(w_ptr + cols, mask=m, other=0.0).to(ACC)
+    return cols, m, xn, d
+
+
+@triton.jit
 def _adaln_dx_kernel(
     g_ptr, x_ptr, w_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, N, C,
     HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -189,27 +204,15 @@ def _adaln_dx_kernel(
     a1 = tl.zeros([BLOCK_C], ACC)
     a2 = tl.zeros([BLOCK_C], ACC)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        m = cols < C
-        xn = (tl.load(x_ptr + base + cols, mask=m, other=0.0).to(ACC) - mean) * rstd
-        d = tl.load(g_ptr + base + cols, mask=m, other=0.0).to(ACC)
-        if HAS_SCALE:
-            d = d * (1.0 + tl.load(scale_ptr + bi * C + cols, mask=m, other=0.0).to(ACC))
-        if HAS_W:
-            d = d * tl.load(w_ptr + cols, mask=m, other=0.0).to(ACC)
+        cols, m, xn, d = _adaln_dx_tile(g_ptr, x_ptr, w_ptr, scale_ptr, base, bi, c0, C, mean, rstd,
+                                        HAS_W, HAS_SCALE, ACC, BLOCK_C)
         a1 += d
         a2 += tl.where(m, d * xn, 0.0)
     c1 = tl.sum(a1, axis=0) / C
     c2 = tl.sum(a2, axis=0) / C
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        m = cols < C
-        xn = (tl.load(x_ptr + base + cols, mask=m, other=0.0).to(ACC) - mean) * rstd
-        d = tl.load(g_ptr + base + cols, mask=m, other=0.0).to(ACC)
-        if HAS_SCALE:
-            d = d * (1.0 + tl.load(scale_ptr + bi * C + cols, mask=m, other=0.0).to(ACC))
-        if HAS_W:
-            d = d * tl.load(w_ptr + cols, mask=m, other=0.0).to(ACC)
+        cols, m, xn, d = _adaln_dx_tile(g_ptr, x_ptr, w_ptr, scale_ptr, base, bi, c0, C, mean, rstd,
+                                        HAS_W, HAS_SCALE, ACC, BLOCK_C)
         dx = rstd * (d - c1 - xn * c2)
         tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
@@ -395,19 +398,25 @@ def _gn_tile_offsets(n, g, c0, s0, C, S, sC, sS, Cg, CB: tl.constexpr, SB: tl.co
 
 
 @triton.jit
+def _gn_program(G, chunk, S):
+    """This program's work: (n, g) group row ng = n·G + g (axis 0) and spatial chunk p
+    (axis 1), covering spatial positions [s_begin, s_end)."""
+    ng = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64)
+    s_begin = p * chunk
+    s_end = tl.minimum(s_begin + chunk, S)
+    return ng, ng // G, ng % G, p, s_begin, s_end
+
+
+@triton.jit
 def _gn_stats_kernel(
     x_ptr, part_ptr, C, S, sC, sS, Cg, G, chunk, P,
     ACC: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr,
 ):
-    ng = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
-    n = ng // G
-    g = ng % G
+    ng, n, g, p, s_begin, s_end = _gn_program(G, chunk, S)
     cnt = tl.zeros([], ACC)
     mean = tl.zeros([], ACC)
     m2 = tl.zeros([], ACC)
-    s_begin = p * chunk
-    s_end = tl.minimum(s_begin + chunk, S)
     for s0 in range(s_begin, s_end, SB):
         for c0 in range(0, Cg, CB):
             off, ch, m = _gn_tile_offsets(n, g, c0, s0, C, S, sC, sS, Cg, CB, SB)
@@ -450,16 +459,11 @@ def _gn_fwd_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     ACC: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, PMAX: tl.constexpr,
 ):
-    ng = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
-    n = ng // G
-    g = ng % G
+    ng, n, g, p, s_begin, s_end = _gn_program(G, chunk, S)
     mean, rstd = _gn_group_stats(part_ptr, ng, P, eps, ACC, PMAX)
     if p == 0:
         tl.store(mean_ptr + ng, mean)
         tl.store(rstd_ptr + ng, rstd)
-    s_begin = p * chunk
-    s_end = tl.minimum(s_begin + chunk, S)
     for s0 in range(s_begin, s_end, SB):
         for c0 in range(0, Cg, CB):
             off, ch, m = _gn_tile_offsets(n, g, c0, s0, C, S, sC, sS, Cg, CB, SB)
@@ -531,16 +535,11 @@ def _gn_bwd_sums_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     ACC: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr,
 ):
-    ng = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
-    n = ng // G
-    g = ng % G
+    ng, n, g, p, s_begin, s_end = _gn_program(G, chunk, S)
     mean = tl.load(mean_ptr + ng).to(ACC)
     rstd = tl.load(rstd_ptr + ng).to(ACC)
     s1 = tl.zeros([], ACC)
     s2 = tl.zeros([], ACC)
-    s_begin = p * chunk
-    s_end = tl.minimum(s_begin + chunk, S)
     for c0 in range(0, Cg, CB):
         cw = tl.zeros([CB], ACC)
         cbias = tl.zeros([CB], ACC)
@@ -570,10 +569,7 @@ def _gn_dx_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     ACC: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, PMAX: tl.constexpr,
 ):
-    ng = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
-    n = ng // G
-    g = ng % G
+    ng, n, g, p, s_begin, s_end = _gn_program(G, chunk, S)
     mean = tl.load(mean_ptr + ng).to(ACC)
     rstd = tl.load(rstd_ptr + ng).to(ACC)
     i = tl.arange(0, PMAX)
@@ -583,8 +579,6 @@ def _gn_dx_kernel(
     total = (tl.zeros([], ACC) + Cg) * S
     c1 = s1 / total
     c2 = s2 / total
-    s_begin = p * chunk
-    s_end = tl.minimum(s_begin + chunk, S)
     for s0 in range(s_begin, s_end, SB):
         for c0 in range(0, Cg, CB):
             off, ch, m = _gn_tile_offsets(n, g, c0, s0, C, S, sC, sS, Cg, CB, SB)

@@ -192,6 +192,63 @@ def write_report(report, env, format_markdown, out=None, note=None):
     return md
 
 
+# Pieces of the benchmark scripts' markdown reports (benchmarks/bench_*.py format_markdown).
+def report_date_line(env):
+    return f"- date: {env['date']}; git commit: {env.get('git_commit', 'unknown')}"
+
+
+def report_versions_line(env):
+    """torch / triton / pygen / python versions and the thread count."""
+    v, dev = env["versions"], env["device"]
+    return (f"- torch {v['torch']}, triton {v['triton']}, pygen {v['pygen']}, python {v['python']}; "
+            f"torch threads {dev['torch_threads']} of {dev['cpu_count']} CPUs")
+
+
+def report_cpu_line(env):
+    dev = env["device"]
+    return f"- CPU: {dev['cpu_model']}, {dev['cpu_count']} CPUs; torch threads {dev['torch_threads']}"
+
+
+def report_load_line(env, unit="case"):
+    """Load average at start and end, and the worst other-process CPU use during one ``unit``."""
+    return (f"- load average (1 min) at start {env.get('loadavg_1m')}, at end {env.get('loadavg_1m_end')}; "
+            f"worst other-process CPU use during a {unit}: {env.get('foreign_cpu_cores_max')} cores")
+
+
+def report_skipped_lines(skipped):
+    """The report's closing ``Skipped: ...`` line (after a blank one) for reasons ``skipped``; [] when none."""
+    return ["", "Skipped: " + "; ".join(skipped)] if skipped else []
+
+
+def row_skips(rows):
+    """The distinct ``impl: reason`` entries of the result rows' ``skipped`` dicts, sorted."""
+    return sorted({f"{k}: {v}" for r in rows for k, v in r["skipped"].items()})
+
+
+def add_report_options(parser):
+    """The command-line options every benchmark script has: --threads, --out, --note."""
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="output path without extension (.json and .md)")
+    parser.add_argument("--note", default=None, help="a line added to the markdown")
+
+
+def benchmark_marks(device, group, skip=None, marks=()):
+    """pytest marks of one pytest-benchmark case: ``marks``, then a skip with reason ``skip`` (if
+    given), on CUDA the ``cuda`` mark, and the benchmark mark (``group``, GC off, on CUDA the
+    synchronising timer)."""
+    import pytest
+
+    kw = {"group": group, "disable_gc": True}
+    marks = list(marks)
+    if skip:
+        marks.append(pytest.mark.skip(reason=skip))
+    if device.type == "cuda":
+        kw["timer"] = cuda_sync_timer
+        marks.append(pytest.mark.cuda)
+    marks.append(pytest.mark.benchmark(**kw))
+    return marks
+
+
 def default_device(name=None):
     """``name`` as a torch.device, or cuda when available, else cpu."""
     return torch.device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))

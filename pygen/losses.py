@@ -124,6 +124,42 @@ def _choice(name, value, choices):
     return value
 
 
+def _check_callable(name, fn):
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+
+
+def _model_kwargs(model_kwargs):
+    """``model_kwargs`` as a dict: {} for None."""
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, dict):
+        raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
+    return model_kwargs
+
+
+def _noise_and_seed(noise, x, x_name, seed):
+    """The training losses' noise arguments: (noise checked like x and made contiguous, or None;
+    the seed, drawn when None; the int seed and per-row seeds of ``split_seed`` for x's rows)."""
+    if noise is not None:
+        check_like("noise", noise, x_name, x)
+        noise = contiguous(noise)
+    seed = _draw_seed(seed)
+    seed_i, row_seeds = split_seed(seed, x.shape[0], x.device)
+    return noise, seed, seed_i, row_seeds
+
+
+def _table_rows(table, t, batch, seed_i, row_seeds, stream, device):
+    """(table on ``device`` in its float dtype, each row's index into it): the given t, range-checked,
+    or indices drawn uniformly from the rows' noise stream."""
+    table = _table_on(table, device, torch.float64 if table.dtype == torch.float64 else torch.float32)
+    n = table.shape[0]
+    if t is None:
+        u, _ = _row_uniforms(batch, seed_i, row_seeds, stream, device)
+        return table, torch.clamp((u * n).to(torch.int64), max=n - 1)
+    return table, _check_t(t, batch, n, device)
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -471,8 +507,7 @@ def diffusion_loss(model, x0, schedule=None, prediction_type="eps", weighting="u
     The sampled t costs no host sync; a given t is range-checked on the host (skipped while a
     CUDA graph is being captured), as ``pygen.q_sample`` does.
     """
-    if not callable(model):
-        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    _check_callable("model", model)
     check_tensor("x0", x0, ndim_min=1)
     _choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _choice("weighting", weighting, WEIGHTINGS)
@@ -480,17 +515,10 @@ def diffusion_loss(model, x0, schedule=None, prediction_type="eps", weighting="u
     gamma = check_real("min_snr_gamma", min_snr_gamma, gt=0.0)
     sigma_data = check_real("sigma_data", sigma_data, gt=0.0)
     stream = check_stream(stream)
-    if model_kwargs is None:
-        model_kwargs = {}
-    elif not isinstance(model_kwargs, dict):
-        raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
+    model_kwargs = _model_kwargs(model_kwargs)
     device, batch = x0.device, x0.shape[0]
     acc = _acc_dtype(x0.dtype)
-    if noise is not None:
-        check_like("noise", noise, "x0", x0)
-        noise = contiguous(noise)
-    seed = _draw_seed(seed)
-    seed_i, row_seeds = split_seed(seed, batch, device)
+    noise, seed, seed_i, row_seeds = _noise_and_seed(noise, x0, "x0", seed)
     x0 = contiguous(x0)
 
     flow = prediction_type == "flow"
@@ -508,13 +536,7 @@ def diffusion_loss(model, x0, schedule=None, prediction_type="eps", weighting="u
         table = _check_table("schedule (sigmas)", schedule, 0.0, 1.0, "flow sigmas")
 
     if table is not None:
-        table = _table_on(table, device, torch.float64 if table.dtype == torch.float64 else torch.float32)
-        n = table.shape[0]
-        if t is None:
-            u, _ = _row_uniforms(batch, seed_i, row_seeds, stream, device)
-            t_idx = torch.clamp((u * n).to(torch.int64), max=n - 1)
-        else:
-            t_idx = _check_t(t, batch, n, device)
+        table, t_idx = _table_rows(table, t, batch, seed_i, row_seeds, stream, device)
         level = table[t_idx]
         qt, qtable = t_idx, table
         model_t = t_idx if not flow else level.to(x0.dtype)
@@ -572,15 +594,11 @@ def dsm_loss(score_model, x, sigmas, t=None, seed=None, *, stream=0, noise=None,
     x̃ is formed by ``pygen.q_sample``'s flow interpolation with τ = σ/(1 + σ), scaled by
     (1 + σ): x̃ = x + σ·eps up to float rounding.
     """
-    if not callable(score_model):
-        raise TypeError(f"score_model must be callable, got {type(score_model).__name__}")
+    _check_callable("score_model", score_model)
     check_tensor("x", x, ndim_min=1)
     _check_options(reduction, check_nan)
     stream = check_stream(stream)
-    if model_kwargs is None:
-        model_kwargs = {}
-    elif not isinstance(model_kwargs, dict):
-        raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
+    model_kwargs = _model_kwargs(model_kwargs)
     if not isinstance(sigmas, torch.Tensor):
         raise TypeError(f"sigmas must be a 1-D float tensor of noise levels, got {type(sigmas).__name__}")
     _check_table("sigmas", sigmas, 0.0, math.inf, "noise levels")
@@ -588,19 +606,9 @@ def dsm_loss(score_model, x, sigmas, t=None, seed=None, *, stream=0, noise=None,
         raise ValueError("sigmas must be positive (the score target -eps/sigma is undefined at sigma = 0)")
     device, batch = x.device, x.shape[0]
     acc = _acc_dtype(x.dtype)
-    if noise is not None:
-        check_like("noise", noise, "x", x)
-        noise = contiguous(noise)
-    seed = _draw_seed(seed)
-    seed_i, row_seeds = split_seed(seed, batch, device)
+    noise, seed, seed_i, row_seeds = _noise_and_seed(noise, x, "x", seed)
     x = contiguous(x)
-    table = _table_on(sigmas, device, torch.float64 if sigmas.dtype == torch.float64 else torch.float32)
-    n = table.shape[0]
-    if t is None:
-        u, _ = _row_uniforms(batch, seed_i, row_seeds, stream, device)
-        t_idx = torch.clamp((u * n).to(torch.int64), max=n - 1)
-    else:
-        t_idx = _check_t(t, batch, n, device)
+    table, t_idx = _table_rows(sigmas, t, batch, seed_i, row_seeds, stream, device)
     sig = table[t_idx]
     cdt = torch.float64 if (sig.dtype == torch.float64 or acc == torch.float64) else torch.float32
     sig = sig.to(cdt)
@@ -863,8 +871,7 @@ def contrastive_divergence_step(energy, x_data, buffer, *, n_steps, step_size, s
     Returns the loss (0-d), or ``(loss, x_neg)``. Energies are not detached: call
     ``loss.backward()`` to get ∇_θ. Langevin itself leaves the parameters' ``.grad`` alone.
     """
-    if not callable(energy):
-        raise TypeError(f"energy must be callable, got {type(energy).__name__}")
+    _check_callable("energy", energy)
     check_tensor("x_data", x_data, ndim_min=1)
     if not isinstance(buffer, ReplayBuffer):
         raise TypeError(f"buffer must be a pygen.losses.ReplayBuffer, got {type(buffer).__name__}")
@@ -916,9 +923,8 @@ def nce_loss(log_p_model, x_data, x_noise, log_q, nu=None):
         log_q: ``x -> (N,)`` log-density of the noise distribution q.
         nu: the noise-to-data ratio in the loss (default T_noise/T_data).
     """
-    for name, fn in (("log_p_model", log_p_model), ("log_q", log_q)):
-        if not callable(fn):
-            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    _check_callable("log_p_model", log_p_model)
+    _check_callable("log_q", log_q)
     check_tensor("x_data", x_data, ndim_min=1)
     check_tensor("x_noise", x_noise, ndim_min=1)
     if x_noise.shape[1:] != x_data.shape[1:]:

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "../attention_checks.h"
 #include "pygen/attention.h"
 
 namespace pygen::cpu {
@@ -48,42 +49,11 @@ constexpr int64_t kGrainMacs = int64_t{1} << 18;
 // The tile loops are compiled for AVX-512, AVX2 and the baseline ISA and picked
 // at load time (the extension itself targets baseline x86-64). FMA contraction
 // is allowed here: attention makes no bit-exactness promise across ISAs.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(PYGEN_NO_TARGET_CLONES)
+#if PYGEN_CPU_MULTIVERSION && defined(__linux__)
 #define PYGEN_ATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PYGEN_ATTN_CLONES
 #endif
-
-// ---------------------------------------------------------------------------
-// Argument checks (the Python layer validated already; this is the last line).
-// ---------------------------------------------------------------------------
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "pygen: attention q, k, v must be 4-D (B, H, S, D), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(q.device().type() == c10::kCPU, "pygen: attention q must be a CPU tensor, got ", q.device());
-  check_same_device(k, "k", q, "q");
-  check_same_device(v, "v", q, "q");
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "pygen: attention q must be float32, float64, float16 or bfloat16, got ", st);
-  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, "pygen: attention k and v must have the dtype of q (",
-              st, "), got ", k.scalar_type(), " and ", v.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "pygen: attention batch sizes differ: q ", q.sizes(),
-              ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(1) == q.size(1) && v.size(1) == q.size(1), "pygen: attention head counts differ: q ", q.sizes(),
-              ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(3) == q.size(3) && v.size(3) == q.size(3), "pygen: attention head dims differ: q ", q.sizes(),
-              ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(v.size(2) == k.size(2), "pygen: attention k and v must have the same length, got ", k.sizes(), " and ",
-              v.sizes());
-  TORCH_CHECK(k.size(2) >= 1, "pygen: attention needs at least one key, got k of shape ", k.sizes());
-  TORCH_CHECK(q.size(3) >= 1, "pygen: attention head dim must be >= 1, got ", q.size(3));
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
-    TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "pygen: attention ", name,
-                " must have a unit stride in its last dimension, got strides ", t.strides());
-  }
-}
 
 // ---------------------------------------------------------------------------
 // Tile arithmetic on acc_t scratch.
@@ -180,7 +150,7 @@ PYGEN_ATTN_INLINE void gemm_f32_body(float* __restrict__ C, int64_t ldc,
 // and SSE 2 rows × 32 columns.
 using GemmF32 = void (*)(float*, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                          int64_t);
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PYGEN_NO_TARGET_CLONES)
+#if PYGEN_CPU_MULTIVERSION
 __attribute__((target("avx512f"))) void gemm_f32_avx512(float* C, int64_t ldc, const float* A, int64_t a_rs,
                                                         int64_t a_cs, const float* B, int64_t ldb, int64_t M,
                                                         int64_t N, int64_t K) {
@@ -198,7 +168,7 @@ void gemm_f32_baseline(float* C, int64_t ldc, const float* A, int64_t a_rs, int6
 }
 
 GemmF32 pick_gemm_f32() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PYGEN_NO_TARGET_CLONES)
+#if PYGEN_CPU_MULTIVERSION
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return gemm_f32_avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return gemm_f32_avx2;
@@ -433,6 +403,32 @@ int64_t grain_for(int64_t macs_per_task) {
   return std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, macs_per_task));
 }
 
+// Task w of a parallel loop over (b, h, block of rows): rows [r0, r0 + n) of
+// head (b, h) (bh = b·H + h), blocks of `block` rows out of S, nblocks per head.
+struct BlockTask {
+  int64_t bh, b, h, r0, n;
+};
+inline BlockTask block_task(int64_t w, int64_t nblocks, int64_t block, int64_t H, int64_t S) {
+  BlockTask t;
+  t.bh = w / nblocks;
+  t.r0 = (w - t.bh * nblocks) * block;
+  t.b = t.bh / H;
+  t.h = t.bh - t.b * H;
+  t.n = std::min(block, S - t.r0);
+  return t;
+}
+
+// Key tile [j0, j0 + nk) of head (b, h): Ks, Vs (nk × D) loaded, and the
+// key-major scores St = Ks·Qt (nk × kBlockQ; Qt is D × kBlockQ).
+template <typename T, typename scalar_t>
+void load_key_tile(T* Ks, T* Vs, T* St, const Rows<scalar_t>& K, const Rows<scalar_t>& V, const T* Qt, int64_t b,
+                   int64_t h, int64_t j0, int64_t nk, int64_t D) {
+  load_rows(Ks, D, K, b, h, j0, nk, D, T(1));
+  load_rows(Vs, D, V, b, h, j0, nk, D, T(1));
+  std::fill(St, St + nk * kBlockQ, T(0));
+  gemm_acc(St, kBlockQ, Ks, D, 1, Qt, kBlockQ, nk, kBlockQ, D);
+}
+
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
@@ -458,9 +454,7 @@ void attention_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
     T* l = m + kBlockQ;
     T* alpha = l + kBlockQ;
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t bh = w / nqb, i0 = (w - bh * nqb) * kBlockQ;
-      const int64_t b = bh / H, h = bh - b * H;
-      const int64_t nq = std::min(kBlockQ, Sq - i0);
+      const auto [bh, b, h, i0, nq] = block_task(w, nqb, kBlockQ, H, Sq);
       // Columns nq.. of Qt stay 0: those padding queries get finite scores and are never stored.
       std::fill(Qt, Qt + kBlockQ * D, T(0));
       load_rows_transposed(Qt, kBlockQ, Q, b, h, i0, nq, D, qmul);
@@ -470,11 +464,7 @@ void attention_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
       const int64_t kend = attn::key_end(i0 + nq, Sk, causal);
       for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, kend - j0);
-        load_rows(Ks, D, K, b, h, j0, nk, D, T(1));
-        load_rows(Vs, D, V, b, h, j0, nk, D, T(1));
-        // St = K Q^T (key-major scores, base 2)
-        std::fill(St, St + nk * kBlockQ, T(0));
-        gemm_acc(St, kBlockQ, Ks, D, 1, Qt, kBlockQ, nk, kBlockQ, D);
+        load_key_tile(Ks, Vs, St, K, V, Qt, b, h, j0, nk, D);  // St = K Q^T (key-major scores, base 2)
         softmax_cols(St, nk, i0, j0, causal, m, l, alpha);
         for (int64_t i = 0; i < nq; ++i) {
           if (alpha[i] == T(1)) continue;
@@ -497,7 +487,7 @@ void attention_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      double scale, bool causal) {
-  check_qkv(q, k, v);
+  attn::check_attention_fwd_args(q, k, v, c10::kCPU);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -553,9 +543,7 @@ void attention_bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::T
     T* dKa = dP + kBlockQ * kBlockK;
     T* dVa = dKa + kBlockK * D;
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t bh = w / nkb, j0 = (w - bh * nkb) * kBlockK;
-      const int64_t b = bh / H, h = bh - b * H;
-      const int64_t nk = std::min(kBlockK, Sk - j0);
+      const auto [bh, b, h, j0, nk] = block_task(w, nkb, kBlockK, H, Sk);
       load_rows_transposed(Kt, kBlockK, K, b, h, j0, nk, D, T(1));
       load_rows_transposed(Vt, kBlockK, V, b, h, j0, nk, D, T(1));
       std::fill(dKa, dKa + nk * D, T(0));
@@ -597,9 +585,7 @@ void attention_bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::T
     T* lse2_blk = dPt + kBlockK * kBlockQ;
     T* delta_blk = lse2_blk + kBlockQ;
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t bh = w / nqb, i0 = (w - bh * nqb) * kBlockQ;
-      const int64_t b = bh / H, h = bh - b * H;
-      const int64_t nq = std::min(kBlockQ, Sq - i0);
+      const auto [bh, b, h, i0, nq] = block_task(w, nqb, kBlockQ, H, Sq);
       const int64_t r0 = bh * Sq + i0;
       // Padding query columns (nq..) are 0 with lse2 = delta = 0: finite, never stored.
       std::fill(Qt, Qt + kBlockQ * D, T(0));
@@ -613,10 +599,7 @@ void attention_bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::T
       const int64_t kend = attn::key_end(i0 + nq, Sk, causal);
       for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, kend - j0);
-        load_rows(Ks, D, K, b, h, j0, nk, D, T(1));
-        load_rows(Vs, D, V, b, h, j0, nk, D, T(1));
-        std::fill(St, St + nk * kBlockQ, T(0));
-        gemm_acc(St, kBlockQ, Ks, D, 1, Qt, kBlockQ, nk, kBlockQ, D);  // S^T = K Q^T
+        load_key_tile(Ks, Vs, St, K, V, Qt, b, h, j0, nk, D);  // S^T = K Q^T
         std::fill(dPt, dPt + nk * kBlockQ, T(0));
         gemm_acc(dPt, kBlockQ, Vs, D, 1, dOt, kBlockQ, nk, kBlockQ, D);  // dP^T = V dO^T
         probs_dscores_cols(St, dPt, nk, i0, j0, causal, scale2, lse2_blk, delta_blk);
@@ -632,20 +615,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
                                                                  const at::Tensor& k, const at::Tensor& v,
                                                                  const at::Tensor& out, const at::Tensor& lse,
                                                                  double scale, bool causal) {
-  check_qkv(q, k, v);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
-    check_same_device(t, name, q, "q");
-    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(), "pygen: attention_bwd ", name,
-                " must have the shape and dtype of q (", q.sizes(), ", ", q.scalar_type(), "), got ", t.sizes(), ", ",
-                t.scalar_type());
-    TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "pygen: attention_bwd ", name,
-                " must have a unit stride in its last dimension, got strides ", t.strides());
-  }
-  check_same_device(lse, "lse", q, "q");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
-                  lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-              "pygen: attention_bwd lse must be float32 of shape (B, H, Sq) = (", q.size(0), ", ", q.size(1), ", ",
-              q.size(2), "), got ", lse.scalar_type(), " of shape ", lse.sizes());
+  attn::check_attention_bwd_args(grad_out, q, k, v, out, lse, c10::kCPU);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) {
     dk.zero_();

@@ -14,6 +14,21 @@
 #include "pygen/noise_layout.h"
 #include "pygen/philox.h"
 
+// Function multi-versioning of the CPU loops. The extension is built for the
+// baseline x86-64 ISA; a loop marked PYGEN_VECTOR_CLONES is compiled for AVX2
+// and for the baseline ISA and picked at load time (GCC/Clang target_clones).
+// Neither clone has FMA (AVX-512F would: GCC contracts a·b + c by default), so
+// these loops round like the eager composites they mirror: products, then sums.
+// PYGEN_CPU_MULTIVERSION says whether per-ISA code is compiled at all (define
+// PYGEN_NO_TARGET_CLONES to switch it off).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PYGEN_NO_TARGET_CLONES)
+#define PYGEN_CPU_MULTIVERSION 1
+#define PYGEN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PYGEN_CPU_MULTIVERSION 0
+#define PYGEN_VECTOR_CLONES
+#endif
+
 namespace pygen::cpu {
 
 // Arithmetic type for a storage type: fp32 for fp32/fp16/bf16, fp64 for fp64.

@@ -36,16 +36,9 @@ constexpr int64_t kGrainRows = int64_t{1} << 14;
 // Row segments shorter than this skip the multi-versioned (not inlinable) loop.
 constexpr int64_t kShortSegment = 32;
 
-// The contiguous arithmetic loops are compiled for AVX2 and for the baseline
-// ISA and picked at load time (GCC/Clang function multi-versioning), because
-// the extension itself is built for the baseline x86-64 ISA. Neither clone has
-// FMA (AVX-512F would: GCC contracts a·x + s·e by default), so x_t rounds like
-// the eager composite: two products, then the sum.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PYGEN_NO_TARGET_CLONES)
-#define PYGEN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PYGEN_VECTOR_CLONES
-#endif
+// The contiguous arithmetic loops are PYGEN_VECTOR_CLONES (cpu_common.h: AVX2
+// and baseline, no FMA), so x_t rounds like the eager composite: two products,
+// then the sum.
 
 template <typename T>
 T* offset_or_null(T* p, int64_t k) {

@@ -58,23 +58,6 @@ inline acc lane_sum(int64_t n, F&& f) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-template <typename T>
-void fill_value(at::Tensor& t, double v) {
-  T* p = t.data_ptr<T>();
-  for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<T>(v);
-}
-
-void fill_stats(at::Tensor& t, double v) {
-  if (t.scalar_type() == at::kDouble) fill_value<double>(t, v);
-  else fill_value<float>(t, v);
-}
-
-void zero_tensor(at::Tensor& t) {
-  if (t.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "pygen_norm_zero",
-                                  [&] { fill_value<scalar_t>(t, 0.0); });
-}
-
 // out[g, c] = Σ_{r < rows} part[(g·rows + r)·C + c] (rows summed in order), cast to out's type.
 template <typename acc, typename out_t>
 void sum_partials(const acc* part, out_t* out, int64_t groups, int64_t rows, int64_t C) {
@@ -87,8 +70,6 @@ void sum_partials(const acc* part, out_t* out, int64_t groups, int64_t rows, int
     }
   });
 }
-
-at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 // ---------------------------------------------------------------------------
 // adaln_modulate
@@ -103,14 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_cpu(const at::Tens
   TORCH_CHECK(eps >= 0.0, "pygen: eps must be >= 0, got ", eps);
   const int64_t B = a.B, N = a.N, C = a.C, rows = B * N;
   at::Tensor y = at::empty_like(a.x);
-  const auto stat_opts = a.x.options().dtype(norm::acc_type(a.x.scalar_type()));
-  at::Tensor mean = at::empty({B, N}, stat_opts), rstd = at::empty({B, N}, stat_opts);
+  at::Tensor mean = norm::empty_stats(a.x, {B, N}), rstd = norm::empty_stats(a.x, {B, N});
   if (rows == 0) return {y, mean, rstd};
-  if (C == 0) {
-    fill_stats(mean, std::numeric_limits<double>::quiet_NaN());
-    fill_stats(rstd, std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, rstd};
-  }
+  if (C == 0) return norm::with_nan_stats(y, mean, rstd);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "adaln_modulate_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* X = a.x.data_ptr<scalar_t>();
@@ -164,12 +140,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaln_mod
   const at::Tensor rstd = norm::checked_stats(rstd_in, "rstd", {B, N}, a.x, c10::kCPU);
   at::Tensor dx = at::empty_like(a.x);
   at::Tensor dshift = at::empty({B, C}, a.x.options());
-  at::Tensor dscale = a.scale.has_value() ? at::empty({B, C}, a.x.options()) : empty0(a.x);
-  at::Tensor dweight = a.weight.has_value() ? at::empty({C}, a.x.options()) : empty0(a.x);
-  at::Tensor dbias = a.bias.has_value() ? at::empty({C}, a.x.options()) : empty0(a.x);
+  at::Tensor dscale = norm::empty_param_grad(a.scale, {B, C}, a.x);
+  at::Tensor dweight = norm::empty_param_grad(a.weight, {C}, a.x);
+  at::Tensor dbias = norm::empty_param_grad(a.bias, {C}, a.x);
   if (B * C == 0) return {dx, dweight, dbias, dshift, dscale};
   if (N == 0) {
-    for (at::Tensor* t : {&dshift, &dscale, &dweight, &dbias}) zero_tensor(*t);
+    for (at::Tensor* t : {&dshift, &dscale, &dweight, &dbias}) t->zero_();
     return {dx, dweight, dbias, dshift, dscale};
   }
   const int64_t tiles = (N + kRowTile - 1) / kRowTile;
@@ -274,10 +250,7 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cpu(const at::Tensor&
   at::Tensor dy = at::empty_like(a.y);
   at::Tensor dgate = at::empty_like(a.gate);
   if (B * C == 0) return {dgate, dy};
-  if (N == 0) {
-    zero_tensor(dgate);
-    return {dgate, dy};
-  }
+  if (N == 0) return {dgate.zero_(), dy};
   const int64_t tiles = (N + kRowTile - 1) / kRowTile;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "gated_residual_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -397,14 +370,9 @@ GnChannelStats<acc_t<scalar_t>> gn_statistics(const GnGeometry& g, const scalar_
 }
 
 // The GroupNorm element loops, branch-free (absent weight / bias are 1 / 0, exact in
-// ((x - mean)·rstd)·w + b, the reference's order) and compiled per ISA (PYGEN_VECTOR_CLONES)
-// so the compiler can vectorise them. NCHW rows take per-row scalars; channels-last rows
-// take per-channel arrays.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PYGEN_NO_TARGET_CLONES)
-#define PYGEN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PYGEN_VECTOR_CLONES
-#endif
+// ((x - mean)·rstd)·w + b, the reference's order) and compiled per ISA
+// (PYGEN_VECTOR_CLONES, cpu_common.h) so the compiler can vectorise them. NCHW rows
+// take per-row scalars; channels-last rows take per-channel arrays.
 
 // exp for the SiLU loops: Cephes' expf (Cody–Waite reduction, degree-5 polynomial; measured
 // <= 1.4 ulp on [-87, 87]) written without branches or float compares (integer masks on the
@@ -565,14 +533,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(const at::Tensor& 
   TORCH_CHECK(eps >= 0.0, "pygen: eps must be >= 0, got ", eps);
   const GnGeometry g = gn_geometry(a);
   at::Tensor y = at::empty_like(a.x);  // keeps x's layout
-  const auto stat_opts = a.x.options().dtype(norm::acc_type(a.x.scalar_type()));
-  at::Tensor mean = at::empty({g.N, g.G}, stat_opts), rstd = at::empty({g.N, g.G}, stat_opts);
+  at::Tensor mean = norm::empty_stats(a.x, {g.N, g.G}), rstd = norm::empty_stats(a.x, {g.N, g.G});
   if (g.N == 0) return {y, mean, rstd};
-  if (g.S == 0 || g.C == 0) {
-    fill_stats(mean, std::numeric_limits<double>::quiet_NaN());
-    fill_stats(rstd, std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, rstd};
-  }
+  if (g.S == 0 || g.C == 0) return norm::with_nan_stats(y, mean, rstd);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "group_norm_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* X = a.x.data_ptr<scalar_t>();
@@ -615,11 +578,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
   const at::Tensor mean = norm::checked_stats(mean_in, "mean", {g.N, g.G}, a.x, c10::kCPU);
   const at::Tensor rstd = norm::checked_stats(rstd_in, "rstd", {g.N, g.G}, a.x, c10::kCPU);
   at::Tensor dx = at::empty_like(a.x);
-  at::Tensor dweight = a.weight.has_value() ? at::empty({g.C}, a.x.options()) : empty0(a.x);
-  at::Tensor dbias = a.bias.has_value() ? at::empty({g.C}, a.x.options()) : empty0(a.x);
+  at::Tensor dweight = norm::empty_param_grad(a.weight, {g.C}, a.x);
+  at::Tensor dbias = norm::empty_param_grad(a.bias, {g.C}, a.x);
   if (a.x.numel() == 0) {
-    zero_tensor(dweight);
-    zero_tensor(dbias);
+    dweight.zero_();
+    dbias.zero_();
     return {dx, dweight, dbias};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "group_norm_backward_cpu", [&] {
@@ -740,7 +703,7 @@ at::Tensor timestep_embedding_cpu(const at::Tensor& t_in, int64_t dim, double ma
   const at::Tensor t = norm::check_timestep_args(t_in, dim, max_period, downscale_freq_shift, c10::kCPU);
   const bool f64 = t.scalar_type() == at::kDouble;
   const int64_t B = t.size(0);
-  at::Tensor out = at::empty({B, dim}, t.options().dtype(f64 ? at::kDouble : at::kFloat));
+  at::Tensor out = at::empty({B, dim}, t.options().dtype(norm::timestep_out_type(t)));
   if (B == 0) return out;
   auto run = [&](auto acc_tag) {
     using acc = decltype(acc_tag);
@@ -775,16 +738,9 @@ at::Tensor timestep_embedding_backward_cpu(const at::Tensor& grad_in, const at::
                                            double max_period, double downscale_freq_shift, double scale,
                                            bool flip_sin_to_cos) {
   const at::Tensor t = norm::check_timestep_args(t_in, dim, max_period, downscale_freq_shift, c10::kCPU);
-  TORCH_CHECK(t.is_floating_point(), "pygen: timestep_embedding_backward needs floating-point t, got ",
-              t.scalar_type());
+  const at::Tensor grad = norm::check_timestep_backward_args(grad_in, t, dim, c10::kCPU);
   const bool f64 = t.scalar_type() == at::kDouble;
   const int64_t B = t.size(0);
-  const auto out_type = f64 ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_in.device().type() == c10::kCPU && grad_in.scalar_type() == out_type && grad_in.dim() == 2 &&
-                  grad_in.size(0) == B && grad_in.size(1) == dim,
-              "pygen: grad must be a (", B, ", ", dim, ") ", out_type, " CPU tensor, got ", grad_in.scalar_type(),
-              " of shape ", grad_in.sizes());
-  const at::Tensor grad = grad_in.contiguous();
   at::Tensor dt = at::empty_like(t);
   if (B == 0) return dt;
   auto run = [&](auto acc_tag) {

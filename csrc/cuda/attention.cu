@@ -50,6 +50,7 @@
 #include <utility>
 
 #include "cuda_common.cuh"
+#include "../attention_checks.h"
 #include "pygen/attention.h"
 
 namespace pygen::cuda {
@@ -57,36 +58,8 @@ namespace {
 
 namespace attn = pygen::attention;
 
-// ---------------------------------------------------------------------------
-// Argument checks (the Python layer validated already; this is the last line).
-// ---------------------------------------------------------------------------
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "pygen: attention q, k, v must be 4-D (B, H, S, D), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(q.device().type() == c10::kCUDA, "pygen: attention q must be a CUDA tensor, got ", q.device());
-  check_same_device(k, "k", q, "q");
-  check_same_device(v, "v", q, "q");
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "pygen: attention q must be float32, float64, float16 or bfloat16, got ", st);
-  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, "pygen: attention k and v must have the dtype of q (",
-              st, "), got ", k.scalar_type(), " and ", v.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "pygen: attention batch sizes differ: q ", q.sizes(),
-              ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(1) == q.size(1) && v.size(1) == q.size(1), "pygen: attention head counts differ: q ", q.sizes(),
-              ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(3) == q.size(3) && v.size(3) == q.size(3), "pygen: attention head dims differ: q ", q.sizes(),
-              ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(v.size(2) == k.size(2), "pygen: attention k and v must have the same length, got ", k.sizes(), " and ",
-              v.sizes());
-  TORCH_CHECK(k.size(2) >= 1, "pygen: attention needs at least one key, got k of shape ", k.sizes());
-  TORCH_CHECK(q.size(3) >= 1, "pygen: attention head dim must be >= 1, got ", q.size(3));
-  TORCH_CHECK(q.size(3) <= 256, "pygen: attention on CUDA supports head dims up to 256, got ", q.size(3));
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
-    TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "pygen: attention ", name,
-                " must have a unit stride in its last dimension, got strides ", t.strides());
-  }
-}
+// Largest head dim the CUDA kernels take (checked in attention_checks.h).
+constexpr int64_t kMaxHeadDim = 256;
 
 // (B, H, S, D) strides of a tensor with a unit last stride.
 struct Strides {
@@ -131,6 +104,7 @@ __device__ __forceinline__ T warp_max(T x) {
 // ===========================================================================
 constexpr int kSimpleWarps = 4;
 constexpr int kPerLane = 8;  // 8 · 32 = 256 head dims
+static_assert(kPerLane * 32 == kMaxHeadDim, "the simple kernels cover every head dim the checks let through");
 constexpr int kMaxD = kPerLane * 32;
 
 struct SimpleParams {
@@ -147,6 +121,54 @@ struct SimpleParams {
   bool causal;
 };
 
+// This warp's row of a (B, H, S) grid of rows, kSimpleWarps warps per block:
+// row = bh·S + i with bh = b·H + h. The caller returns when row >= B·H·S.
+struct WarpRow {
+  int warp, lane;
+  int64_t row, bh, i, b, h;
+};
+__device__ __forceinline__ WarpRow warp_row(int64_t H, int64_t S) {
+  WarpRow r;
+  r.warp = threadIdx.x >> 5;
+  r.lane = threadIdx.x & 31;
+  r.row = static_cast<int64_t>(blockIdx.x) * kSimpleWarps + r.warp;
+  r.bh = r.row / S;
+  r.i = r.row - r.bh * S;
+  r.b = r.bh / H;
+  r.h = r.bh - r.b * H;
+  return r;
+}
+
+// Row 0 of head (b, h) of a (B, H, S, D) tensor with strides s.
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* head_base(const void* t, Strides s, int64_t b, int64_t h) {
+  return static_cast<const scalar_t*>(t) + b * s.b + h * s.h;
+}
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t* head_base(scalar_t* t, Strides s, int64_t b, int64_t h) {
+  return t + b * s.b + h * s.h;
+}
+
+// Two rows of D values copied (as acc) to this warp's shared rows sa and sb.
+template <typename acc, typename scalar_t>
+__device__ __forceinline__ void stage_rows(acc* sa, const scalar_t* a, acc* sb, const scalar_t* b, int D, int lane) {
+  for (int d = lane; d < D; d += 32) {
+    sa[d] = static_cast<acc>(a[d]);
+    sb[d] = static_cast<acc>(b[d]);
+  }
+  __syncwarp();
+}
+
+// dst[d] = v[c]·mul for this lane's head dims d = lane + 32·c < D.
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ void store_lane_dims(scalar_t* dst, const acc (&v)[kPerLane], acc mul, int D, int lane) {
+#pragma unroll
+  for (int c = 0; c < kPerLane; ++c) {
+    const int d = lane + 32 * c;
+    if (d < D) dst[d] = static_cast<scalar_t>(v[c] * mul);
+  }
+}
+
 // Forward: warp per query row. Scores of 32 keys at a time, one key per lane
 // (full dot product against the query row kept in shared memory); the online
 // softmax over those 32; then each lane accumulates its head dims over the 32
@@ -156,13 +178,11 @@ __global__ void __launch_bounds__(kSimpleWarps * 32)
     attention_fwd_simple_kernel(SimpleParams p, scalar_t* __restrict__ out, Strides out_s, float* __restrict__ lse) {
   using acc = acc_t<scalar_t>;
   __shared__ acc s_q[kSimpleWarps][kMaxD];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kSimpleWarps + warp;
+  const auto [warp, lane, row, bh, i, b, h] = warp_row(p.H, p.Sq);
   if (row >= p.B * p.H * p.Sq) return;  // whole warp leaves together; no block barrier below
-  const int64_t bh = row / p.Sq, i = row - bh * p.Sq, b = bh / p.H, h = bh - b * p.H;
-  const scalar_t* q = static_cast<const scalar_t*>(p.q) + b * p.qs.b + h * p.qs.h + i * p.qs.s;
-  const scalar_t* kbase = static_cast<const scalar_t*>(p.k) + b * p.ks.b + h * p.ks.h;
-  const scalar_t* vbase = static_cast<const scalar_t*>(p.v) + b * p.vs.b + h * p.vs.h;
+  const scalar_t* q = head_base<scalar_t>(p.q, p.qs, b, h) + i * p.qs.s;
+  const scalar_t* kbase = head_base<scalar_t>(p.k, p.ks, b, h);
+  const scalar_t* vbase = head_base<scalar_t>(p.v, p.vs, b, h);
   const int D = static_cast<int>(p.D);
   const acc scale2 = static_cast<acc>(p.scale * attn::kLog2e);
   for (int d = lane; d < D; d += 32) s_q[warp][d] = static_cast<acc>(q[d]) * scale2;
@@ -202,13 +222,7 @@ __global__ void __launch_bounds__(kSimpleWarps * 32)
     }
     m = mx;
   }
-  scalar_t* orow = out + b * out_s.b + h * out_s.h + i * out_s.s;
-  const acc inv = acc(1) / l;
-#pragma unroll
-  for (int c = 0; c < kPerLane; ++c) {
-    const int d = lane + 32 * c;
-    if (d < D) orow[d] = static_cast<scalar_t>(o[c] * inv);
-  }
+  store_lane_dims(head_base(out, out_s, b, h) + i * out_s.s, o, acc(1) / l, D, lane);
   if (lane == 0) lse[row] = static_cast<float>((m + log2_acc(l)) * static_cast<acc>(attn::kLn2));
 }
 
@@ -217,12 +231,10 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kSimpleWarps * 32)
     attention_delta_kernel(SimpleParams p, acc_t<scalar_t>* __restrict__ delta) {
   using acc = acc_t<scalar_t>;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kSimpleWarps + warp;
+  const auto [warp, lane, row, bh, i, b, h] = warp_row(p.H, p.Sq);
   if (row >= p.B * p.H * p.Sq) return;
-  const int64_t bh = row / p.Sq, i = row - bh * p.Sq, b = bh / p.H, h = bh - b * p.H;
-  const scalar_t* g = static_cast<const scalar_t*>(p.dout) + b * p.dos.b + h * p.dos.h + i * p.dos.s;
-  const scalar_t* o = static_cast<const scalar_t*>(p.out) + b * p.os.b + h * p.os.h + i * p.os.s;
+  const scalar_t* g = head_base<scalar_t>(p.dout, p.dos, b, h) + i * p.dos.s;
+  const scalar_t* o = head_base<scalar_t>(p.out, p.os, b, h) + i * p.os.s;
   acc s = 0;
   for (int64_t d = lane; d < p.D; d += 32) s += static_cast<acc>(g[d]) * static_cast<acc>(o[d]);
   s = warp_sum(s);
@@ -238,20 +250,13 @@ __global__ void __launch_bounds__(kSimpleWarps * 32)
   using acc = acc_t<scalar_t>;
   __shared__ acc s_k[kSimpleWarps][kMaxD];
   __shared__ acc s_v[kSimpleWarps][kMaxD];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kSimpleWarps + warp;
+  const auto [warp, lane, row, bh, j, b, h] = warp_row(p.H, p.Sk);
   if (row >= p.B * p.H * p.Sk) return;
-  const int64_t bh = row / p.Sk, j = row - bh * p.Sk, b = bh / p.H, h = bh - b * p.H;
   const int D = static_cast<int>(p.D);
-  const scalar_t* kr = static_cast<const scalar_t*>(p.k) + b * p.ks.b + h * p.ks.h + j * p.ks.s;
-  const scalar_t* vr = static_cast<const scalar_t*>(p.v) + b * p.vs.b + h * p.vs.h + j * p.vs.s;
-  for (int d = lane; d < D; d += 32) {
-    s_k[warp][d] = static_cast<acc>(kr[d]);
-    s_v[warp][d] = static_cast<acc>(vr[d]);
-  }
-  __syncwarp();
-  const scalar_t* qbase = static_cast<const scalar_t*>(p.q) + b * p.qs.b + h * p.qs.h;
-  const scalar_t* gbase = static_cast<const scalar_t*>(p.dout) + b * p.dos.b + h * p.dos.h;
+  stage_rows(s_k[warp], head_base<scalar_t>(p.k, p.ks, b, h) + j * p.ks.s, s_v[warp],
+             head_base<scalar_t>(p.v, p.vs, b, h) + j * p.vs.s, D, lane);
+  const scalar_t* qbase = head_base<scalar_t>(p.q, p.qs, b, h);
+  const scalar_t* gbase = head_base<scalar_t>(p.dout, p.dos, b, h);
   const acc scale2 = static_cast<acc>(p.scale * attn::kLog2e);
   const acc log2e = static_cast<acc>(attn::kLog2e);
   acc gk[kPerLane], gv[kPerLane];
@@ -288,17 +293,8 @@ __global__ void __launch_bounds__(kSimpleWarps * 32)
       }
     }
   }
-  const acc sc = static_cast<acc>(p.scale);
-  scalar_t* dkr = dk + b * dk_s.b + h * dk_s.h + j * dk_s.s;
-  scalar_t* dvr = dv + b * dv_s.b + h * dv_s.h + j * dv_s.s;
-#pragma unroll
-  for (int c = 0; c < kPerLane; ++c) {
-    const int d = lane + 32 * c;
-    if (d < D) {
-      dkr[d] = static_cast<scalar_t>(gk[c] * sc);
-      dvr[d] = static_cast<scalar_t>(gv[c]);
-    }
-  }
+  store_lane_dims(head_base(dk, dk_s, b, h) + j * dk_s.s, gk, static_cast<acc>(p.scale), D, lane);
+  store_lane_dims(head_base(dv, dv_s, b, h) + j * dv_s.s, gv, acc(1), D, lane);
 }
 
 // dQ: warp per query row i, over its visible keys, 32 at a time.
@@ -309,20 +305,13 @@ __global__ void __launch_bounds__(kSimpleWarps * 32)
   using acc = acc_t<scalar_t>;
   __shared__ acc s_q[kSimpleWarps][kMaxD];
   __shared__ acc s_g[kSimpleWarps][kMaxD];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kSimpleWarps + warp;
+  const auto [warp, lane, row, bh, i, b, h] = warp_row(p.H, p.Sq);
   if (row >= p.B * p.H * p.Sq) return;
-  const int64_t bh = row / p.Sq, i = row - bh * p.Sq, b = bh / p.H, h = bh - b * p.H;
   const int D = static_cast<int>(p.D);
-  const scalar_t* qr = static_cast<const scalar_t*>(p.q) + b * p.qs.b + h * p.qs.h + i * p.qs.s;
-  const scalar_t* gr = static_cast<const scalar_t*>(p.dout) + b * p.dos.b + h * p.dos.h + i * p.dos.s;
-  for (int d = lane; d < D; d += 32) {
-    s_q[warp][d] = static_cast<acc>(qr[d]);
-    s_g[warp][d] = static_cast<acc>(gr[d]);
-  }
-  __syncwarp();
-  const scalar_t* kbase = static_cast<const scalar_t*>(p.k) + b * p.ks.b + h * p.ks.h;
-  const scalar_t* vbase = static_cast<const scalar_t*>(p.v) + b * p.vs.b + h * p.vs.h;
+  stage_rows(s_q[warp], head_base<scalar_t>(p.q, p.qs, b, h) + i * p.qs.s, s_g[warp],
+             head_base<scalar_t>(p.dout, p.dos, b, h) + i * p.dos.s, D, lane);
+  const scalar_t* kbase = head_base<scalar_t>(p.k, p.ks, b, h);
+  const scalar_t* vbase = head_base<scalar_t>(p.v, p.vs, b, h);
   const acc scale2 = static_cast<acc>(p.scale * attn::kLog2e);
   const acc lse2 = static_cast<acc>(p.lse[b * p.ls_b + h * p.ls_h + i * p.ls_s]) * static_cast<acc>(attn::kLog2e);
   const acc di = delta[row];
@@ -354,13 +343,7 @@ __global__ void __launch_bounds__(kSimpleWarps * 32)
       }
     }
   }
-  const acc sc = static_cast<acc>(p.scale);
-  scalar_t* dqr = dq + b * dq_s.b + h * dq_s.h + i * dq_s.s;
-#pragma unroll
-  for (int c = 0; c < kPerLane; ++c) {
-    const int d = lane + 32 * c;
-    if (d < D) dqr[d] = static_cast<scalar_t>(gq[c] * sc);
-  }
+  store_lane_dims(head_base(dq, dq_s, b, h) + i * dq_s.s, gq, static_cast<acc>(p.scale), D, lane);
 }
 
 unsigned int simple_blocks(int64_t rows) {
@@ -757,7 +740,7 @@ bool try_fwd_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 // ===========================================================================
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       double scale, bool causal) {
-  check_qkv(q, k, v);
+  attn::check_attention_fwd_args(q, k, v, c10::kCUDA, kMaxHeadDim);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
@@ -780,20 +763,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& out, const at::Tensor& lse,
                                                                   double scale, bool causal) {
-  check_qkv(q, k, v);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
-    check_same_device(t, name, q, "q");
-    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(), "pygen: attention_bwd ", name,
-                " must have the shape and dtype of q (", q.sizes(), ", ", q.scalar_type(), "), got ", t.sizes(), ", ",
-                t.scalar_type());
-    TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "pygen: attention_bwd ", name,
-                " must have a unit stride in its last dimension, got strides ", t.strides());
-  }
-  check_same_device(lse, "lse", q, "q");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
-                  lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-              "pygen: attention_bwd lse must be float32 of shape (B, H, Sq) = (", q.size(0), ", ", q.size(1), ", ",
-              q.size(2), "), got ", lse.scalar_type(), " of shape ", lse.sizes());
+  attn::check_attention_bwd_args(grad_out, q, k, v, out, lse, c10::kCUDA, kMaxHeadDim);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) {

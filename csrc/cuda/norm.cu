@@ -79,8 +79,6 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
-at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
-
 unsigned int grid_for(int64_t items, int threads) {
   const int64_t b = (items + threads - 1) / threads;
   TORCH_CHECK(b <= 0x7fffffffLL, "pygen: tensor too large for one launch");
@@ -199,14 +197,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_cuda(const at::Ten
   const c10::cuda::CUDAGuard guard(a.x.device());
   const int64_t B = a.B, N = a.N, C = a.C, rows = B * N;
   at::Tensor y = at::empty_like(a.x);
-  const auto stat_opts = a.x.options().dtype(norm::acc_type(a.x.scalar_type()));
-  at::Tensor mean = at::empty({B, N}, stat_opts), rstd = at::empty({B, N}, stat_opts);
+  at::Tensor mean = norm::empty_stats(a.x, {B, N}), rstd = norm::empty_stats(a.x, {B, N});
   if (rows == 0) return {y, mean, rstd};
-  if (C == 0) {
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, rstd};
-  }
+  if (C == 0) return norm::with_nan_stats(y, mean, rstd);
   TORCH_CHECK(rows <= 0x7fffffffLL, "pygen: adaln_modulate supports at most 2^31 - 1 rows");
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "adaln_modulate_cuda", [&] {
@@ -331,9 +324,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaln_mod
   const at::Tensor rstd = norm::checked_stats(rstd_in, "rstd", {B, N}, a.x, c10::kCUDA);
   at::Tensor dx = at::empty_like(a.x);
   at::Tensor dshift = at::empty({B, C}, a.x.options());
-  at::Tensor dscale = a.scale.has_value() ? at::empty({B, C}, a.x.options()) : empty0(a.x);
-  at::Tensor dweight = a.weight.has_value() ? at::empty({C}, a.x.options()) : empty0(a.x);
-  at::Tensor dbias = a.bias.has_value() ? at::empty({C}, a.x.options()) : empty0(a.x);
+  at::Tensor dscale = norm::empty_param_grad(a.scale, {B, C}, a.x);
+  at::Tensor dweight = norm::empty_param_grad(a.weight, {C}, a.x);
+  at::Tensor dbias = norm::empty_param_grad(a.bias, {C}, a.x);
   if (B * C == 0) return {dx, dweight, dbias, dshift, dscale};
   if (N == 0) {
     for (at::Tensor* t : {&dshift, &dscale, &dweight, &dbias}) t->zero_();
@@ -673,22 +666,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(const at::Tensor&
   const c10::cuda::CUDAGuard guard(a.x.device());
   const GnGeometry g = gn_geometry(a);
   at::Tensor y = at::empty_like(a.x);  // keeps x's layout
-  const auto stat_opts = a.x.options().dtype(norm::acc_type(a.x.scalar_type()));
-  at::Tensor mean = at::empty({g.N, g.G}, stat_opts), rstd = at::empty({g.N, g.G}, stat_opts);
+  at::Tensor mean = norm::empty_stats(a.x, {g.N, g.G}), rstd = norm::empty_stats(a.x, {g.N, g.G});
   if (g.N == 0) return {y, mean, rstd};
-  if (g.S == 0 || g.C == 0) {
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, rstd};
-  }
+  if (g.S == 0 || g.C == 0) return norm::with_nan_stats(y, mean, rstd);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "group_norm_cuda", [&] {
     using acc = acc_t<scalar_t>;
     using Stats = MomentStats<acc>;
     const scalar_t* xp = a.x.data_ptr<scalar_t>();
     // partial stats as 3 acc each, then the per-(n, c) expanded mean / rstd
-    at::Tensor part = at::empty({g.N * g.tiles * g.C * 3}, stat_opts);
-    at::Tensor expanded = at::empty({2, g.N * g.C}, stat_opts);
+    at::Tensor part = at::empty({g.N * g.tiles * g.C * 3}, mean.options());
+    at::Tensor expanded = at::empty({2, g.N * g.C}, mean.options());
     Stats* pp = reinterpret_cast<Stats*>(part.data_ptr<acc>());
     if (!g.cl) {
       gn_row_stats_kernel<scalar_t><<<static_cast<unsigned int>(g.N * g.C), kRowThreads, 0, stream>>>(xp, pp, g.S);
@@ -807,8 +795,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cuda(
   const at::Tensor mean = norm::checked_stats(mean_in, "mean", {g.N, g.G}, a.x, c10::kCUDA);
   const at::Tensor rstd = norm::checked_stats(rstd_in, "rstd", {g.N, g.G}, a.x, c10::kCUDA);
   at::Tensor dx = at::empty_like(a.x);
-  at::Tensor dweight = a.weight.has_value() ? at::empty({g.C}, a.x.options()) : empty0(a.x);
-  at::Tensor dbias = a.bias.has_value() ? at::empty({g.C}, a.x.options()) : empty0(a.x);
+  at::Tensor dweight = norm::empty_param_grad(a.weight, {g.C}, a.x);
+  at::Tensor dbias = norm::empty_param_grad(a.bias, {g.C}, a.x);
   if (a.x.numel() == 0) {
     dweight.zero_();
     dbias.zero_();
@@ -906,7 +894,7 @@ at::Tensor timestep_embedding_cuda(const at::Tensor& t_in, int64_t dim, double m
   const c10::cuda::CUDAGuard guard(t.device());
   const bool f64 = t.scalar_type() == at::kDouble;
   const int64_t B = t.size(0);
-  at::Tensor out = at::empty({B, dim}, t.options().dtype(f64 ? at::kDouble : at::kFloat));
+  at::Tensor out = at::empty({B, dim}, t.options().dtype(norm::timestep_out_type(t)));
   if (B == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "timestep_embedding_cuda", [&] {
@@ -928,17 +916,10 @@ at::Tensor timestep_embedding_backward_cuda(const at::Tensor& grad_in, const at:
                                             double max_period, double downscale_freq_shift, double scale,
                                             bool flip_sin_to_cos) {
   const at::Tensor t = norm::check_timestep_args(t_in, dim, max_period, downscale_freq_shift, c10::kCUDA);
-  TORCH_CHECK(t.is_floating_point(), "pygen: timestep_embedding_backward needs floating-point t, got ",
-              t.scalar_type());
+  const at::Tensor grad = norm::check_timestep_backward_args(grad_in, t, dim, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(t.device());
   const bool f64 = t.scalar_type() == at::kDouble;
   const int64_t B = t.size(0);
-  const auto out_type = f64 ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_in.device() == t.device() && grad_in.scalar_type() == out_type && grad_in.dim() == 2 &&
-                  grad_in.size(0) == B && grad_in.size(1) == dim,
-              "pygen: grad must be a (", B, ", ", dim, ") ", out_type, " tensor on t's device, got ",
-              grad_in.scalar_type(), " of shape ", grad_in.sizes());
-  const at::Tensor grad = grad_in.contiguous();
   at::Tensor dt = at::empty_like(t);
   if (B == 0) return dt;
   TORCH_CHECK(B <= 0x7fffffffLL, "pygen: timestep_embedding_backward: too many timesteps");

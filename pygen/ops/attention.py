@@ -270,22 +270,11 @@ def _device_name(device):
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
         else:
-            name = f"cpu:{_cpu_model()}"
+            from pygen.bench import cpu_model  # the benchmarks' CPU name; imported on first use only
+
+            name = f"cpu:{cpu_model()}"
         _device_names[device] = name
     return name
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def _versions():
