@@ -36,13 +36,7 @@ constexpr int kLanes = 8;                 // accumulators per piece
 constexpr int64_t kTaskElements = int64_t{1} << 15;  // elements per at::parallel_for grain (about)
 static_assert(kPiece % kLanes == 0 && kPiece % kGroup == 0, "piece alignment");
 
-// Arithmetic loops compiled for AVX2 and for the baseline ISA, picked at load time
-// (the extension itself targets baseline x86-64); see csrc/cpu/forward.cpp.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PYGEN_NO_TARGET_CLONES)
-#define PYGEN_LOSS_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PYGEN_LOSS_CLONES
-#endif
+// Arithmetic loops are compiled for AVX2 and the baseline ISA (PYGEN_VECTOR_CLONES, cpu_common.h).
 
 // Where eps comes from: the given noise, or Philox (seed / per-row seeds, stream).
 template <typename scalar_t>
@@ -138,7 +132,7 @@ struct RowReader {
 // lanes[k mod kLanes] += r_k² for the n elements of a piece (n a multiple of
 // kLanes except for a row's last piece).
 template <typename scalar_t, typename eps_t>
-PYGEN_LOSS_CLONES void residual_square_lanes(acc_t<scalar_t> m, acc_t<scalar_t> ca, acc_t<scalar_t> cb,
+PYGEN_VECTOR_CLONES void residual_square_lanes(acc_t<scalar_t> m, acc_t<scalar_t> ca, acc_t<scalar_t> cb,
                                              const scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                              const eps_t* __restrict__ eps, int64_t n, acc_t<scalar_t>* lanes) {
   using acc = acc_t<scalar_t>;
@@ -197,7 +191,7 @@ at::Tensor diffusion_loss_cpu(const at::Tensor& model_out, const at::Tensor& x0,
 // diffusion_loss_backward
 // ---------------------------------------------------------------------------
 template <typename scalar_t, typename eps_t>
-PYGEN_LOSS_CLONES void diffusion_grad_piece(acc_t<scalar_t> k, acc_t<scalar_t> m, acc_t<scalar_t> ca,
+PYGEN_VECTOR_CLONES void diffusion_grad_piece(acc_t<scalar_t> k, acc_t<scalar_t> m, acc_t<scalar_t> ca,
                                             acc_t<scalar_t> cb, const scalar_t* __restrict__ out,
                                             const scalar_t* __restrict__ x, const eps_t* __restrict__ eps,
                                             scalar_t* __restrict__ grad, int64_t n) {
@@ -238,7 +232,7 @@ at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad_rows_in, const at:
 // reparameterize_kl
 // ---------------------------------------------------------------------------
 template <typename scalar_t, typename eps_t>
-PYGEN_LOSS_CLONES void reparameterize_kl_piece(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ lv,
+PYGEN_VECTOR_CLONES void reparameterize_kl_piece(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ lv,
                                                const eps_t* __restrict__ eps, scalar_t* __restrict__ z, int64_t n,
                                                acc_t<scalar_t>* lanes) {
   using acc = acc_t<scalar_t>;
@@ -292,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_cpu(const at::Tensor& mu_in
 // reparameterize_kl_backward
 // ---------------------------------------------------------------------------
 template <typename scalar_t, typename eps_t>
-PYGEN_LOSS_CLONES void reparameterize_kl_grad_piece(acc_t<scalar_t> gk, const scalar_t* __restrict__ gz,
+PYGEN_VECTOR_CLONES void reparameterize_kl_grad_piece(acc_t<scalar_t> gk, const scalar_t* __restrict__ gz,
                                                     const scalar_t* __restrict__ mu, const scalar_t* __restrict__ lv,
                                                     const eps_t* __restrict__ eps, scalar_t* __restrict__ dmu,
                                                     scalar_t* __restrict__ dlv, int64_t n) {
