@@ -183,6 +183,31 @@ def test_adaln_long_rows_loop(backend):
     assert_storage_close(y, adaln_expected(x, shift, scale, weight, bias, 1e-6), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["torch", _param("cpu"), _param("cuda"), _param("triton")])
+@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 0, 5)])
+def test_adaln_backward_without_elements_gives_zero_parameter_gradients(backend, shape, request):
+    """B == 0 or N == 0: dweight / dbias (C,) and dshift / dscale are sums of nothing -> exact zeros."""
+    require(backend)
+    if backend == "triton" and shape[0] == 0:  # known, not fixed here (kernels/norm.py is outside this change)
+        request.node.add_marker(pytest.mark.xfail(
+            reason="kernels/norm.py: adaLN backward leaves dweight/dbias uninitialised for B == 0", strict=False))
+    dev = device_for(backend)
+    B, N, C = shape
+    x = torch.empty(shape, device=dev, requires_grad=True)
+    shift, scale = (torch.zeros(B, C, device=dev, requires_grad=True) for _ in range(2))
+    for _ in range(3):  # uninitialised memory often holds a just-freed NaN buffer of the same size
+        junk = torch.full((C,), float("nan"), device=dev)
+        del junk
+        weight = torch.ones(C, device=dev, requires_grad=True)
+        bias = torch.zeros(C, device=dev, requires_grad=True)
+        with pygen.use_backend(backend):
+            y = pygen.adaln_modulate(x, shift, scale, weight, bias)
+        y.sum().backward()
+        for name, t in (("weight", weight), ("bias", bias), ("shift", shift), ("scale", scale)):
+            assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t)), (name, t.grad)
+        shift.grad = scale.grad = None
+
+
 # ---------------------------------------------------------------------------
 # gated_residual
 # ---------------------------------------------------------------------------

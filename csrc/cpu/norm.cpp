@@ -143,8 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaln_mod
   at::Tensor dscale = norm::empty_param_grad(a.scale, {B, C}, a.x);
   at::Tensor dweight = norm::empty_param_grad(a.weight, {C}, a.x);
   at::Tensor dbias = norm::empty_param_grad(a.bias, {C}, a.x);
-  if (B * C == 0) return {dx, dweight, dbias, dshift, dscale};
-  if (N == 0) {
+  if (B * N * C == 0) {  // sums of nothing (dweight / dbias are (C,) also when B == 0)
     for (at::Tensor* t : {&dshift, &dscale, &dweight, &dbias}) t->zero_();
     return {dx, dweight, dbias, dshift, dscale};
   }
