@@ -271,9 +271,7 @@ def adaln_modulate_backward(grad_y, x, weight, bias, scale, mean, rstd):
     dscale = torch.empty((b, c), dtype=x.dtype, device=x.device) if scale is not None else _empty0(x)
     dweight = torch.empty((c,), dtype=x.dtype, device=x.device) if weight is not None else _empty0(x)
     dbias = torch.empty((c,), dtype=x.dtype, device=x.device) if bias is not None else _empty0(x)
-    if b * c == 0:
-        return dx, dweight, dbias, dshift, dscale
-    if n == 0:
+    if b * n * c == 0:  # no elements: every parameter gradient is an empty sum (zeros, never garbage)
         for t in (dshift, dscale, dweight, dbias):
             t.zero_()
         return dx, dweight, dbias, dshift, dscale
