@@ -389,6 +389,20 @@ def test_forced_triton_rejects_float64():
             pygen.attention(q, k, v)
 
 
+def test_cuda_choice_float64_backward_stays_off_triton(monkeypatch):
+    # A forced "cuda" forward takes fp64; its backward must not go to the Triton kernel (fp16/bf16/fp32
+    # only) even where Triton runs on CUDA. Simulated on the CPU: "cuda"'s ops are the torch.ops.pygen ones.
+    monkeypatch.setattr(A, "_triton_on_cuda", lambda: True)
+    q, k, v = make_qkv((1, 2, 5, 7, 32), torch.float64, seed=64, requires_grad=True)
+    out = A._AttentionFunction.apply(q, k, v, 0.3, True, "cuda")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_out, *ref_grads = reference64(q, k, v, True, scale=0.3, grad_out=g)
+    assert_rows_close(out, ref_out, FWD_RTOL[torch.float64])
+    for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
+        assert_grad_close(got, want, GRAD_RTOL[torch.float64], what)
+
+
 def test_triton_op_rejects_bad_head_dim():
     fwd, _ = _ops("triton")
     q = torch.randn(1, 1, 3, 48)

@@ -143,14 +143,16 @@ def _fwd_op(backend):
     return _compiled_fwd
 
 
-def _bwd_op(backend):
+def _bwd_op(backend, dtype):
     if backend == "triton":
         from pygen.kernels import attention as tk
 
         return tk.attention_bwd
-    if backend == "cuda" and (_triton_on_cuda() or not _extension.has_kernel("attention_bwd", "CUDA")):
+    if backend == "cuda" and dtype in _TRITON_DTYPES and (
+            _triton_on_cuda() or not _extension.has_kernel("attention_bwd", "CUDA")):
         # The compiled CUDA backward is a simple exact kernel without tensor cores; the Triton one
-        # (same lse convention) is the fast path when Triton is there.
+        # (same lse convention) is the fast path when Triton is there. fp64 (a forced "cuda") has
+        # no Triton kernel: it stays on the compiled backward.
         from pygen.kernels import attention as tk
 
         return tk.attention_bwd
@@ -183,7 +185,7 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _bwd_op(ctx.backend)(_unit_last(grad_out), q, k, v, out, lse, ctx.scale, ctx.causal)
+        dq, dk, dv = _bwd_op(ctx.backend, q.dtype)(_unit_last(grad_out), q, k, v, out, lse, ctx.scale, ctx.causal)
         return dq, dk, dv, None, None, None
 
 
