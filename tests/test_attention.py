@@ -5,6 +5,8 @@ GPU tests (all head dims, fp16/bf16, long sequences, both kernels vs SDPA math) 
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -236,6 +238,45 @@ def test_ops_fwd_bwd_lse(kind, causal):
     _, rq, rk, rv = reference64(q, k, v, causal, scale=scale, grad_out=grad_out)
     for name, a, e in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
         assert_grad_close(a, e, GRAD_RTOL[torch.float32], name)
+
+
+_BIG_STRIDE_SCRIPT = """
+import torch
+from pygen.kernels import attention as K
+from pygen.ops import attention as A
+S, D, st = 3, 32, 2**30  # row 2 starts 2**31 elements in: an int32 row offset wraps
+try:
+    buf = torch.empty((S - 1) * st + D, dtype=torch.float16)  # 4 GiB virtual, a few pages touched
+except RuntimeError:
+    raise SystemExit(77)
+q = buf.as_strided((1, 1, S, D), (0, 0, st, 1))
+g = torch.Generator().manual_seed(0)
+rows = torch.randn(S, D, generator=g).half()
+for i in range(S):
+    buf[i * st:i * st + D] = rows[i]
+k, v, go = (torch.randn(1, 1, n, D, generator=g).half() for n in (5, 5, S))
+q0 = rows.view(1, 1, S, D)
+o, lse = K.attention_fwd(q, k, v, 0.2, False)
+ro, rl = A.attention_fwd_reference(q0, k, v, 0.2, False)
+dq = K.attention_bwd(go, q, k, v, o, lse, 0.2, False)[0]
+rdq = A.attention_bwd_reference(go, q0, k, v, ro, rl, 0.2, False)[0]
+assert (o.float() - ro.float()).abs().max() < 2e-3, "out"
+assert (lse - rl).abs().max() < 1e-5, "lse"
+assert (dq.float() - rdq.float()).abs().max() < 2e-3, "dq"
+"""
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton and TRITON_INTERPRET=1")
+def test_triton_row_offsets_past_int32():
+    # A (B, S, H, D) tensor's row stride H·D times S passes 2**31 for long sequences; row offsets
+    # computed in int32 wrap (a wild read: run in a subprocess, which a segfault would kill).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _BIG_STRIDE_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode == 77:
+        pytest.skip("cannot reserve 4 GiB of virtual memory")
+    assert r.returncode == 0, f"rc {r.returncode}: {r.stderr[-2000:]}"
 
 
 def test_triton_forward_without_lse():
