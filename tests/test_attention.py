@@ -494,6 +494,17 @@ def test_dispatcher_measures_once_and_persists(cache_dir, monkeypatch):
     assert len(calls) == 9
 
 
+def test_dispatcher_measurement_leaves_global_rng_alone(cache_dir, monkeypatch):
+    # Measuring fwd+bwd draws a random grad_out; the caller's RNG stream must not move, or a training
+    # run would depend on whether the choice was already cached.
+    monkeypatch.setattr(A, "_candidates", lambda *a: ["torch", "sdpa_math"])
+    q, k, v = make_qkv((1, 1, 4, 5, 32), torch.float32, seed=75, requires_grad=True)
+    state = torch.get_rng_state()
+    pygen.attention(q, k, v)
+    assert set(A.last_timings) == {"torch", "sdpa_math"}
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_dispatcher_real_measurement(cache_dir, monkeypatch):
     """The measuring code path itself: candidates are timed, a failing one is skipped."""
     names = ["sdpa_cudnn", "torch"] + (["triton"] if TRITON_ON_CPU else [])

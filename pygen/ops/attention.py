@@ -360,7 +360,10 @@ def _time_candidate(name, q, k, v, scale, causal, grad):
     cuda = q.device.type == "cuda"
     if grad:
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-        g = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
+        # A private generator: measuring must not advance the caller's RNG stream (a run would
+        # draw different numbers depending on whether the choice was cached).
+        gen = torch.Generator(device=q.device).manual_seed(0)
+        g = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype, generator=gen)
 
         def call():
             with torch.enable_grad():
