@@ -586,6 +586,24 @@ def test_torch_compile(cache_dir):
     assert_rows_close(fn(q, k, v), reference64(q, k, v, True), FWD_RTOL[torch.float32])
 
 
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="pygen._C has no CPU attention kernel")
+def test_torch_compile_compiled_op_non_unit_last_stride(cache_dir):
+    # Eager copies a q/k/v whose last dim is strided before the compiled op (which takes unit last
+    # strides only); the torch.compile branch must too.
+    q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+               for t in make_qkv((1, 2, 5, 7, 32), torch.float32, seed=77))
+    assert q.stride(-1) != 1
+    f = torch.compile(lambda q, k, v: pygen.attention(q, k, v, causal=True), backend="eager")
+    with pygen.use_backend("cpu"):
+        out = f(q, k, v)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_out, *ref_grads = reference64(q, k, v, True, grad_out=g)
+    assert_rows_close(out, ref_out, FWD_RTOL[torch.float32])
+    for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
+        assert_grad_close(got, want, GRAD_RTOL[torch.float32], what)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_env_override(monkeypatch, backend):
     monkeypatch.setenv("PYGEN_ATTENTION", backend)

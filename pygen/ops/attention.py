@@ -215,7 +215,7 @@ def _run(name, q, k, v, scale, causal, grad):
     if torch.compiler.is_compiling():  # traceable custom ops (autograd registered on them)
         if name == "triton":
             return torch.ops.pygen.attention_fwd_triton(q, k, v, scale, causal)[0]
-        return torch.ops.pygen.attention_fwd(q, k, v, scale, causal)[0]
+        return torch.ops.pygen.attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), scale, causal)[0]
     if grad:
         return _AttentionFunction.apply(q, k, v, scale, causal, name)
     if name == "triton":  # the hot path: a direct launch, no lse
