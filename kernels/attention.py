@@ -124,7 +124,8 @@ def _dot_mode(dtype):
 def _load_rows(base, rows, offs_d, stride_s, stride_d, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr,
                MASK_ROWS: tl.constexpr):
     """A (rows, BLOCK_D) tile; rows >= n_rows (when MASK_ROWS) and lanes >= D read as 0."""
-    ptrs = base + rows[:, None] * stride_s + offs_d[None, :] * stride_d
+    # int64 row offsets: S · stride_s exceeds 2**31 for long (B, S, H, D) sequences.
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_s + offs_d[None, :] * stride_d
     if MASK_ROWS:
         if BLOCK_D == D:
             t = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
@@ -140,7 +141,7 @@ def _load_rows(base, rows, offs_d, stride_s, stride_d, n_rows, D: tl.constexpr, 
 
 @triton.jit
 def _store_rows(base, value, rows, offs_d, stride_s, stride_d, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    ptrs = base + rows[:, None] * stride_s + offs_d[None, :] * stride_d
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_s + offs_d[None, :] * stride_d
     if BLOCK_D == D:
         tl.store(ptrs, value, mask=(rows < n_rows)[:, None])
     else:
@@ -159,7 +160,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, rows, offs_n, offs_d, stride_kn
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         # k is read transposed: (BLOCK_D, BLOCK_N)
-        k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        k_ptrs = k_base + cols.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd
         if MASK:
             if BLOCK_D == D:
                 k = tl.load(k_ptrs, mask=(cols < SK)[None, :], other=0.0)
@@ -225,7 +226,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     _store_rows(O + b * sob + h * soh, out.to(O.dtype.element_ty), rows, offs_d, sos, sod, SQ, D, BLOCK_D)
     if STORE_LSE:
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
-        tl.store(LSE + b * slb + h * slh + rows * sls, lse, mask=rows < SQ)
+        tl.store(LSE + b * slb + h * slh + rows.to(tl.int64) * sls, lse, mask=rows < SQ)
 
 
 # ---------------------------------------------------------------------------
@@ -277,7 +278,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         row_ok = rows < SQ
         q = _load_rows(q_base, rows, offs_d, sqs, sqd, SQ, D, BLOCK_D, True)
         do = _load_rows(do_base, rows, offs_d, sgs, sgd, SQ, D, BLOCK_D, True)
-        lse2 = tl.load(lse_base + rows * sls, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(lse_base + rows.to(tl.int64) * sls, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         st = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
         pt = tl.math.exp2(st - lse2[None, :])
@@ -315,7 +316,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * sqb + h * sqh, rows, offs_d, sqs, sqd, SQ, D, BLOCK_D, True)
     do = _load_rows(DO + b * sgb + h * sgh, rows, offs_d, sgs, sgd, SQ, D, BLOCK_D, True)
-    lse2 = tl.load(LSE + b * slb + h * slh + rows * sls, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + b * slb + h * slh + rows.to(tl.int64) * sls, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + (b * H + h) * SQ + rows, mask=row_ok, other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh

@@ -5,6 +5,8 @@ GPU tests (all head dims, fp16/bf16, long sequences, both kernels vs SDPA math) 
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -238,6 +240,45 @@ def test_ops_fwd_bwd_lse(kind, causal):
         assert_grad_close(a, e, GRAD_RTOL[torch.float32], name)
 
 
+_BIG_STRIDE_SCRIPT = """
+import torch
+from pygen.kernels import attention as K
+from pygen.ops import attention as A
+S, D, st = 3, 32, 2**30  # row 2 starts 2**31 elements in: an int32 row offset wraps
+try:
+    buf = torch.empty((S - 1) * st + D, dtype=torch.float16)  # 4 GiB virtual, a few pages touched
+except RuntimeError:
+    raise SystemExit(77)
+q = buf.as_strided((1, 1, S, D), (0, 0, st, 1))
+g = torch.Generator().manual_seed(0)
+rows = torch.randn(S, D, generator=g).half()
+for i in range(S):
+    buf[i * st:i * st + D] = rows[i]
+k, v, go = (torch.randn(1, 1, n, D, generator=g).half() for n in (5, 5, S))
+q0 = rows.view(1, 1, S, D)
+o, lse = K.attention_fwd(q, k, v, 0.2, False)
+ro, rl = A.attention_fwd_reference(q0, k, v, 0.2, False)
+dq = K.attention_bwd(go, q, k, v, o, lse, 0.2, False)[0]
+rdq = A.attention_bwd_reference(go, q0, k, v, ro, rl, 0.2, False)[0]
+assert (o.float() - ro.float()).abs().max() < 2e-3, "out"
+assert (lse - rl).abs().max() < 1e-5, "lse"
+assert (dq.float() - rdq.float()).abs().max() < 2e-3, "dq"
+"""
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton and TRITON_INTERPRET=1")
+def test_triton_row_offsets_past_int32():
+    # A (B, S, H, D) tensor's row stride H·D times S passes 2**31 for long sequences; row offsets
+    # computed in int32 wrap (a wild read: run in a subprocess, which a segfault would kill).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _BIG_STRIDE_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode == 77:
+        pytest.skip("cannot reserve 4 GiB of virtual memory")
+    assert r.returncode == 0, f"rc {r.returncode}: {r.stderr[-2000:]}"
+
+
 def test_triton_forward_without_lse():
     """The inference launch (no lse allocated or written) gives the same output."""
     if not TRITON_ON_CPU:
@@ -389,6 +430,20 @@ def test_forced_triton_rejects_float64():
             pygen.attention(q, k, v)
 
 
+def test_cuda_choice_float64_backward_stays_off_triton(monkeypatch):
+    # A forced "cuda" forward takes fp64; its backward must not go to the Triton kernel (fp16/bf16/fp32
+    # only) even where Triton runs on CUDA. Simulated on the CPU: "cuda"'s ops are the torch.ops.pygen ones.
+    monkeypatch.setattr(A, "_triton_on_cuda", lambda: True)
+    q, k, v = make_qkv((1, 2, 5, 7, 32), torch.float64, seed=64, requires_grad=True)
+    out = A._AttentionFunction.apply(q, k, v, 0.3, True, "cuda")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_out, *ref_grads = reference64(q, k, v, True, scale=0.3, grad_out=g)
+    assert_rows_close(out, ref_out, FWD_RTOL[torch.float64])
+    for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
+        assert_grad_close(got, want, GRAD_RTOL[torch.float64], what)
+
+
 def test_triton_op_rejects_bad_head_dim():
     fwd, _ = _ops("triton")
     q = torch.randn(1, 1, 3, 48)
@@ -437,6 +492,17 @@ def test_dispatcher_measures_once_and_persists(cache_dir, monkeypatch):
     with torch.no_grad():
         pygen.attention(q, k, v)
     assert len(calls) == 9
+
+
+def test_dispatcher_measurement_leaves_global_rng_alone(cache_dir, monkeypatch):
+    # Measuring fwd+bwd draws a random grad_out; the caller's RNG stream must not move, or a training
+    # run would depend on whether the choice was already cached.
+    monkeypatch.setattr(A, "_candidates", lambda *a: ["torch", "sdpa_math"])
+    q, k, v = make_qkv((1, 1, 4, 5, 32), torch.float32, seed=75, requires_grad=True)
+    state = torch.get_rng_state()
+    pygen.attention(q, k, v)
+    assert set(A.last_timings) == {"torch", "sdpa_math"}
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_dispatcher_real_measurement(cache_dir, monkeypatch):
@@ -518,6 +584,24 @@ def test_torch_compile(cache_dir):
     q, k, v = make_qkv((1, 2, 5, 7, 32), torch.float32, seed=77)
     fn = torch.compile(lambda q, k, v: pygen.attention(q, k, v, causal=True), backend="eager")
     assert_rows_close(fn(q, k, v), reference64(q, k, v, True), FWD_RTOL[torch.float32])
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="pygen._C has no CPU attention kernel")
+def test_torch_compile_compiled_op_non_unit_last_stride(cache_dir):
+    # Eager copies a q/k/v whose last dim is strided before the compiled op (which takes unit last
+    # strides only); the torch.compile branch must too.
+    q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+               for t in make_qkv((1, 2, 5, 7, 32), torch.float32, seed=77))
+    assert q.stride(-1) != 1
+    f = torch.compile(lambda q, k, v: pygen.attention(q, k, v, causal=True), backend="eager")
+    with pygen.use_backend("cpu"):
+        out = f(q, k, v)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_out, *ref_grads = reference64(q, k, v, True, grad_out=g)
+    assert_rows_close(out, ref_out, FWD_RTOL[torch.float32])
+    for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
+        assert_grad_close(got, want, GRAD_RTOL[torch.float32], what)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

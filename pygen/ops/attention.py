@@ -143,14 +143,16 @@ def _fwd_op(backend):
     return _compiled_fwd
 
 
-def _bwd_op(backend):
+def _bwd_op(backend, dtype):
     if backend == "triton":
         from pygen.kernels import attention as tk
 
         return tk.attention_bwd
-    if backend == "cuda" and (_triton_on_cuda() or not _extension.has_kernel("attention_bwd", "CUDA")):
+    if backend == "cuda" and dtype in _TRITON_DTYPES and (
+            _triton_on_cuda() or not _extension.has_kernel("attention_bwd", "CUDA")):
         # The compiled CUDA backward is a simple exact kernel without tensor cores; the Triton one
-        # (same lse convention) is the fast path when Triton is there.
+        # (same lse convention) is the fast path when Triton is there. fp64 (a forced "cuda") has
+        # no Triton kernel: it stays on the compiled backward.
         from pygen.kernels import attention as tk
 
         return tk.attention_bwd
@@ -183,7 +185,7 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _bwd_op(ctx.backend)(_unit_last(grad_out), q, k, v, out, lse, ctx.scale, ctx.causal)
+        dq, dk, dv = _bwd_op(ctx.backend, q.dtype)(_unit_last(grad_out), q, k, v, out, lse, ctx.scale, ctx.causal)
         return dq, dk, dv, None, None, None
 
 
@@ -213,7 +215,7 @@ def _run(name, q, k, v, scale, causal, grad):
     if torch.compiler.is_compiling():  # traceable custom ops (autograd registered on them)
         if name == "triton":
             return torch.ops.pygen.attention_fwd_triton(q, k, v, scale, causal)[0]
-        return torch.ops.pygen.attention_fwd(q, k, v, scale, causal)[0]
+        return torch.ops.pygen.attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), scale, causal)[0]
     if grad:
         return _AttentionFunction.apply(q, k, v, scale, causal, name)
     if name == "triton":  # the hot path: a direct launch, no lse
@@ -358,7 +360,10 @@ def _time_candidate(name, q, k, v, scale, causal, grad):
     cuda = q.device.type == "cuda"
     if grad:
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-        g = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
+        # A private generator: measuring must not advance the caller's RNG stream (a run would
+        # draw different numbers depending on whether the choice was cached).
+        gen = torch.Generator(device=q.device).manual_seed(0)
+        g = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype, generator=gen)
 
         def call():
             with torch.enable_grad():
