@@ -78,7 +78,7 @@ from pygen import mcmc as _mcmc
 from pygen.ops._common import (
     STORAGE_DTYPES, check_like, check_real, check_stream, check_tensor, contiguous, split_seed, to_signed64,
 )
-from pygen.ops.forward import INTERPOLATIONS, _check_t, q_sample_reference
+from pygen.ops.forward import INTERPOLATIONS, _check_t, q_sample_launch
 from pygen.ops.random import randn
 from pygen.schedules import NoiseSchedule
 
@@ -252,15 +252,7 @@ def _shared_noise(x, noise, seed, stream):
 def _noised(x0, t, table, noise, seed_i, row_seeds, stream, interpolation):
     """x_t of ``pygen.q_sample`` (a·x0 + s·eps, eps given or drawn in the kernel) without its host-side
     range check of t (a device sync on CUDA): t here is sampled in range or was checked by the caller."""
-    interp = INTERPOLATIONS[interpolation]
-    backend = _backend.resolve(x0.device)
-    if backend == "torch":
-        return q_sample_reference(x0, t, table, noise, seed_i, stream, row_seeds, interp, 0)[0]
-    if backend == "triton":
-        from pygen.kernels import forward as tk
-
-        return tk.q_sample(x0, t, table, noise, seed_i, stream, row_seeds, interp, 0)[0]
-    return torch.ops.pygen.q_sample(x0, t, table, noise, seed_i, stream, row_seeds, interp, 0)[0]
+    return q_sample_launch(x0, t, table, noise, seed_i, stream, row_seeds, INTERPOLATIONS[interpolation], 0)[0]
 
 
 # Small memo tables keyed by id(table), holding a weak reference to tell a live table from a new object

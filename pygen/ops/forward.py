@@ -238,25 +238,27 @@ def q_sample(x0, t, alphas_cumprod, noise=None, seed=None, stream=0, *, target=N
     x0 = contiguous(x0)
     table = contiguous(alphas_cumprod)
 
-    backend = _backend.resolve(device)
-    if backend == "torch":
-        x_t, noise_out, target_out = q_sample_reference(x0, t, table, noise, seed_i, stream, row_seeds,
-                                                        interp_id, target_id)
-    elif backend == "triton":
-        from pygen.kernels import forward as tk
-
-        if _needs_grad(x0, noise):
-            x_t, noise_out, target_out = _QSampleTriton.apply(x0, t, table, noise, seed_i, stream, row_seeds,
-                                                              interp_id, target_id)
-        else:  # the hot path: a direct launch
-            x_t, noise_out, target_out = tk.q_sample(x0, t, table, noise, seed_i, stream, row_seeds, interp_id,
-                                                     target_id)
-    else:
-        x_t, noise_out, target_out = torch.ops.pygen.q_sample(x0, t, table, noise, seed_i, stream, row_seeds,
-                                                              interp_id, target_id)
+    x_t, noise_out, target_out = q_sample_launch(x0, t, table, noise, seed_i, stream, row_seeds, interp_id,
+                                                 target_id)
     if noise is not None:
         return x_t if target_id == _TARGET_NONE else (x_t, target_out)
     return (x_t, noise_out) if target_id == _TARGET_NONE else (x_t, noise_out, target_out)
+
+
+def q_sample_launch(x0, t, table, noise, seed, stream, row_seeds, interpolation, target):
+    """``(x_t, noise_out, target_out)`` of the op on the backend resolved for x0's device, for
+    arguments already checked (contiguous x0/table, an int64/int32 t on x0's device, op-level ids);
+    no host-side check of t (callers that sampled t in range use it to avoid the device sync)."""
+    backend = _backend.resolve(x0.device)
+    if backend == "torch":
+        return q_sample_reference(x0, t, table, noise, seed, stream, row_seeds, interpolation, target)
+    if backend == "triton":
+        if _needs_grad(x0, noise):
+            return _QSampleTriton.apply(x0, t, table, noise, seed, stream, row_seeds, interpolation, target)
+        from pygen.kernels import forward as tk
+
+        return tk.q_sample(x0, t, table, noise, seed, stream, row_seeds, interpolation, target)  # direct launch
+    return torch.ops.pygen.q_sample(x0, t, table, noise, seed, stream, row_seeds, interpolation, target)
 
 
 class _QSampleTriton(torch.autograd.Function):
