@@ -30,6 +30,24 @@ inline unsigned int blocks_for(int64_t work_items) {
   return static_cast<unsigned int>(b > 0 ? b : 1);
 }
 
+// Sum of v over the block (blockDim.x == kThreads) in a fixed order (deterministic); the result
+// is valid in thread 0 only. shm holds kThreads / 32 values and may be reused after the call.
+template <typename T>
+__device__ __forceinline__ T block_sum_to_thread0(T v, T* shm) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? shm[threadIdx.x] : T(0);
+  if (warp == 0) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  __syncthreads();  // shm may be reused
+  return v;
+}
+
 // t is a contiguous CUDA tensor (argument checks of the ops: ../op_checks.h).
 inline void check_cuda(const at::Tensor& t, const char* name) { check_tensor_on(t, name, c10::kCUDA); }
 

@@ -228,24 +228,6 @@ constexpr int kSnrGroupsPerThread = 4;
 constexpr int64_t kSnrWindow = static_cast<int64_t>(kThreads) * kSnrGroupsPerThread * kGroup;  // elements
 constexpr int64_t kSnrSmallRow = 64;  // rows this short: one thread per row
 
-
-// Sum of v over the block (blockDim.x == kThreads) in a fixed order; the result is valid in thread 0.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* shm) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) shm[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kThreads / 32 ? shm[threadIdx.x] : T(0);
-  if (warp == 0) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  }
-  __syncthreads();  // shm may be reused
-  return v;
-}
-
 // Adds score² and z² of the elements of Philox group g (noise indices 4g..4g+3)
 // that lie in batch row b (noise index of its element 0: nb).
 template <typename scalar_t, bool kHasNoise>
@@ -295,8 +277,8 @@ __global__ void snr_window_kernel(const scalar_t* __restrict__ score, const scal
     add_group_squares<scalar_t, kHasNoise>(score, noise, key, stream, g0 + k * kThreads + threadIdx.x, b, nb,
                                            row_len, &gs, &ns);
   }
-  gs = block_sum(gs, shm);
-  ns = block_sum(ns, shm);
+  gs = block_sum_to_thread0(gs, shm);
+  ns = block_sum_to_thread0(ns, shm);
   if (threadIdx.x == 0) {
     part[2 * item] = gs;
     part[2 * item + 1] = ns;
@@ -358,8 +340,8 @@ __global__ void snr_batch_finalize_kernel(const acc* __restrict__ part, int64_t 
     gs += static_cast<double>(g);
     ns += static_cast<double>(n);
   }
-  gs = block_sum(gs, shm);
-  ns = block_sum(ns, shm);
+  gs = block_sum_to_thread0(gs, shm);
+  ns = block_sum_to_thread0(ns, shm);
   if (threadIdx.x == 0) {
     const acc r = static_cast<acc>(ns / static_cast<double>(batch)) / static_cast<acc>(gs / static_cast<double>(batch));
     dt_shared = k * (r * r);

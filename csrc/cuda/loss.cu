@@ -34,22 +34,6 @@ constexpr int kGroupsPerThread = 4;
 constexpr int64_t kWindowGroups = static_cast<int64_t>(kThreads) * kGroupsPerThread;
 constexpr int64_t kSmallRow = 64;  // rows this short: one thread per row
 
-// Sum of v over the block (blockDim.x == kThreads) in a fixed order; valid in thread 0.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* shm) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) shm[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kThreads / 32 ? shm[threadIdx.x] : T(0);
-  if (warp == 0) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  }
-  __syncthreads();
-  return v;
-}
 
 // A float32 or float64 per-row table (coeffs (B, 4), grad_rows / grad_kl (B,)), read in acc.
 struct RowTable {
@@ -161,7 +145,7 @@ __global__ void row_partials_kernel(RowOp<scalar_t, KIND> op, Noise<scalar_t> nz
   for (int k = 0; k < kGroupsPerThread; ++k) {
     s += reduce_group<scalar_t, KIND, GIVEN>(op, nz, c, g0 + k * kThreads + threadIdx.x, b, nb, row_len);
   }
-  s = block_sum(s, shm);
+  s = block_sum_to_thread0(s, shm);
   if (threadIdx.x == 0) part[item] = s;
 }
 

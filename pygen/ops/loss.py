@@ -42,7 +42,7 @@ Backends: torch reference (this file), Triton (kernels/loss.py), C++ CPU
 import torch
 
 from pygen import _backend
-from pygen.ops._common import check_stream, check_tensor, contiguous, noise_source
+from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, noise_source
 from pygen.ops.random import randn_reference
 
 __all__ = ["fused_diffusion_mse", "reparameterize_kl"]
@@ -359,13 +359,8 @@ def fused_diffusion_mse(model_out, x0, coeffs, *, noise=None, seed=None, stream=
     """
     check_tensor("x0", x0, ndim_min=1)
     check_tensor("model_out", model_out)
-    if model_out.shape != x0.shape:
-        raise ValueError(f"model_out must have the shape of x0 {tuple(x0.shape)}, got {tuple(model_out.shape)}")
-    if model_out.dtype != x0.dtype:
-        raise TypeError(f"model_out must have the dtype of x0 ({x0.dtype}), got {model_out.dtype}")
+    check_like("model_out", model_out, "x0", x0)
     device = x0.device
-    if model_out.device != device:
-        raise ValueError(f"model_out must be on the device of x0 ({device}), got {model_out.device}")
     check_tensor("coeffs", coeffs, dtypes=_COEFF_DTYPES)
     batch = x0.shape[0]
     if coeffs.dim() != 2 or coeffs.shape[0] != batch or coeffs.shape[1] != 4:
@@ -407,12 +402,7 @@ def reparameterize_kl(mu, logvar, seed=None, stream=0, *, noise=None, row_seeds=
     """
     check_tensor("mu", mu, ndim_min=1)
     check_tensor("logvar", logvar)
-    if logvar.shape != mu.shape:
-        raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
-    if logvar.dtype != mu.dtype:
-        raise TypeError(f"logvar must have the dtype of mu ({mu.dtype}), got {logvar.dtype}")
-    if logvar.device != mu.device:
-        raise ValueError(f"logvar must be on the device of mu ({mu.device}), got {logvar.device}")
+    check_like("logvar", logvar, "mu", mu)
     stream = check_stream(stream)
     noise, seed_i, rs = _resolve_seed("reparameterize_kl", noise, seed, row_seeds, "mu", mu)
     mu, logvar = contiguous(mu), contiguous(logvar)
