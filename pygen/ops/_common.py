@@ -42,6 +42,11 @@ def contiguous(value):
     return value if value.is_contiguous() else value.contiguous()
 
 
+def needs_grad(*tensors):
+    """Whether autograd must record an op on these tensors (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def to_signed64(value):
     """A 64-bit value in [-2^63, 2^64) as the signed int64 that holds its bits."""
     value %= _U64

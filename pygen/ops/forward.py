@@ -32,7 +32,7 @@ import numbers
 import torch
 
 from pygen import _backend
-from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, noise_source
+from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, needs_grad, noise_source
 from pygen.ops.random import randn_reference
 
 __all__ = ["q_sample", "reparameterize"]
@@ -253,7 +253,7 @@ def q_sample_launch(x0, t, table, noise, seed, stream, row_seeds, interpolation,
     if backend == "torch":
         return q_sample_reference(x0, t, table, noise, seed, stream, row_seeds, interpolation, target)
     if backend == "triton":
-        if _needs_grad(x0, noise):
+        if needs_grad(x0, noise):
             return _QSampleTriton.apply(x0, t, table, noise, seed, stream, row_seeds, interpolation, target)
         from pygen.kernels import forward as tk
 
@@ -277,10 +277,6 @@ class _QSampleTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x_t, grad_noise_out, grad_target):
         return _q_sample_backward(ctx, grad_x_t, grad_noise_out, grad_target)
-
-
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 class _ReparameterizeTriton(torch.autograd.Function):
@@ -330,7 +326,7 @@ def reparameterize(mu, logvar, seed=None, stream=0, *, noise=None, return_noise=
     if backend == "torch":
         z, noise_out = reparameterize_reference(mu, logvar, noise, seed_i, stream, row_seeds)
     elif backend == "triton":
-        if _needs_grad(mu, logvar, noise):
+        if needs_grad(mu, logvar, noise):
             z, noise_out = _ReparameterizeTriton.apply(mu, logvar, noise, seed_i, stream, row_seeds)
         else:  # the hot path: a direct launch
             from pygen.kernels import forward as tk

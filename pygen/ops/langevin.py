@@ -33,7 +33,7 @@ import numbers
 import torch
 
 from pygen import _backend
-from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, noise_source
+from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, needs_grad, noise_source
 from pygen.ops.random import randn_reference
 
 __all__ = ["langevin_step", "langevin_snr_step"]
@@ -153,11 +153,9 @@ def langevin_step(x, score, step_size, seed=None, stream=0, *, noise=None):
     backend = _backend.resolve(x.device)
     if backend == "torch":
         return langevin_step_reference(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, score, noise, step_sizes)
-    )
+    grad = needs_grad(x, score, noise, step_sizes)
     if backend == "triton":
-        if needs_grad:
+        if grad:
             return torch.ops.pygen.langevin_step_triton(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
         from pygen.kernels import langevin as tk
 

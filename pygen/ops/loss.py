@@ -42,7 +42,7 @@ Backends: torch reference (this file), Triton (kernels/loss.py), C++ CPU
 import torch
 
 from pygen import _backend
-from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, noise_source
+from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, needs_grad, noise_source
 from pygen.ops.random import randn_reference
 
 __all__ = ["fused_diffusion_mse", "reparameterize_kl"]
@@ -376,7 +376,7 @@ def fused_diffusion_mse(model_out, x0, coeffs, *, noise=None, seed=None, stream=
     if backend == "torch":
         return diffusion_loss_reference(model_out, x0, noise, coeffs, seed_i, stream, rs)
     kernels = _triton_launchers() if backend == "triton" else _COMPILED
-    if _needs_grad(model_out, x0, noise, coeffs):
+    if needs_grad(model_out, x0, noise, coeffs):
         return _DiffusionLossFn.apply(kernels, model_out, x0, noise, coeffs, seed_i, stream, rs)
     return kernels.diffusion_loss(model_out, x0, noise, coeffs, seed_i, stream, rs)
 
@@ -411,13 +411,9 @@ def reparameterize_kl(mu, logvar, seed=None, stream=0, *, noise=None, row_seeds=
     if backend == "torch":
         return reparameterize_kl_reference(mu, logvar, noise, seed_i, stream, rs)
     kernels = _triton_launchers() if backend == "triton" else _COMPILED
-    if _needs_grad(mu, logvar, noise):
+    if needs_grad(mu, logvar, noise):
         return _ReparameterizeKLFn.apply(kernels, mu, logvar, noise, seed_i, stream, rs)
     return kernels.reparameterize_kl(mu, logvar, noise, seed_i, stream, rs)
-
-
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 # ---------------------------------------------------------------------------

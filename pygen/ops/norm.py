@@ -58,7 +58,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from pygen import _backend
-from pygen.ops._common import STORAGE_DTYPES, check_int, check_real, check_tensor, contiguous
+from pygen.ops._common import STORAGE_DTYPES, check_int, check_real, check_tensor, contiguous, needs_grad
 
 __all__ = ["adaln_modulate", "gated_residual", "group_norm", "timestep_embedding"]
 
@@ -348,10 +348,6 @@ def _run(backend, name, *args):
     return getattr(torch.ops.pygen, name)(*args)
 
 
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 # ---------------------------------------------------------------------------
 # autograd (eager path: one Function per op, on whatever backend ran the forward)
 # ---------------------------------------------------------------------------
@@ -442,7 +438,7 @@ def adaln_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1e-6):
     x, weight, bias, shift, scale = check_adaln_args(x, weight, bias, shift, scale)
     eps = check_real("eps", eps, ge=0.0)
     backend = _backend.resolve(x.device)
-    if _needs_grad(x, weight, bias, shift, scale):
+    if needs_grad(x, weight, bias, shift, scale):
         return _AdaLNModulate.apply(backend, x, weight, bias, shift, scale, eps)
     return _run(backend, "adaln_modulate", x, weight, bias, shift, scale, eps)[0]
 
@@ -459,7 +455,7 @@ def gated_residual(x, gate, y):
     """
     x, gate, y = check_gated_residual_args(x, gate, y)
     backend = _backend.resolve(x.device)
-    if _needs_grad(x, gate, y):
+    if needs_grad(x, gate, y):
         return _GatedResidual.apply(backend, x, gate, y)
     return _run(backend, "gated_residual", x, gate, y)
 
@@ -486,7 +482,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
     if not isinstance(silu, bool):
         raise TypeError(f"silu must be a bool, got {type(silu).__name__}")
     backend = _backend.resolve(x.device)
-    if _needs_grad(x, weight, bias):
+    if needs_grad(x, weight, bias):
         return _GroupNorm.apply(backend, x, weight, bias, num_groups, eps, silu)
     return _run(backend, "group_norm", x, weight, bias, num_groups, eps, silu)[0]
 
@@ -510,7 +506,7 @@ def timestep_embedding(timesteps, embedding_dim, flip_sin_to_cos=False, downscal
         raise TypeError(f"flip_sin_to_cos must be a bool, got {type(flip_sin_to_cos).__name__}")
     params = (dim, max_period, shift, scale, flip_sin_to_cos)
     backend = _backend.resolve(t.device)
-    if _needs_grad(t):
+    if needs_grad(t):
         return _TimestepEmbedding.apply(backend, t, *params)
     return _run(backend, "timestep_embedding", t, *params)
 
