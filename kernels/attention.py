@@ -32,6 +32,9 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# PYGEN_TRITON_AUTOTUNE=0: take the first listed config per head-dim class instead of timing them all
+# (the GPU test run uses it: same code paths, a fraction of the compiles, no timing noise).
+AUTOTUNE = os.environ.get("PYGEN_TRITON_AUTOTUNE", "1") != "0"
 
 
 # ---------------------------------------------------------------------------
@@ -80,7 +83,7 @@ def _select_configs(configs, table, block_d, max_m=None):
     kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
     if max_m is not None:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] <= max_m] or kept
-    return kept
+    return kept if AUTOTUNE else kept[:1]
 
 
 def _prune_fwd(configs, named_args, **kwargs):

@@ -41,7 +41,7 @@ def _tile(pid, row_len, numel, blocks_per_row, PER_ROW: tl.constexpr, BLOCK: tl.
     return idx, mask, group, row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def _q_sample_kernel(x0_ptr, t_ptr, table_ptr, noise_ptr, row_seeds_ptr, xt_ptr, noise_out_ptr, target_ptr,
                      seed, stream, row_len, numel, n_table, blocks_per_row,
                      PER_ROW: tl.constexpr, GENERATE: tl.constexpr, INTERP: tl.constexpr, TARGET: tl.constexpr,
@@ -102,7 +102,7 @@ def _q_sample_kernel(x0_ptr, t_ptr, table_ptr, noise_ptr, row_seeds_ptr, xt_ptr,
         tl.store(target_ptr + idx, tgt.to(out_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def _reparameterize_kernel(mu_ptr, logvar_ptr, noise_ptr, row_seeds_ptr, z_ptr, noise_out_ptr,
                            seed, stream, row_len, numel, blocks_per_row,
                            PER_ROW: tl.constexpr, GENERATE: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr):

@@ -31,7 +31,7 @@ from pygen.kernels.philox import interleave4, philox_normals
 BLOCK = 256  # Philox groups per program -> 1024 elements
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def _langevin_step_kernel(
     x_ptr, score_ptr, noise_ptr, steps_ptr, row_seeds_ptr, out_ptr,
     seed, stream, c1_hi, c1_lo, c2_hi, c2_lo, row_len, batch_row_len,
@@ -105,7 +105,7 @@ def langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seed
 SNR_ROWS = 128  # rows per finalize tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def _snr_partials_kernel(
     score_ptr, noise_ptr, row_seeds_ptr, part_ptr, seed, stream, row_len, windows,
     HAS_NOISE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,

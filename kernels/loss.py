@@ -76,7 +76,7 @@ def _residual(out_ptr, x0_ptr, noise_ptr, coeffs_ptr, row_seeds_ptr, seed, strea
     return m * o - ca * x - cb * eps, w, m
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def _diffusion_loss_partials_kernel(
     out_ptr, x0_ptr, noise_ptr, coeffs_ptr, row_seeds_ptr, part_ptr, seed, stream, row_len, windows,
     HAS_NOISE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ACC: tl.constexpr, RB: tl.constexpr,
@@ -88,7 +88,7 @@ def _diffusion_loss_partials_kernel(
     tl.store(part_ptr + tl.program_id(0).to(tl.int64), tl.sum(sq, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def _diffusion_loss_backward_kernel(
     grad_rows_ptr, out_ptr, x0_ptr, noise_ptr, coeffs_ptr, row_seeds_ptr, grad_ptr, seed, stream, row_len, windows,
     HAS_NOISE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ACC: tl.constexpr, RB: tl.constexpr,
@@ -101,7 +101,7 @@ def _diffusion_loss_backward_kernel(
     tl.store(grad_ptr + idx, (k * r).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def _reparameterize_kl_partials_kernel(
     mu_ptr, logvar_ptr, noise_ptr, row_seeds_ptr, z_ptr, part_ptr, seed, stream, row_len, windows,
     HAS_NOISE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ACC: tl.constexpr, RB: tl.constexpr,
@@ -117,7 +117,7 @@ def _reparameterize_kl_partials_kernel(
     tl.store(part_ptr + tl.program_id(0).to(tl.int64), tl.sum(term, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def _reparameterize_kl_backward_kernel(
     grad_z_ptr, grad_kl_ptr, mu_ptr, logvar_ptr, noise_ptr, row_seeds_ptr, dmu_ptr, dlv_ptr, seed, stream, row_len,
     windows, HAS_NOISE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ACC: tl.constexpr, RB: tl.constexpr,

@@ -11,7 +11,7 @@ from pygen.kernels.philox import interleave4, philox_normals
 BLOCK = 256  # Philox groups per program -> 1024 elements
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def _randn_fill_kernel(out_ptr, row_seeds_ptr, seed, stream, row_len, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)

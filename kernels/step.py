@@ -13,7 +13,7 @@ from pygen.kernels.philox import interleave4, philox_normals
 BLOCK = 256  # Philox groups per program -> 1024 elements
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def _sampler_step_kernel(x_ptr, m_ptr, coeffs_ptr, steps_ptr, hist_ptr, noise_ptr, out_ptr, pred_ptr, row_seeds_ptr,
                          seed, stream, clamp, num_steps, row_len, hist_stride,
                          WIDTH: tl.constexpr, NUM_HIST: tl.constexpr, PER_ROW_STEPS: tl.constexpr,

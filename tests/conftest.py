@@ -68,6 +68,16 @@ def device_for(backend):
     return "cpu"
 
 
+def to_device(args, device):
+    """``args`` with every tensor moved to ``device`` (strides and requires_grad kept)."""
+    def move(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        b = a.detach().to(device)
+        return b.requires_grad_(a.requires_grad) if a.is_leaf else b
+    return tuple(move(a) for a in args)
+
+
 def make(shape, dtype, device="cpu", seed=0, scale=1.0):
     """Deterministic normal test data, drawn in float64 and rounded to ``dtype``."""
     g = torch.Generator().manual_seed(seed)

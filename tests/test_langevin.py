@@ -15,7 +15,7 @@ import torch
 
 import pygen
 from conftest import ALL_BACKENDS as BACKENDS
-from conftest import MANTISSA_BITS, device_for, make
+from conftest import MANTISSA_BITS, device_for, make, to_device
 from pygen.ops._common import to_signed64
 from pygen.ops.random import randn_reference
 
@@ -392,7 +392,7 @@ def test_opcheck_langevin_step_triton(dtype):
     for args in _opcheck_cases(dtype):
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("triton needs TRITON_INTERPRET=1 on the CPU")
-        torch.library.opcheck(torch.ops.pygen.langevin_step_triton.default, args)
+        torch.library.opcheck(torch.ops.pygen.langevin_step_triton.default, to_device(args, device_for("triton")))
 
 
 def test_opcheck_with_grad():
@@ -704,7 +704,8 @@ def test_opcheck_langevin_snr_step_triton(dtype):
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton needs TRITON_INTERPRET=1 on the CPU")
     for args in _snr_opcheck_cases(dtype):
-        torch.library.opcheck(torch.ops.pygen.langevin_snr_step_triton.default, args)
+        torch.library.opcheck(torch.ops.pygen.langevin_snr_step_triton.default,
+                              to_device(args, device_for("triton")))
 
 
 def test_snr_fake_tensor():

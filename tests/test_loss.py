@@ -502,9 +502,11 @@ def test_opcheck_with_grad():
 def test_opcheck_triton(grad):
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton needs TRITON_INTERPRET=1 on the CPU")
+    from conftest import device_for, to_device
+
     for op, args in _opcheck_cases(torch.float32, grad=grad):
         triton_op = getattr(torch.ops.pygen, op._qualified_op_name.split("::")[1] + "_triton")
-        torch.library.opcheck(triton_op.default, args)
+        torch.library.opcheck(triton_op.default, to_device(args, device_for("triton")))
 
 
 def test_fake_shapes():

@@ -494,11 +494,14 @@ def _triton_ok():
 
 @pytest.mark.skipif(not _triton_ok(), reason="triton unavailable (on CPU it needs TRITON_INTERPRET=1)")
 def test_blocks_on_triton_tiny():
+    from conftest import device_for
+
+    dev = device_for("triton")
     gen = torch.Generator().manual_seed(11)
-    block = randomize_(pnn.DiTBlock(64, 2, mlp_ratio=1.0), gen)
-    ref = twin(block, EagerDiTBlock(64, 2, mlp_ratio=1.0))
-    x, c = randn(gen, 1, 5, 64).requires_grad_(), randn(gen, 1, 64)
-    gout = randn(gen, 1, 5, 64)
+    block = randomize_(pnn.DiTBlock(64, 2, mlp_ratio=1.0), gen).to(dev)
+    ref = twin(block, EagerDiTBlock(64, 2, mlp_ratio=1.0)).to(dev)
+    x, c = randn(gen, 1, 5, 64).to(dev).requires_grad_(), randn(gen, 1, 64).to(dev)
+    gout = randn(gen, 1, 5, 64).to(dev)
     with pygen.use_backend("triton"):
         out = block(x, c)
         g_pg = grads(block, [x], out, gout)
@@ -506,9 +509,9 @@ def test_blocks_on_triton_tiny():
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
     assert_grads_close(g_pg, grads(ref, [x], expected, gout))
 
-    unet = randomize_(pnn.UNetAttentionBlock(64, head_dim=32, num_groups=8), gen)
-    uref = twin(unet, EagerUNetAttention(64, 2, 32, 8, 1e-5))
-    x = randn(gen, 1, 64, 2, 3).contiguous(memory_format=torch.channels_last)
+    unet = randomize_(pnn.UNetAttentionBlock(64, head_dim=32, num_groups=8), gen).to(dev)
+    uref = twin(unet, EagerUNetAttention(64, 2, 32, 8, 1e-5)).to(dev)
+    x = randn(gen, 1, 64, 2, 3).to(dev).contiguous(memory_format=torch.channels_last)
     with pygen.use_backend("triton"), torch.no_grad():
         out = unet(x)
     torch.testing.assert_close(out, uref(x), **TOL[torch.float32])

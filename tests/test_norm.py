@@ -177,7 +177,7 @@ def test_adaln_rows_use_their_own_shift_and_scale():
 def test_adaln_long_rows_loop(backend):
     """C above the Triton row block (4096): the looped path."""
     require(backend)
-    x, shift, scale, weight, bias = _adaln_inputs((1, 2, 4100), torch.float32, "cpu", "all")
+    x, shift, scale, weight, bias = _adaln_inputs((1, 2, 4100), torch.float32, device_for(backend), "all")
     with pygen.use_backend(backend):
         y = pygen.adaln_modulate(x, shift, scale, weight, bias)
     assert_storage_close(y, adaln_expected(x, shift, scale, weight, bias, 1e-6), torch.float32)
@@ -294,7 +294,7 @@ def test_group_norm_gradients(backend, shape, groups, dtype, layout, silu, affin
 def test_group_norm_torch_memory_formats(backend, memory_format):
     require(backend)
     shape = (2, 6, 3, 4) if memory_format == torch.channels_last else (1, 6, 2, 3, 2)
-    x = make(shape, torch.float32, seed=4).to(memory_format=memory_format)
+    x = make(shape, torch.float32, device_for(backend), seed=4).to(memory_format=memory_format)
     with pygen.use_backend(backend):
         y = pygen.group_norm(x, 3, silu=True)
     assert y.is_contiguous(memory_format=memory_format)
@@ -451,12 +451,19 @@ def _op(backend, name):
     return getattr(torch.ops.pygen, name)
 
 
+def _sample(backend, index):
+    """Sample ``index`` of _op_samples with its tensors on ``backend``'s device (strides kept)."""
+    name, args = _op_samples()[index]
+    dev = device_for(backend)
+    return name, tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
+
+
 @pytest.mark.parametrize("backend,index", _op_cases())
 def test_op_outputs_match_reference(backend, index):
     """Every output of every op (the saved mean/rstd and empty absent gradients too) vs the reference."""
     from pygen.ops import norm as R
 
-    name, args = _op_samples()[index]
+    name, args = _sample(backend, index)
     got = _op(backend, name)(*args)
     exp = getattr(R, f"{name}_reference")(*args)
     got, exp = (got, exp) if isinstance(got, tuple) else ((got,), (exp,))
@@ -470,7 +477,7 @@ def test_op_outputs_match_reference(backend, index):
 
 @pytest.mark.parametrize("backend,index", _op_cases())
 def test_opcheck(backend, index):
-    name, args = _op_samples()[index]
+    name, args = _sample(backend, index)
     if backend == "triton" and index % 2:
         pytest.skip("the interpreter is slow: every other sample on the Triton variants")
     forward = not name.endswith("_backward")
@@ -523,8 +530,9 @@ def test_fake_shapes():
 @pytest.mark.parametrize("backend", ["torch", _param("cpu"), _param("triton")])
 def test_nan_propagates(backend):
     require(backend)
+    dev = device_for(backend)
     with pygen.use_backend(backend):
-        x, shift, scale, w, b = _adaln_inputs((2, 3, 5), torch.float32, "cpu", "all")
+        x, shift, scale, w, b = _adaln_inputs((2, 3, 5), torch.float32, dev, "all")
         x[1, 2, 3] = float("nan")
         y = pygen.adaln_modulate(x, shift, scale, w, b)
         assert torch.isnan(y[1, 2]).all() and torch.isfinite(y[:, :2]).all() and torch.isfinite(y[0]).all()
@@ -532,11 +540,11 @@ def test_nan_propagates(backend):
         gate[0, 1] = float("nan")
         out = pygen.gated_residual(x, gate, x.clone().nan_to_num_(0.0))
         assert torch.isnan(out[0, :, 1]).all() and torch.isnan(out[1, 2, 3]) and torch.isfinite(out[0, :, 0]).all()
-        xg = make((2, 4, 3, 3), torch.float32, seed=3)
+        xg = make((2, 4, 3, 3), torch.float32, dev, seed=3)
         xg[0, 3, 1, 1] = float("nan")
         yg = pygen.group_norm(xg, 2, silu=True)
         assert torch.isnan(yg[0, 2:]).all() and torch.isfinite(yg[0, :2]).all() and torch.isfinite(yg[1]).all()
-        emb = pygen.timestep_embedding(torch.tensor([1.0, float("nan")]), 8)
+        emb = pygen.timestep_embedding(torch.tensor([1.0, float("nan")], device=dev), 8)
         assert torch.isnan(emb[1]).all() and torch.isfinite(emb[0]).all()
 
 

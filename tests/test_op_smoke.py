@@ -33,12 +33,12 @@ def test_a_wrong_op_is_reported(monkeypatch, capsys):
 
     calls = []
 
-    def wrong(q, k, v, *args, **kwargs):  # right for the reference's 3 calls, then 1.5x off
+    def wrong(q, k, v, *args, **kwargs):  # 1.5x off (the reference pass uses attention_reference)
         calls.append(1)
         out = real(q, k, v, *args, **kwargs)
-        return out if len(calls) <= 3 else out * 1.5
+        return out * 1.5
 
     monkeypatch.setattr(pygen, "attention", wrong)
     assert smoke.main(["--device", "cpu", "--backend", "torch", "--dtype", "float32", "--only", "attention"]) == 1
     assert "attention: FAILED" in capsys.readouterr().out
-    assert len(calls) == 6
+    assert len(calls) == 3  # the tested pass only

@@ -434,15 +434,18 @@ def _available(name):
 def test_backends_agree(backend, dtype):
     if not _available(backend):
         pytest.skip(f"backend {backend}: {pygen.backends().get(backend)}")
+    from conftest import device_for
+
+    dev = device_for(backend)
     sde, score = make_sde("vp"), _score("vp", dim=3)
     runs = {}
     for name in ("torch", backend):
         with pygen.use_backend(name):
             pc = S.pc_sample(score, sde, (5, 3), predictor="euler_maruyama", corrector="langevin", n_steps=3,
-                             seed=7, dtype=dtype, norm="row")
+                             seed=7, dtype=dtype, norm="row", device=dev)
             ald = S.pc_sample(score, sde, (5, 3), predictor="ancestral", corrector="ald", n_steps=3, seed=7,
-                              dtype=dtype)
-            ode = S.ode_sample(score, sde, (5, 3), method="heun", n_steps=3, seed=7, dtype=dtype)
+                              dtype=dtype, device=dev)
+            ode = S.ode_sample(score, sde, (5, 3), method="heun", n_steps=3, seed=7, dtype=dtype, device=dev)
             runs[name] = (pc, ald, ode)
     # the normals are computed in fp32 on every backend (noise contract), so backends may differ
     # by an fp32 ulp of the noise even for fp64 storage

@@ -4,14 +4,19 @@
 #   tools/gpu_session.sh build      # pygen._C with the CUDA kernels, in place (sm_90 by default)
 #   tools/gpu_session.sh test       # every `cuda`-marked test, log under $OUT
 #   tools/gpu_session.sh sanitize   # compute-sanitizer memcheck/racecheck over tools/op_smoke.py
-#   tools/gpu_session.sh bench      # the GPU figures: pygen bench + the benchmark suites, reports under $OUT
+#   tools/gpu_session.sh bench      # the GPU figures (bench1 + bench2), reports packed in $OUT/bench-results-*.tgz
+#   tools/gpu_session.sh bench1     # samplers, diffusers schedulers, pygen bench (issues 3, 4)
+#   tools/gpu_session.sh bench2     # attention, blocks, losses, norm (issues 5, 6)
 #   tools/gpu_session.sh all        # build test sanitize (bench is long: its own call)
+#   tools/gpu_session.sh suite      # the whole test suite on the GPU (Triton compiled, not interpreted)
+#   tools/gpu_session.sh prebuilt   # use .gpubuild/_C*.so (a build an earlier call sent back) instead of building
 #
 # Written for the device tool's machines (see /work/.library/device/): python3 there holds
 # torch (+cu130), triton, pytest and pytest-benchmark but no diffusers / k-diffusion / torchsde;
 # the tests that need those skip unless their wheels are carried (device README, ".whl").
-# The in-place build survives between calls while the machine stays warm (pygen/_C*.so is ignored
-# by git, so pass nothing in carry); a fresh machine needs `build` again (~1-2 min with 16 jobs).
+# The in-place build survives between calls only while the machine stays warm (30 s), so `build` also
+# copies the extension to $OUT: put it in .gpubuild/ here, carry ".gpubuild" and start with `prebuilt`
+# while csrc/ is unchanged. Wheels carried in .whl/ (device README) are installed to /tmp/site first.
 # Env: TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default 16), OUT (default ./gpu-out).
 # Copy what comes back from $OUT into benchmarks/results/ with the device, versions and date.
 set -uo pipefail
@@ -23,6 +28,11 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET PYGEN_BACKEND
 status=0
+JOBS=${JOBS:-12}
+if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 
 info() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -33,6 +43,26 @@ build() {
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
   "$PY" setup.py -q build_ext --inplace 2>&1 | tee "$OUT/build.log" | grep -E "pygen setup|error" || true
   "$PY" -c 'import pygen, sys; b = pygen.backends(); print(b); sys.exit(b["cuda"] != "available")' || status=1
+  strip --strip-unneeded -o "$OUT/$(basename pygen/_C*.so)" pygen/_C*.so && ls -la "$OUT"/_C*.so
+}
+
+prebuilt() {
+  cp .gpubuild/_C*.so pygen/ || { echo "gpu_session: no .gpubuild/_C*.so"; build; return; }
+  "$PY" -c 'import pygen, sys; b = pygen.backends(); print(b); sys.exit(b["cuda"] != "available")' || build
+}
+
+suite() {
+  # Everything, Triton on the GPU: first listed autotune config only (PYGEN_TRITON_AUTOTUNE=0).
+  local extra=()
+  "$PY" -c 'import xdist' 2>/dev/null && extra+=(-n "$JOBS")
+  "$PY" -c 'import pytest_timeout' 2>/dev/null && extra+=(--timeout 240)
+  # SUITE_K selects (pytest -k), e.g. "cuda or triton" for the GPU-backend tests alone.
+  [ -n "${SUITE_K:-}" ] && extra+=(-k "$SUITE_K")
+  PYGEN_TRITON_AUTOTUNE=0 PYGEN_FAILLOG="$OUT/failures.log" PYTHONPATH="$ROOT/tools:$PYTHONPATH" \
+    timeout "${SUITE_TIMEOUT:-420}" "$PY" -m pytest tests -q -p no:cacheprovider -p pytest_faillog \
+    --import-mode=append -rfE --tb=short "${extra[@]}" > "$OUT/test-suite.log" 2>&1
+  [ $? -eq 0 ] || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/test-suite.log" | cut -c1-220 | tail -60
 }
 
 run_tests() {
@@ -57,16 +87,49 @@ sanitize() {
   tail -3 "$OUT/sanitize-initcheck-cuda.log"
 }
 
-bench() {
+bench_one() {  # name timeout command...: one suite, its log under $OUT/results, the table's tail printed
+  local name=$1 limit=$2 rc
+  shift 2
+  echo "== $name"
+  timeout "$limit" "$@" > "$OUT/results/$name.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || { echo "   $name: exit $rc"; status=1; }
+  grep -E "^\|" "$OUT/results/$name.log" | cut -c1-200 | tail -n "${BENCH_TAIL:-16}"
+}
+
+bench_pack() {  # at most 8 files come back from a device call: one archive
+  tar czf "$OUT/bench-results-$1.tgz" -C "$OUT" results && rm -rf "$OUT/results"
+}
+
+bench1() {  # issue 3 + 4 figures: sampler loops (eager, bare loop, CUDA graph), diffusers schedulers
   local d
   d=$(date -u +%Y-%m-%d)
-  "$PY" -m pygen.cli bench --device cuda --quick > "$OUT/pygen-bench-cuda-$d.txt" 2>&1 || status=1
-  "$PY" benchmarks/bench_attention.py --device cuda --causal --out "$OUT/attention-cuda-$d" || status=1
-  "$PY" benchmarks/bench_blocks.py --device cuda --out "$OUT/blocks-cuda-$d" || status=1
-  "$PY" benchmarks/bench_losses.py --device cuda --dtypes fp32,bf16 --out "$OUT/losses-cuda-$d" || status=1
-  "$PY" benchmarks/bench_samplers.py --device cuda --out "$OUT/samplers-cuda-$d" || status=1
-  "$PY" benchmarks/bench_norm.py --device cuda --dtypes bf16,fp32 --out "$OUT/norm-cuda-$d" || status=1
+  mkdir -p "$OUT/results"
+  bench_one samplers 150 "$PY" benchmarks/bench_samplers.py --device cuda --repeats 5 --max-time 1 \
+    --samplers euler,heun,dpmpp_2m,euler_ancestral,dpmpp_2m_sde \
+    --out "$OUT/results/samplers-cuda-$d"
+  bench_one diffusers 150 "$PY" benchmarks/bench_diffusers.py --device cuda --rounds 5 --max-time 5 \
+    --out "$OUT/results/diffusers-cuda-$d"
+  bench_one pygen-bench 60 "$PY" -m pygen.cli bench --device cuda --quick
+  bench_pack 1
 }
+
+bench2() {  # issue 5 + 6 figures: attention, DiT / U-Net blocks, norm ops, losses
+  local d
+  d=$(date -u +%Y-%m-%d)
+  mkdir -p "$OUT/results"
+  bench_one attention 220 "$PY" benchmarks/bench_attention.py --device cuda --causal --repeats 5 --max-time 1 \
+    --impls pygen-triton,pygen-cuda,pygen-auto,sdpa-flash,sdpa-cudnn,sdpa-efficient,sdpa-default \
+    --out "$OUT/results/attention-cuda-$d"
+  bench_one blocks 100 "$PY" benchmarks/bench_blocks.py --device cuda --repeats 5 --out "$OUT/results/blocks-cuda-$d"
+  bench_one losses 70 "$PY" benchmarks/bench_losses.py --device cuda --dtypes fp32,bf16 --repeats 9 --max-time 5 \
+    --out "$OUT/results/losses-cuda-$d"
+  bench_one norm 70 "$PY" benchmarks/bench_norm.py --device cuda --dtypes bf16,fp32 --repeats 5 --max-time 2 \
+    --out "$OUT/results/norm-cuda-$d"
+  bench_pack 2
+}
+
+bench() { bench1; bench2; }
 
 info
 for stage in "${@:-all}"; do
@@ -75,6 +138,10 @@ for stage in "${@:-all}"; do
     test) run_tests ;;
     sanitize) sanitize ;;
     bench) bench ;;
+    bench1) bench1 ;;
+    bench2) bench2 ;;
+    prebuilt) prebuilt ;;
+    suite) suite ;;
     all) build; run_tests; sanitize ;;
     *) echo "gpu_session: unknown stage $stage (build|test|sanitize|bench|all)"; exit 2 ;;
   esac

@@ -13,13 +13,26 @@ STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _U64 = 1 << 64
 
 
+def same_device(actual, wanted):
+    """``actual`` (a tensor's device) is ``wanted``, where an index-less "cuda" means the current one."""
+    wanted = torch.device(wanted)
+    if actual.type != wanted.type:
+        return False
+    if actual.type == "cpu" or actual.index == wanted.index:
+        return True
+    mod = getattr(torch, actual.type, None)
+    current = mod.current_device() if mod is not None and hasattr(mod, "current_device") else 0
+    return (actual.index if actual.index is not None else current) == (
+        wanted.index if wanted.index is not None else current)
+
+
 def check_tensor(name, value, *, dtypes=STORAGE_DTYPES, device=None, ndim_min=None):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if dtypes is not None and value.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
-    if device is not None and value.device != device:
+    if device is not None and not same_device(value.device, device):
         raise ValueError(f"{name} must be on device {device}, got {value.device}")
     if ndim_min is not None and value.dim() < ndim_min:
         raise ValueError(f"{name} must have at least {ndim_min} dimension(s), got shape {tuple(value.shape)}")
@@ -73,7 +86,7 @@ def split_seed(seed, batch, device, *, name="seed"):
             raise ValueError(
                 f"{name} tensor must be 1-D with one seed per row (length {batch}), got shape {tuple(seed.shape)}"
             )
-        if seed.device != device:
+        if not same_device(seed.device, device):
             raise ValueError(f"{name} tensor must be on device {device}, got {seed.device}")
         return 0, contiguous(seed)
     raise TypeError(f"{name} must be an int or a 1-D int64 tensor, got {type(seed).__name__}")

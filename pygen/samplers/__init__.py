@@ -246,9 +246,12 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
         if cuda_graph and x.device.type != "cuda":
             warnings.warn("cuda_graph=True needs CUDA tensors; running eagerly", stacklevel=3)
             cuda_graph = False
+        # _capture runs evaluation 0 itself (its warm-up), captured or not: the loop starts at 1 then.
         graph = _capture(model, x, prog, c_in_dev if scale_input else None, t_dev, launch) if cuda_graph else None
         for k in range(num):
-            if graph is not None and k > 0:
+            if cuda_graph and k == 0:
+                pass
+            elif graph is not None:
                 graph.replay()
             else:
                 launch(k)
