@@ -112,7 +112,7 @@ def build_impls(case, shape, dtype, device):
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), device=device)
         noise = torch.randn_like(x0)
         a = abar[t].view(view)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(dtype)  # the table is fp32: back to the storage dtype
         out = model(x_t, t)
         return finish(F.mse_loss(out, noise), out)
 

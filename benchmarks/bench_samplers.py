@@ -12,6 +12,8 @@ time per model evaluation (total / NFE). Implementations:
   around it), the floor of pygen's loop; ``noop`` model cases only,
 * ``pygen-graph`` (CUDA only) one model call + one fused step captured in a CUDA graph; a sampler run
   is ``NFE`` replays (the step advances the device row index, so the same graph replays every step).
+* ``pygen-graph-loop`` (CUDA only) the whole sampler run captured as one CUDA graph; one replay per run
+  (the per-step device cost with no host work between steps).
 
 Models: ``trivial`` = ``x / (1 + sigma**2)`` (broadcast per batch row); ``noop`` = returns a preallocated
 tensor (the Python-to-kernel overhead of the loop alone; 1x4x64x64 only).
@@ -197,6 +199,36 @@ def _graph_loop(name, model, x0, sigmas):
     return run, k
 
 
+def _whole_graph(name, model, x0, sigmas):
+    """CUDA only: the whole sampler run (reset, K model calls + fused steps) captured as one graph;
+    a run is one replay, so ms/step is the device time per step with no per-step host work at all.
+    Each captured model call reads its own row of ``call_in`` (a fixed view), so the only kernels per
+    step are the model's, the fused step and its index increment. GPU-only code path."""
+    prog, call_in, k = _program(name, x0, sigmas)
+    x = x0.clone()
+
+    def loop():
+        prog.reset()
+        x.copy_(x0)
+        for i in range(k):
+            prog.step(x, model(x, call_in[i]), x)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (allocations, lazy init) outside the capture
+        loop()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loop()
+
+    def run():
+        graph.replay()
+        return x
+
+    return run, k
+
+
 def build_impls(name, numel, device, model_kind="trivial", labels=None, count_nfe=False, reference=True):
     """([Impl], {label: reason skipped}) for one case; ``count_nfe`` checks the NFE with one counted run each."""
     device = torch.device(device)
@@ -245,15 +277,20 @@ def build_impls(name, numel, device, model_kind="trivial", labels=None, count_nf
             add("pygen-graph", fn, nfe=k)
         except Exception as exc:
             skipped["pygen-graph"] = f"{type(exc).__name__}: {exc}"
+        try:
+            fn, k = _whole_graph(name, model, x, sigmas)
+            add("pygen-graph-loop", fn, nfe=k)
+        except Exception as exc:
+            skipped["pygen-graph-loop"] = f"{type(exc).__name__}: {exc}"
     else:
-        skipped["pygen-graph"] = "CUDA graphs need a CUDA device"
+        skipped["pygen-graph"] = skipped["pygen-graph-loop"] = "CUDA graphs need a CUDA device"
     nfe = len(_plan(name, sigmas.detach().to("cpu", torch.float64).tolist()).rows)  # one model call per row
     for impl in impls:
         if impl.nfe is None:
             impl.nfe = nfe
     if count_nfe:  # check it: count the model calls of one run of each implementation
         for impl in impls:
-            if impl.backend in ("pygen-loop", "pygen-graph"):
+            if impl.backend in ("pygen-loop", "pygen-graph", "pygen-graph-loop"):
                 continue
             counted, calls = _counting(model)
             f = kd if impl.backend == "kdiffusion" else pg
@@ -268,7 +305,7 @@ def build_impls(name, numel, device, model_kind="trivial", labels=None, count_nf
 # ---------------------------------------------------------------------------
 # pytest-benchmark
 # ---------------------------------------------------------------------------
-LABELS = ("kdiffusion", "pygen", "torch", "pygen+ns", "pygen-loop", "pygen-graph")
+LABELS = ("kdiffusion", "pygen", "torch", "pygen+ns", "pygen-loop", "pygen-graph", "pygen-graph-loop")
 
 
 def pytest_generate_tests(metafunc):
@@ -292,10 +329,10 @@ def pytest_generate_tests(metafunc):
                 labels = ["kdiffusion", "pygen"]
                 labels += ["pygen-loop"] if model_kind == "noop" else ["torch"]
                 labels += ["pygen+ns"] if model_kind == "trivial" and name in NS_SAMPLERS else []
-                labels += ["pygen-graph"]
+                labels += ["pygen-graph", "pygen-graph-loop"]
                 group = f"{name} {bench.shape_str(shape_of(numel))} {model_kind}"
                 for label in labels:
-                    cpu_graph = label == "pygen-graph" and device.type != "cuda"
+                    cpu_graph = label.startswith("pygen-graph") and device.type != "cuda"
                     marks = bench.benchmark_marks(device, group,
                                                   "CUDA graphs need a CUDA device" if cpu_graph else None)
                     params.append(pytest.param((name, numel, model_kind, label, device), marks=marks))
@@ -370,7 +407,7 @@ def run_all(device, sizes, samplers, *, repeats, min_time, max_time, ref_sizes=N
     return rows
 
 
-TABLE_IMPLS = ("kdiffusion", "pygen", "torch", "pygen+ns", "pygen-loop", "pygen-graph")
+TABLE_IMPLS = ("kdiffusion", "pygen", "torch", "pygen+ns", "pygen-loop", "pygen-graph", "pygen-graph-loop")
 
 
 def format_row(row):
@@ -398,11 +435,13 @@ def format_markdown(report):
              "- noise: pygen draws it in the kernel (Philox); k-diffusion uses its defaults: torch.randn_like, and a "
              "torchsde Brownian tree (BrownianTreeNoiseSampler) in dpmpp_2m_sde / dpmpp_3m_sde; "
              "`pygen+ns` = pygen with noise_sampler=default_noise_sampler(x) (k-diffusion's noise)",
-             "- `pygen-loop`: the bare coefficient program (model + StepProgram.step), no sampler API around it",
+             "- `pygen-loop`: the bare coefficient program (model + StepProgram.step), no sampler API around it; "
+             "`pygen-graph`: one model call + step captured once, replayed per step from Python; "
+             "`pygen-graph-loop`: the whole run captured as one graph, one replay per run",
              "", "| sampler | shape | model | steps | NFE | k-diffusion ms/step | pygen ms/step | torch-ref ms/step "
-             "| pygen+ns ms/step | pygen-loop ms/step | pygen-graph ms/step | pygen speedup vs k-diffusion "
-             "| other CPU use (cores) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| pygen+ns ms/step | pygen-loop ms/step | pygen-graph ms/step | pygen-graph-loop ms/step "
+             "| pygen speedup vs k-diffusion | other CPU use (cores) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [format_row(r) for r in report["results"]]
     lines += bench.report_skipped_lines(bench.row_skips(report["results"]))
     return "\n".join(lines) + "\n"

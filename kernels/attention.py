@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+HEAD_DIMS = (32, 64, 80, 96, 128, 256)  # tuned; any head dim in [MIN_HEAD_DIM, MAX_HEAD_DIM] runs
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # padded to the next power of two (tl.dot needs K >= 16)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -353,8 +354,9 @@ def _check(q, k, v):
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     d = q.shape[-1]
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim (q.shape[-1]) must be one of {HEAD_DIMS} on the triton backend, got {d}")
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim (q.shape[-1]) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] on the triton backend, "
+                         f"got {d}")
     if k.shape[-1] != d or v.shape[-1] != d:
         raise ValueError(f"q, k and v must have one head dim, got {d}, {k.shape[-1]}, {v.shape[-1]}")
 

@@ -409,7 +409,7 @@ def _check_sigma_rows(t, batch, device):
         raise ValueError(f"t must be 1-D with one sigma per batch row (length {batch}), got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"t must be on the device of x0 ({device}), got {t.device}")
-    if batch and not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if batch and t.device.type == "cpu":  # a device t is not read on the host (no sync per step)
         lo, hi = (float(v) for v in torch.aminmax(t))
         if not (lo >= 0.0 and hi <= 1.0):
             raise ValueError(f"t (the flow sigma) must be in [0, 1], got values in [{lo}, {hi}]")

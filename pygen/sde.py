@@ -190,6 +190,14 @@ def _blank(n, width=COL_HIST):
     return cols
 
 
+def _em_table(levels, sde):
+    if _is_vp(sde):
+        return step_coefficients(levels, "euler_maruyama_vp", prediction="score", beta_min=sde.beta_min,
+                                 beta_max=sde.beta_max)
+    return step_coefficients(levels, "euler_maruyama_ve", prediction="score", sigma_min=sde.sigma_min,
+                             sigma_max=sde.sigma_max)
+
+
 def _predictor_table(name, sde, times, dts):
     """(N, 8) float64 CPU table of sampler_step for predictor ``name`` at ``times``."""
     n = times.shape[0]
@@ -202,12 +210,10 @@ def _predictor_table(name, sde, times, dts):
             cols[:, COL_S] = torch.sqrt(g2 * -dts)
             return cols
         levels = torch.stack([times, times + dts], dim=1).reshape(-1)
-        if _is_vp(sde):
-            table = step_coefficients(levels, "euler_maruyama_vp", prediction="score", beta_min=sde.beta_min,
-                                      beta_max=sde.beta_max)
-        else:
-            table = step_coefficients(levels, "euler_maruyama_ve", prediction="score", sigma_min=sde.sigma_min,
-                                      sigma_max=sde.sigma_max)
+        # A float64 setup table on the host, computed once: the torch path, whatever backend runs the
+        # loop (a forced triton/cuda backend cannot take these CPU tensors).
+        with _backend.use_backend("torch"):
+            table = _em_table(levels, sde)
         return table[0::2].to(_F64).clone()
     cols = _blank(n)
     if name == "reverse_diffusion":

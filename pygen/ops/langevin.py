@@ -109,10 +109,10 @@ def _check_step_size(step_size, x):
                 f"step_size tensor must be 1-D with one step per row (length {x.shape[0]}), "
                 f"got shape {tuple(step_size.shape)}"
             )
-        # Host check; on CUDA it syncs, so it is skipped while capturing a graph.
-        if step_size.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-            if not bool((step_size.detach() >= 0).all()):
-                raise ValueError("step_size must be non-negative (and not NaN) in every row")
+        # Host check of a CPU tensor only: reading a device tensor would sync every step. On a device,
+        # a negative step gives NaN rows (sqrt(2·step)), which the sample then shows.
+        if step_size.device.type == "cpu" and not bool((step_size.detach() >= 0).all()):
+            raise ValueError("step_size must be non-negative (and not NaN) in every row")
         return contiguous(step_size), 0.0
     if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real):
         raise TypeError(f"step_size must be a float or a 1-D float tensor, got {type(step_size).__name__}")
