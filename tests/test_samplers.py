@@ -130,6 +130,41 @@ def test_cuda_graph_on_cpu_warns_and_matches_eager():
     assert torch.equal(eager, graphed)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
+def test_graph_loop_runs_each_evaluation_once(sampler, monkeypatch):
+    """The cuda_graph=True loop logic on the CPU: _capture runs evaluation 0 (its warm-up) and hands
+    back a graph whose replay is one evaluation at the device row index. The loop must then replay
+    evaluations 1..K-1 exactly once each (a second evaluation 0 ran the index past the table: a device
+    assert on the H100)."""
+    import pygen.samplers as PS
+
+    calls = []
+
+    def model(x, sigma):
+        calls.append(1)
+        return x / (1 + sigma.view(-1, 1) ** 2)
+
+    class FakeGraph:
+        def __init__(self, replay):
+            self.replay = replay
+
+    def fake_capture(model_, x, prog, c_in_dev, t_dev, launch):
+        launch(0)
+        return FakeGraph(lambda: launch(int(prog.index)))
+
+    eps = pygen.randn((6, 3), 0)
+    kw = dict(sampler=sampler, steps=7, prediction_type="denoiser", seed=1, progress=False)
+    eager = pygen.sample(model, eps, **kw)
+    n_eager = len(calls)
+    calls.clear()
+    monkeypatch.setattr(PS, "_graph_device", lambda x: True)
+    monkeypatch.setattr(PS, "_capture", fake_capture)
+    seen = []
+    graphed = pygen.sample(model, eps, cuda_graph=True, callback=lambda k, x: seen.append(k), **kw)
+    assert len(calls) == n_eager and seen == list(range(n_eager))
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "dpmpp_sde", "lms"])

@@ -243,7 +243,7 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
         prog.step(x, out, x)
 
     try:
-        if cuda_graph and x.device.type != "cuda":
+        if cuda_graph and not _graph_device(x):
             warnings.warn("cuda_graph=True needs CUDA tensors; running eagerly", stacklevel=3)
             cuda_graph = False
         # _capture runs evaluation 0 itself (its warm-up), captured or not: the loop starts at 1 then.
@@ -263,6 +263,10 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
         if bar is not None:
             bar.close()
     return x
+
+
+def _graph_device(x):
+    return x.device.type == "cuda"
 
 
 def _capture(model, x, prog, c_in_dev, t_dev, launch):
