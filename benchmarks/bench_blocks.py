@@ -3,9 +3,10 @@
 Cases (same weights and inputs for every implementation of a case):
 
 * ``dit_block``: one adaLN-Zero DiT block forward, x (B, N, C), c (B, C).
-    - ``eager``: the DiT reference block in eager PyTorch (LayerNorm, modulate, qkv Linear, heads
-      permuted to (B, H, N, D), ``F.scaled_dot_product_attention``, transpose back, proj, gate * y + x,
-      MLP with GELU(tanh)); what DiT's models.py does with timm's fused attention.
+    - ``eager``: ``pygen.nn.reference.EagerDiTBlock``, the DiT reference block in eager PyTorch
+      (LayerNorm, modulate, qkv Linear, heads permuted to (B, H, N, D),
+      ``F.scaled_dot_product_attention``, transpose back, proj, gate * y + x, MLP with GELU(tanh));
+      what DiT's models.py does with timm's fused attention.
     - ``pygen``: ``pygen.nn.DiTBlock`` (fused adaLN modulate and gated residual, attention in (B, N, H, D)).
     Target (GPU): pygen >= 1.3x eager at DiT-XL/2-like sizes (C 1152, 16 heads, N 256, B 8).
 * ``unet_attention``: the U-Net spatial attention block, x (B, C, H, W): diffusers ``Attention`` with
@@ -46,8 +47,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 if __name__ == "__main__":  # this checkout's pygen
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,6 +54,7 @@ if __name__ == "__main__":  # this checkout's pygen
 import pygen  # noqa: E402,F401
 import pygen.nn as pnn  # noqa: E402
 from pygen import bench  # noqa: E402
+from pygen.nn.reference import EagerDiTBlock  # noqa: E402
 
 try:
     import diffusers  # noqa: F401
@@ -79,50 +79,6 @@ SMOKE_SIZES = {"dit_block": dict(hidden=64, heads=2, tokens=16, batch=2),
                "unet_attention": dict(channels=64, head_dim=32, side=4, batch=2)}
 DEFAULT_DTYPES = {"cuda": (torch.bfloat16, torch.float16), "cpu": (torch.float32,)}
 DEFAULT_MODES = {"cuda": ("fwd", "fwd+bwd"), "cpu": ("fwd",)}
-
-
-# ---------------------------------------------------------------------------
-# the eager DiT block (DiT's models.py with timm's fused attention), parameter names as pygen's
-# ---------------------------------------------------------------------------
-class EagerAttention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.h, self.d = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
-
-
-class EagerMlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class EagerDiTBlock(nn.Module):
-    def __init__(self, hidden, heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = EagerAttention(hidden, heads)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp = EagerMlp(hidden, int(hidden * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
-
-    def forward(self, x, c):
-        def modulate(h, shift, scale):
-            return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 # ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """pygen.nn modules (Attention, DiTBlock, UNetAttentionBlock, GroupNorm, TimestepEmbedder) vs eager
-PyTorch implementations written here from plain ops (F.linear, F.layer_norm, F.group_norm,
+PyTorch implementations from plain ops (pygen.nn.reference: F.linear, F.layer_norm, F.group_norm,
 F.scaled_dot_product_attention) with the same weights: forward, backward (input and parameter
 grads), odd sizes, fp32 under the default backend, ``pygen.use_backend("torch")`` and (when built)
 ``pygen.use_backend("cpu")``, fp16/bf16
@@ -18,6 +18,7 @@ from torch import nn
 
 import pygen
 import pygen.nn as pnn
+from pygen.nn.reference import EagerAttention, EagerDiTBlock, EagerUNetAttention
 
 # default dispatch, the torch reference, and the compiled CPU kernels forced (when built)
 BACKENDS = ["default", "torch"] + (["cpu"] if pygen.backends()["cpu"] == "available" else [])
@@ -40,84 +41,6 @@ def randn(gen, *shape, dtype=torch.float32):
 
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=2e-5)}
-
-
-# ---------------------------------------------------------------------------
-# eager references (plain ops; DiT / diffusers parameter names)
-# ---------------------------------------------------------------------------
-class EagerAttention(nn.Module):
-    """timm/DiT-style attention: qkv (fused) or q + kv, proj; heads transposed to (B, H, S, D) for SDPA."""
-
-    def __init__(self, dim, heads, head_dim, cross_dim=None, qkv_bias=True, out_bias=True, causal=False):
-        super().__init__()
-        self.h, self.d, self.causal, self.cross = heads, head_dim, causal, cross_dim is not None
-        inner = heads * head_dim
-        if cross_dim is None:
-            self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
-        else:
-            self.q = nn.Linear(dim, inner, bias=qkv_bias)
-            self.kv = nn.Linear(cross_dim, 2 * inner, bias=qkv_bias)
-        self.proj = nn.Linear(inner, dim, bias=out_bias)
-
-    def forward(self, x, context=None):
-        b, n, _ = x.shape
-        if not self.cross:
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
-        else:
-            q = self.q(x).reshape(b, n, self.h, self.d).transpose(1, 2)
-            k, v = self.kv(context).reshape(b, context.shape[1], 2, self.h, self.d).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.proj(o.transpose(1, 2).reshape(b, n, self.h * self.d))
-
-
-class EagerMlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class EagerDiTBlock(nn.Module):
-    """The DiT reference block (facebookresearch/DiT models.py), written with plain ops."""
-
-    def __init__(self, hidden, heads, mlp_ratio=4.0, cond_dim=None):
-        super().__init__()
-        self.hidden = hidden
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = EagerAttention(hidden, heads, hidden // heads)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp = EagerMlp(hidden, int(hidden * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or hidden, 6 * hidden))
-
-    def forward(self, x, c):
-        def modulate(h, shift, scale):
-            return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-
-
-class EagerUNetAttention(nn.Module):
-    """diffusers' Attention(norm_num_groups=..., residual_connection=True) + AttnProcessor2_0, plain ops."""
-
-    def __init__(self, channels, heads, head_dim, groups, eps, rescale=1.0):
-        super().__init__()
-        inner = heads * head_dim
-        self.h, self.d, self.rescale = heads, head_dim, rescale
-        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
-        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, inner) for _ in range(3))
-        self.to_out = nn.ModuleList([nn.Linear(inner, channels)])
-
-    def forward(self, x):
-        b, c, hh, ww = x.shape
-        t = self.group_norm(x).reshape(b, c, hh * ww).transpose(1, 2)
-        q, k, v = (lin(t).reshape(b, -1, self.h, self.d).transpose(1, 2) for lin in (self.to_q, self.to_k, self.to_v))
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, self.h * self.d)
-        o = self.to_out[0](o).transpose(1, 2).reshape(b, c, hh, ww)
-        return (o + x) / self.rescale
 
 
 LOW_PRECISION_DEVICES = [
