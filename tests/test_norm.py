@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import pygen
-from conftest import ALL_BACKENDS, MANTISSA_BITS, device_for, make
+from conftest import ALL_BACKENDS, MANTISSA_BITS, device_for, make, to_device
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_OK = HAS_TRITON and (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available())
@@ -454,8 +454,7 @@ def _op(backend, name):
 def _sample(backend, index):
     """Sample ``index`` of _op_samples with its tensors on ``backend``'s device (strides kept)."""
     name, args = _op_samples()[index]
-    dev = device_for(backend)
-    return name, tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
+    return name, to_device(args, device_for(backend))
 
 
 @pytest.mark.parametrize("backend,index", _op_cases())

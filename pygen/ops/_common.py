@@ -15,6 +15,8 @@ _U64 = 1 << 64
 
 def same_device(actual, wanted):
     """``actual`` (a tensor's device) is ``wanted``, where an index-less "cuda" means the current one."""
+    if actual == wanted:  # the common case: both torch.device, same index
+        return True
     wanted = torch.device(wanted)
     if actual.type != wanted.type:
         return False
