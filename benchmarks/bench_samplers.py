@@ -168,6 +168,20 @@ def _bare_loop(name, model, x0, sigmas):
     return run, k
 
 
+def _captured(fn, warmup):
+    """A CUDA graph of ``fn``, after ``warmup`` ran on a side stream (allocations and lazy init stay
+    out of the capture). GPU-only code path."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        warmup()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def _graph_loop(name, model, x0, sigmas):
     """CUDA only: one model call + one fused step captured once; a run = reset + K replays.
 
@@ -176,18 +190,18 @@ def _graph_loop(name, model, x0, sigmas):
     """
     prog, call_in, k = _program(name, x0, sigmas)
     x = x0.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (allocations, lazy init) outside the capture
+
+    def one_step():
+        prog.step(x, model(x, call_in.index_select(0, prog.index).view(-1)), x)
+
+    def warmup():
         for _ in range(2):
             prog.reset()
-            prog.step(x, model(x, call_in.index_select(0, prog.index).view(-1)), x)
-    torch.cuda.current_stream().wait_stream(stream)
-    prog.reset()
-    x.copy_(x0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        prog.step(x, model(x, call_in.index_select(0, prog.index).view(-1)), x)
+            one_step()
+        prog.reset()
+        x.copy_(x0)
+
+    graph = _captured(one_step, warmup)
 
     def run():
         prog.reset()
@@ -200,31 +214,17 @@ def _graph_loop(name, model, x0, sigmas):
 
 
 def _whole_graph(name, model, x0, sigmas):
-    """CUDA only: the whole sampler run (reset, K model calls + fused steps) captured as one graph;
-    a run is one replay, so ms/step is the device time per step with no per-step host work at all.
-    Each captured model call reads its own row of ``call_in`` (a fixed view), so the only kernels per
-    step are the model's, the fused step and its index increment. GPU-only code path."""
-    prog, call_in, k = _program(name, x0, sigmas)
-    x = x0.clone()
-
-    def loop():
-        prog.reset()
-        x.copy_(x0)
-        for i in range(k):
-            prog.step(x, model(x, call_in[i]), x)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (allocations, lazy init) outside the capture
-        loop()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loop()
+    """CUDA only: the whole sampler run (the bare loop: reset, K model calls + fused steps) captured
+    as one graph; a run is one replay, so ms/step is the device time per step with no per-step host
+    work at all. Each captured model call reads its own row of ``call_in`` (a fixed view), so the only
+    kernels per step are the model's, the fused step and its index increment. GPU-only code path."""
+    loop, k = _bare_loop(name, model, x0, sigmas)
+    out = []
+    graph = _captured(loop, lambda: out.append(loop()))
 
     def run():
         graph.replay()
-        return x
+        return out[0]
 
     return run, k
 
