@@ -4,6 +4,10 @@ The general fused sampler step of csrc/include/pygen/step.h: coefficients read
 from a table at a step index held in a tensor, noise drawn in the kernel when
 not given. Grid: (blocks of 4*BLOCK elements, noise rows); a noise row is the
 whole tensor for one step index and an int seed, else one batch row.
+
+advance=True with one step index: the launch itself increments the index (the last
+program to finish stores index + 1; see "In-kernel advance" in csrc/include/pygen/step.h:
+while the launch runs the index word also counts the programs done, in bits 40-63).
 """
 import triton
 import triton.language as tl
@@ -11,6 +15,10 @@ import triton.language as tl
 from pygen.kernels.philox import interleave4, philox_normals
 
 BLOCK = 256  # Philox groups per program -> 1024 elements
+ADVANCE_SHIFT = tl.constexpr(40)  # pygen::step::kAdvanceShift
+ADVANCE_UNIT = tl.constexpr(1 << 40)
+ADVANCE_SIGN = tl.constexpr(24)  # 64 - ADVANCE_SHIFT: sign-extends the low 40 bits
+MAX_ADVANCE_PROGRAMS = 1 << 23  # pygen::step::kMaxAdvanceBlocks
 
 
 @triton.jit(do_not_specialize=["seed", "stream"])
@@ -18,11 +26,14 @@ def _sampler_step_kernel(x_ptr, m_ptr, coeffs_ptr, steps_ptr, hist_ptr, noise_pt
                          seed, stream, clamp, num_steps, row_len, hist_stride,
                          WIDTH: tl.constexpr, NUM_HIST: tl.constexpr, PER_ROW_STEPS: tl.constexpr,
                          PER_ROW_SEEDS: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_PRED: tl.constexpr,
-                         CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+                         CLAMP: tl.constexpr, FUSED_ADVANCE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1).to(tl.int64)
     if PER_ROW_STEPS:
         step = tl.load(steps_ptr + r)
+    elif FUSED_ADVANCE:  # the word may carry the count of programs already done (bits 40-63)
+        raw = tl.load(steps_ptr, volatile=True)
+        step = (raw << ADVANCE_SIGN) >> ADVANCE_SIGN
     else:
         step = tl.load(steps_ptr)
     valid = (step >= 0) & (step < num_steps)
@@ -64,12 +75,18 @@ def _sampler_step_kernel(x_ptr, m_ptr, coeffs_ptr, steps_ptr, hist_ptr, noise_pt
     if HAS_PRED:
         tl.store(pred_ptr + e, d.to(pred_ptr.dtype.element_ty), mask=mask)
     tl.store(out_ptr + e, xn.to(out_ptr.dtype.element_ty), mask=mask)
+    if FUSED_ADVANCE:
+        tl.debug_barrier()  # every thread of the program has read the index
+        old = tl.atomic_add(steps_ptr, ADVANCE_UNIT)
+        if ((old - step) >> ADVANCE_SHIFT) == tl.num_programs(0) * tl.num_programs(1) - 1:  # the last one
+            tl.atomic_xchg(steps_ptr, step + 1)
 
 
 def sampler_step_out(x, model_out, coeffs, step_index, history, noise, out, pred_x0, seed, stream, row_seeds, clamp,
                      advance):
     """Launch the fused step on contiguous tensors (see pygen.sampler_step)."""
     numel = x.numel()
+    fused_advance = False
     if numel:
         batch = x.shape[0]
         per_row_steps = step_index.shape[0] > 1
@@ -77,12 +94,13 @@ def sampler_step_out(x, model_out, coeffs, step_index, history, noise, out, pred
         rows, row_len = (batch, numel // batch) if per_row else (1, numel)
         num_hist = coeffs.shape[1] - 8
         grid = (triton.cdiv(row_len, 4 * BLOCK), rows)
+        fused_advance = bool(advance) and not per_row_steps and grid[0] * grid[1] <= MAX_ADVANCE_PROGRAMS
         _sampler_step_kernel[grid](
             x, model_out, coeffs, step_index, history if history is not None else x,
             noise if noise is not None else x, out, pred_x0 if pred_x0 is not None else x,
             row_seeds if row_seeds is not None else step_index, seed, stream, float(clamp), coeffs.shape[0], row_len,
             numel, WIDTH=coeffs.shape[1], NUM_HIST=num_hist, PER_ROW_STEPS=per_row_steps,
             PER_ROW_SEEDS=row_seeds is not None, HAS_NOISE=noise is not None, HAS_PRED=pred_x0 is not None,
-            CLAMP=clamp > 0, BLOCK=BLOCK)
-    if advance:
+            CLAMP=clamp > 0, FUSED_ADVANCE=fused_advance, BLOCK=BLOCK)
+    if advance and not fused_advance:
         step_index.add_(1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pygen
-from conftest import cpu_backends, require_backend, tolerances
+from conftest import ALL_BACKENDS, cpu_backends, device_for, require_backend, tolerances
 from pygen.ops.step import sampler_step_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -207,6 +207,40 @@ def test_in_place_and_advance(backend):
     torch.testing.assert_close(got, want)
     assert int(step) == 2
 
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("numel,start,row_seeds", [(9001, 0, False), (2 * 4500, 2, True), (1500, -1, False),
+                                                    (7, 0, False)])
+def test_advance_over_many_blocks(backend, numel, start, row_seeds):
+    """advance=True on a launch of many blocks/programs (the CUDA and Triton kernels increment the
+    index in the launch itself: the last block to finish does): K steps in place, noise and history
+    read at the right row each step, the index exactly start + K afterwards (-1: a NaN row first)."""
+    require_backend(backend)
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(numel + start)
+    coeffs = _table("dpmpp_2m", "x0", 0.0, torch.float32)
+    coeffs[:, 4] = 0.3  # every row draws in-kernel noise (stream + step index)
+    batch = 2 if row_seeds else 1
+    x0 = torch.randn(batch, numel // batch, generator=gen)
+    ms = torch.randn(4, batch, numel // batch, generator=gen)
+    seed = torch.tensor([11, 12], dtype=torch.int64) if row_seeds else 11
+    results = {}
+    for b in ("torch", backend):
+        x, step = x0.clone().to(dev), torch.tensor([start]).to(dev)
+        hist = torch.zeros((1,) + tuple(x.shape), device=dev)
+        s = seed.to(dev) if row_seeds else seed
+        with pygen.use_backend(b):
+            for k in range(4):
+                pygen.sampler_step(x, ms[k].to(dev), coeffs.to(dev), step, history=hist, seed=s, stream=3,
+                                   advance=True, out=x)
+        results[b] = (x.cpu(), hist.cpu(), int(step))
+    (want, want_h, want_step), (got, got_h, got_step) = results["torch"], results[backend]
+    assert want_step == got_step == start + 4
+    if start < 0:
+        assert torch.isnan(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 def test_bad_input():
     coeffs = _table("ddim", "eps", 0.0, torch.float32)

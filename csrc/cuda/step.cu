@@ -4,7 +4,10 @@
 //
 // One thread per Philox group (4 consecutive elements of a noise row). The
 // step index is read on the device, so the launch replays unchanged inside a
-// CUDA graph; advance=True bumps it with a one-thread kernel on the same stream.
+// CUDA graph. advance=True with one step index: the same launch increments it
+// (the last block to finish does, see "In-kernel advance" in pygen/step.h); with
+// per-row indices, or a grid too large for the block count, a one-thread kernel
+// on the same stream does.
 #include <optional>
 
 #include <torch/library.h>
@@ -16,7 +19,7 @@ namespace pygen::cuda {
 namespace {
 
 struct StepParams {
-  const int64_t* steps;
+  int64_t* steps;  // written by the in-kernel advance
   int64_t num_steps;
   int width;
   int num_hist;
@@ -26,18 +29,16 @@ struct StepParams {
   uint64_t stream;
   float clamp;
   int64_t hist_stride;
+  bool fused_advance;  // one step index, incremented by this launch (last block done)
 };
 
+// The update of one Philox group at table row `step`.
 template <typename scalar_t>
-__global__ void sampler_step_kernel(StepParams p, NoiseLayout layout, const scalar_t* x,  // out may alias x
-                                    const scalar_t* __restrict__ m, const acc_t<scalar_t>* __restrict__ coeffs,
-                                    scalar_t* hist, const scalar_t* __restrict__ noise, scalar_t* out,
-                                    scalar_t* __restrict__ pred) {
+__device__ __forceinline__ void step_group(const StepParams& p, const NoiseGroup& ng, int64_t step, const scalar_t* x,
+                                           const scalar_t* __restrict__ m, const acc_t<scalar_t>* __restrict__ coeffs,
+                                           scalar_t* hist, const scalar_t* __restrict__ noise, scalar_t* out,
+                                           scalar_t* __restrict__ pred) {
   using acc = acc_t<scalar_t>;
-  const int64_t w = global_thread_index();
-  if (w >= layout.work_items()) return;
-  const NoiseGroup ng = noise_group(layout, w);
-  const int64_t step = p.steps[p.per_row_steps ? ng.row : 0];
   const bool valid = step >= 0 && step < p.num_steps;
   const acc* row = coeffs + (valid ? step : 0) * p.width;
   const acc nan = acc(NAN);
@@ -76,6 +77,34 @@ __global__ void sampler_step_kernel(StepParams p, NoiseLayout layout, const scal
   }
 }
 
+template <typename scalar_t>
+__global__ void sampler_step_kernel(StepParams p, NoiseLayout layout, const scalar_t* x,  // out may alias x
+                                    const scalar_t* __restrict__ m, const acc_t<scalar_t>* __restrict__ coeffs,
+                                    scalar_t* hist, const scalar_t* __restrict__ noise, scalar_t* out,
+                                    scalar_t* __restrict__ pred) {
+  const int64_t w = global_thread_index();
+  if (!p.fused_advance) {
+    if (w >= layout.work_items()) return;
+    const NoiseGroup ng = noise_group(layout, w);
+    step_group(p, ng, p.steps[p.per_row_steps ? ng.row : 0], x, m, coeffs, hist, noise, out, pred);
+    return;
+  }
+  // In-kernel advance (pygen/step.h): read the index once (it may carry the count of blocks
+  // already done), update, then count this block; the last block stores index + 1.
+  const int64_t step = step::decode_advancing_index(*reinterpret_cast<volatile const int64_t*>(p.steps));
+  if (w < layout.work_items()) step_group(p, noise_group(layout, w), step, x, m, coeffs, hist, noise, out, pred);
+  __syncthreads();  // every thread of the block has read the index
+  if (threadIdx.x == 0) {
+    __threadfence();
+    auto* word = reinterpret_cast<unsigned long long*>(p.steps);
+    const auto old = atomicAdd(word, 1ull << step::kAdvanceShift);
+    if (step::advance_count(static_cast<int64_t>(old), step) == static_cast<int64_t>(gridDim.x) - 1) {
+      __threadfence();
+      atomicExch(word, static_cast<unsigned long long>(step + 1));
+    }
+  }
+}
+
 __global__ void advance_kernel(int64_t* steps, int64_t count) {
   for (int64_t k = threadIdx.x; k < count; k += blockDim.x) steps[k] += 1;
 }
@@ -103,9 +132,11 @@ void sampler_step_out_cuda(const at::Tensor& x, const at::Tensor& model_out, con
   p.clamp = static_cast<float>(clamp);
   p.hist_stride = x.numel();
   const NoiseLayout layout = make_noise_layout(x.numel(), batch, per_row_steps || row_seeds.has_value());
+  const unsigned int blocks = blocks_for(layout.work_items());
+  p.fused_advance = advance && !per_row_steps && x.numel() > 0 && blocks <= step::kMaxAdvanceBlocks;
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_out_cuda", [&] {
-      sampler_step_kernel<scalar_t><<<blocks_for(layout.work_items()), kThreads, 0, cuda_stream>>>(
+      sampler_step_kernel<scalar_t><<<blocks, kThreads, 0, cuda_stream>>>(
           p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(), coeffs.data_ptr<acc_t<scalar_t>>(),
           num_hist > 0 ? history->data_ptr<scalar_t>() : nullptr,
           noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
@@ -113,7 +144,7 @@ void sampler_step_out_cuda(const at::Tensor& x, const at::Tensor& model_out, con
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (advance) {
+  if (advance && !p.fused_advance) {
     advance_kernel<<<1, 32, 0, cuda_stream>>>(step_index.data_ptr<int64_t>(), step_index.size(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -13,7 +13,9 @@ csrc/include/pygen/step.h)::
     d       = clamp(d, -clamp, clamp)        # optional (clip_sample); NaN stays NaN
     x_next  = a·x + b·d + Σ_j hist_j·history[j] + s·z
     history[slot] = hx·x + hd·d              # when the row's slot >= 0
-    step_index += 1                          # when advance=True
+    step_index += 1                          # when advance=True (one index: in the same launch
+                                             # on CUDA/Triton; a step index there must lie in
+                                             # [-2^39, 2^39), see csrc/include/pygen/step.h)
 
 ``z`` is ``noise`` if given, else drawn in the kernel: exactly
 ``pygen.randn(x.shape, seed, stream + i)`` for one step index; with per-row
@@ -110,7 +112,8 @@ def sampler_step(x, model_out, coeffs, step_index, *, history=None, noise=None, 
             ``seed`` (int or per-row int64 tensor) and ``stream + step``.
         clamp: clip the predicted x0 to [-clamp, clamp] (diffusers clip_sample).
         return_pred_x0: also return the predicted x0 / denoised estimate.
-        advance: increment ``step_index`` on the device after the step.
+        advance: increment ``step_index`` on the device after the step (with one index, the
+            CUDA and Triton kernels do it in the same launch: the last block to finish).
         out: where to write x_next (may be ``x`` itself for an in-place step).
 
     Returns ``x_next`` (``out``), or ``(x_next, pred_x0)``.

@@ -7,8 +7,8 @@ step itself), the history buffer of multistep / two-stage methods, and the
 backend launcher of ``torch.ops.pygen.sampler_step_out`` resolved once.
 
 Per model evaluation the loop calls ``program.step(x, model_out, out)``: one
-launch of the fused step (plus the index increment on CUDA/Triton), no
-allocation, no ``.item()``. In-kernel noise of row ``k`` is
+launch of the fused step, which also increments the row index (on CUDA/Triton
+the last block of the launch does), no allocation, no ``.item()``. In-kernel noise of row ``k`` is
 ``pygen.randn(x.shape, seed, stream + k)``.
 """
 import torch

@@ -166,4 +166,24 @@ PYGEN_HD void coefficient_row(int kind, int prediction, double eta, double p0, d
   }
 }
 
+// In-kernel advance (advance=True with one step index, CUDA and Triton): the launch that reads
+// the index also increments it, with no second launch. Every block reads the index, then adds
+// kAdvanceUnit to it atomically; the block that sees the count of the others reach
+// blocks - 1 is the last one (all others have read), and stores index + 1. While the launch
+// runs the word holds index + count·2^40, so a reader decodes the index from the low 40 bits
+// (sign-extended): indices must lie in [-2^39, 2^39) (any table has far fewer rows). Launches of
+// more than kMaxAdvanceBlocks blocks increment with a second one-thread launch instead.
+constexpr int kAdvanceShift = 40;
+constexpr int64_t kMaxAdvanceBlocks = int64_t(1) << 23;
+
+// The step index held in a word that may carry an in-flight block count.
+PYGEN_HD int64_t decode_advancing_index(int64_t raw) {
+  return static_cast<int64_t>(static_cast<uint64_t>(raw) << (64 - kAdvanceShift)) >> (64 - kAdvanceShift);
+}
+
+// How many blocks had added their unit before `old` (the word before this block's add) was read.
+PYGEN_HD int64_t advance_count(int64_t old, int64_t index) {
+  return static_cast<int64_t>((static_cast<uint64_t>(old) - static_cast<uint64_t>(index)) >> kAdvanceShift);
+}
+
 }  // namespace pygen::step
