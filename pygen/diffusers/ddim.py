@@ -37,6 +37,7 @@ clamp) takes the same device path with ``clamp(-r, r)``.
 DDIM has no custom ``timesteps=`` in diffusers' set_timesteps, so neither does this class.
 """
 import diffusers
+import numpy as np
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
@@ -67,7 +68,7 @@ class DDIMScheduler(TimestepTableMixin, diffusers.DDIMScheduler):
         T = len(ac)
         offset = self.config.num_train_timesteps // self.num_inference_steps
         rows = self._pygen_empty_rows(T)
-        aux = torch.zeros(T, 1, dtype=torch.float64)  # dir·em: coefficient of model_output (raw eps)
+        aux = np.zeros((T, 1))  # dir·em: coefficient of model_output (raw eps)
         for t in range(T):
             at = ac[t]
             ap = ac[t - offset] if t - offset >= 0 else final

@@ -43,6 +43,7 @@ only the generator has advanced once more after a ``t = 0`` step.
 import math
 
 import diffusers
+import numpy as np
 import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
@@ -121,8 +122,9 @@ class TimestepTableMixin(FusedSchedulerMixin):
     def _pygen_host(self, key):
         got = self._pygen_host_cache.get(key)
         if got is None:
-            rows, aux = self._pygen_variant(key)
-            got = self._pygen_host_cache[key] = (rows.contiguous(), aux.contiguous())
+            rows, aux = self._pygen_variant(key)  # float64 numpy arrays (filled element by element)
+            got = self._pygen_host_cache[key] = (torch.from_numpy(np.ascontiguousarray(rows)),
+                                                 torch.from_numpy(np.ascontiguousarray(aux)))
         return got
 
     def _pygen_dev(self, key, device, dtype):
@@ -136,7 +138,8 @@ class TimestepTableMixin(FusedSchedulerMixin):
 
     @staticmethod
     def _pygen_empty_rows(n):
-        rows = torch.zeros(n, COL_HIST, dtype=torch.float64)
+        """(n, 8) float64 numpy rows, slot -1 (numpy: cheap element writes on the host)."""
+        rows = np.zeros((n, COL_HIST))
         rows[:, COL_SLOT] = -1.0
         return rows
 
@@ -254,7 +257,7 @@ class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
         T = len(ac)
         prev = self._pygen_prev_map()
         rows = self._pygen_empty_rows(T)
-        aux = torch.zeros(T, 3, dtype=torch.float64)  # noise flag (t > 0), min_log, max_log
+        aux = np.zeros((T, 3))  # noise flag (t > 0), min_log, max_log
         for t in range(T):
             if prev[t] is None:
                 rows[t, :COL_SLOT] = NAN

@@ -48,6 +48,7 @@ computes in float32), ``prev_sample`` has the dtype diffusers returns.
 import math
 
 import diffusers
+import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
@@ -70,7 +71,7 @@ def _alpha_sigma_lambda(sigmas, flow):
         alpha = 1 / ((s ** 2 + 1) ** 0.5)
         sig_t = s * alpha
     lam = torch.log(alpha) - torch.log(sig_t)
-    return alpha.double().tolist(), sig_t.double().tolist(), lam.tolist(), lam
+    return alpha.double().tolist(), sig_t.double().tolist(), lam.tolist(), lam.numpy()  # float32 differences
 
 
 def _x0_coeffs(prediction_type, alpha, sig_t, sigma):
@@ -182,8 +183,8 @@ class DPMSolverMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffuse
         self._pygen_bad_pred = (pred not in ("epsilon", "sample", "v_prediction", "flow_prediction")
                                 or (algo not in _PLUS and pred == "flow_prediction"))
         # x0 = px·x + pm·model_output (used when thresholding: x0 is thresholded, then converted)
-        pre = torch.zeros(n, 2, dtype=torch.float64)
-        tables = torch.zeros(order + 1, n, width, dtype=torch.float64)
+        pre = np.zeros((n, 2))  # numpy on the host: cheap element writes
+        tables = np.zeros((order + 1, n, width))
         for i in range(n):
             px, pm = _x0_coeffs(pred, alpha[i], sig_t[i], sigf[i])
             pre[i, 0], pre[i, 1] = px, pm
@@ -216,8 +217,8 @@ class DPMSolverMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffuse
                         row[COL_HIST + prev1] += b1
                     if b2:
                         row[COL_HIST + prev2] += b2
-        self._pygen_all_tables = tables
-        self._pygen_pre64 = pre
+        self._pygen_all_tables = tables = torch.from_numpy(tables)
+        self._pygen_pre64 = torch.from_numpy(pre)
         return tables[order]
 
     # --- step ----------------------------------------------------------------------

@@ -196,8 +196,8 @@ class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.U
         disabled = set(int(k) for k in (self.disable_corrector or []))
         self._pygen_bad_pred = pred not in _PREDICTIONS or (not predict_x0 and pred == "flow_prediction")
         width = COL_HIST + order
-        pre = torch.zeros(n, 2, dtype=torch.float64)
-        tables = torch.zeros(order + 1, n, width, dtype=torch.float64)
+        pre = np.zeros((n, 2))  # numpy on the host: cheap element writes
+        tables = np.zeros((order + 1, n, width))
         for i in range(n):
             if self._pygen_bad_pred:
                 cx = cm = px = pm = math.nan
@@ -240,8 +240,8 @@ class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.U
                         row[COL_B] += w
                     elif w != 0.0 or math.isnan(w):
                         row[COL_HIST + j % order] += w
-        self._pygen_all_tables = tables
-        self._pygen_pre64 = pre
+        self._pygen_all_tables = tables = torch.from_numpy(tables)
+        self._pygen_pre64 = torch.from_numpy(pre)
         return tables[order]
 
     def _pygen_prepare(self):
