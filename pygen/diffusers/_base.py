@@ -18,11 +18,17 @@ What the mixin keeps, all on the sample's device and built once per ``set_timest
 - the coefficient table of the fused step (columns of csrc/include/pygen/step.h; row i is
   used by the i-th ``step()``), made by the subclass's ``_pygen_rows()`` in float64 on the
   host from the tables diffusers computed (one host read at set-up, never in the loop);
-- the step index as a device int64 tensor, advanced by the fused step itself. The first
-  ``step()`` finds it without a host sync: ``begin_index`` if set, else the position of
-  ``timestep`` in ``self.timesteps`` computed on the device (diffusers' rule: the second
-  match when a timestep repeats). A 1-D ``timestep`` with one entry per batch row gives
-  one step index per row (per-row timesteps);
+- the step index as a device int64 tensor, advanced by the fused step itself (made at
+  ``set_timesteps``, so the loop allocates none). The first ``step()`` finds it without a host
+  sync: ``begin_index`` if set, else the position of ``timestep`` in ``self.timesteps``
+  (diffusers' rule: the second match when a timestep repeats), looked up on the host when
+  ``timestep`` is a Python number, a CPU tensor or an element of ``self.timesteps`` itself (what
+  pipelines pass: its position is its address), else computed on the device. Starting at index 0
+  (the usual case) costs no launch. A 1-D ``timestep`` with one entry per batch row gives one
+  step index per row (per-row timesteps);
+- the device tables for float32 accumulation (fp32/fp16/bf16 samples) are uploaded at
+  ``set_timesteps`` to the device of ``self.timesteps`` (``set_timesteps(device=...)``); other
+  devices and float64 on first use;
 - the history buffer of multistep methods (allocated at the first step, from the
   sample's shape);
 - the Philox key of in-kernel noise (drawn from torch's global RNG at ``set_timesteps``).
@@ -117,6 +123,8 @@ class FusedSchedulerMixin:
     def set_timesteps(self, *args, **kwargs):
         out = super().set_timesteps(*args, **kwargs)
         self._pygen_prepare()
+        if self._pygen_index0 is not None:  # the tables the loop reads, on the timesteps' device now
+            self._pygen_warm(self._pygen_index0.device)
         return out
 
     def _pygen_prepare(self):
@@ -134,6 +142,22 @@ class FusedSchedulerMixin:
         self._pygen_key_t = torch.tensor(self._pygen_seed, dtype=torch.int64)  # the key for torch.compile
         self._pygen_launchers = {}
         self._pygen_ts = {}          # device -> self.timesteps there (for the sync-free lookup)
+        ts = getattr(self, "timesteps", None)
+        self._pygen_first_index = {}  # timestep value -> the step index diffusers' rule gives it
+        self._pygen_by_pos = []      # position in self.timesteps -> the same
+        self._pygen_index0 = None    # the loop's step index, made here at 0
+        if isinstance(ts, torch.Tensor) and ts.dim() == 1:
+            values = ts.detach().to("cpu").tolist()  # one host read, at set-up
+            where = {}
+            for k, v in enumerate(values):
+                where.setdefault(v, []).append(k)
+            self._pygen_first_index = {v: (p[1] if len(p) > 1 else p[0]) for v, p in where.items()}
+            self._pygen_by_pos = [self._pygen_first_index[v] for v in values]  # position -> rule index
+            self._pygen_index0 = torch.zeros(1, dtype=torch.int64, device=ts.device)
+
+    def _pygen_warm(self, device):
+        """Upload what the loop reads for float32 accumulation to ``device`` (at set_timesteps)."""
+        self._pygen_table(device, torch.float32)
 
     def _pygen_table(self, device, dtype):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -176,6 +200,25 @@ class FusedSchedulerMixin:
         idx = torch.where(count > 1, second, first)
         return idx.to(torch.int64)  # K (out of range -> NaN rows in the kernel) when not found
 
+    def _pygen_host_first(self, timestep):
+        """The step index of a first step at ``timestep`` when it is known on the host with no device
+        read (a Python number, a CPU tensor, or an element of ``self.timesteps`` itself), else None
+        (and always None under torch.compile, which traces the device lookup)."""
+        if isinstance(timestep, bool) or torch.compiler.is_compiling():
+            return None
+        if isinstance(timestep, (int, float)):
+            return self._pygen_first_index.get(timestep)
+        if not isinstance(timestep, torch.Tensor) or timestep.numel() != 1:
+            return None
+        ts = self.timesteps
+        if timestep.device == ts.device and timestep.dtype == ts.dtype and ts.dim() == 1 and ts.is_contiguous():
+            k, rem = divmod(timestep.data_ptr() - ts.data_ptr(), ts.element_size())
+            if not rem and 0 <= k < len(self._pygen_by_pos):  # an element of self.timesteps: no read at all
+                return self._pygen_by_pos[k]
+        if timestep.device.type == "cpu":
+            return self._pygen_first_index.get(timestep.item())  # a host tensor: no device involved
+        return None
+
     def _pygen_step_index(self, timestep, sample):
         """The device step index for this step(): (1,) or one per batch row."""
         if getattr(self, "_pygen_table64", None) is None:
@@ -190,8 +233,12 @@ class FusedSchedulerMixin:
             self._pygen_index = self._pygen_lookup(timestep, sample.device).contiguous()
             return self._pygen_index
         if self._pygen_index is None:
-            if self.begin_index is not None:
-                self._pygen_index = torch.full((1,), int(self.begin_index), dtype=torch.int64, device=sample.device)
+            first = int(self.begin_index) if self.begin_index is not None else self._pygen_host_first(timestep)
+            index0 = self._pygen_index0
+            if first == 0 and index0 is not None and index0.device == sample.device:
+                self._pygen_index, self._pygen_index0 = index0, None  # made at set_timesteps: no launch
+            elif first is not None:
+                self._pygen_index = torch.full((1,), first, dtype=torch.int64, device=sample.device)
             else:
                 self._pygen_index = self._pygen_lookup(timestep, sample.device)
         return self._pygen_index
@@ -301,6 +348,19 @@ class FusedSchedulerMixin:
         if out_dtype is not None and out_dtype != prev.dtype:
             prev, pred = prev.to(out_dtype), (pred.to(out_dtype) if pred is not None else None)
         return prev, pred
+
+    def _pygen_apply(self, table, sample, index):
+        """``a·sample`` with ``a`` read from column A of ``table`` at the device ``index`` (one launch of
+        the step op: no noise, no history, the index not advanced), in sample's dtype."""
+        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
+            raise TypeError(f"sample must be a floating-point torch.Tensor, got "
+                            f"{type(sample).__name__ if not isinstance(sample, torch.Tensor) else sample.dtype}")
+        sample = sample.contiguous()
+        out = torch.empty_like(sample)
+        key = torch.zeros((), dtype=torch.int64) if torch.compiler.is_compiling() else 0
+        step_launcher(self._pygen_launchers, sample.device)(sample, sample, table, index, None, None, out, None, key,
+                                                            0, None, 0.0, False)
+        return out
 
     @staticmethod
     def _pygen_output(cls, prev_sample, pred_original_sample, return_dict, **extra):

@@ -112,20 +112,31 @@ def view_rows(values, idx, like):
 
 
 class CInMixin:
-    """``scale_model_input`` = sample / sqrt(sigma² + 1) with sigma = sigmas[device step index]."""
+    """``scale_model_input`` = sample / sqrt(sigma² + 1) with sigma = sigmas[device step index], as one
+    fused launch (the step op on a table whose only column is ``a = 1/sqrt(sigma² + 1)``)."""
 
     def _pygen_prepare(self):
         super()._pygen_prepare()
         self._pygen_c_in = {}
 
+    def _pygen_c_in_table(self, device, acc):
+        table = self._pygen_c_in.get((device, acc))
+        if table is None:
+            sig = self.sigmas.detach().to("cpu", torch.float64)
+            rows = torch.zeros(sig.shape[0], COL_HIST, dtype=torch.float64)
+            rows[:, COL_A] = (sig * sig + 1).rsqrt()
+            rows[:, COL_SLOT] = -1.0
+            table = self._pygen_c_in[(device, acc)] = rows.to(device=device, dtype=acc)
+        return table
+
+    def _pygen_warm(self, device):
+        super()._pygen_warm(device)
+        self._pygen_c_in_table(device, torch.float32)
+
     def _pygen_scale(self, sample, timestep):
         idx = self._pygen_step_index(timestep, sample)
-        c_in = self._pygen_c_in.get(sample.device)
-        if c_in is None:
-            sig = self.sigmas.detach().to("cpu", torch.float64)
-            c_in = self._pygen_c_in[sample.device] = (sig * sig + 1).rsqrt().to(sample.device, torch.float32)
-        scale = view_rows(c_in, idx, sample)
-        return (sample * scale).to(sample.dtype)
+        acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        return self._pygen_apply(self._pygen_c_in_table(sample.device, acc), sample, idx)
 
 
 class EulerDiscreteScheduler(CInMixin, FusedSchedulerMixin, diffusers.EulerDiscreteScheduler):
