@@ -449,3 +449,65 @@ def test_add_noise_matches_stock_without_host_reads(name, no_host_reads):
     with no_host_reads():
         got = b.add_noise(x0, noise, t5)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# device work per step: how many kernels a loop step launches
+# ---------------------------------------------------------------------------
+# aten ops that only make tensor metadata or allocate (no kernel on CUDA)
+_NO_KERNEL = {"empty_like", "empty", "empty_strided", "view", "_unsafe_view", "reshape", "slice", "select",
+              "expand", "as_strided", "alias", "detach", "promote_types", "unsqueeze", "squeeze", "t",
+              "result_type"}
+
+
+class CountKernels(TorchDispatchMode):
+    """Names of the dispatched ops that launch device work (everything not in ``_NO_KERNEL``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name not in _NO_KERNEL:
+            self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+# (class, config, kernels per loop step: scale_model_input + step). Euler family / Heun / LMS: the
+# fused scale_model_input and the fused step; UniPC: the step and the copy of prev_sample it must
+# not alias; DDIM's default clip_sample=True with use_clipped_model_output=False adds the
+# unclipped-eps term with three device ops. The first step may add one: zeroing the history
+# buffer of multistep / two-stage methods (its shape is known only then).
+LAUNCH_CASES = [
+    ("DDPMScheduler", {}, 1), ("DDIMScheduler", dict(clip_sample=False), 1), ("DDIMScheduler", {}, 4),
+    ("EulerDiscreteScheduler", {}, 2), ("EulerAncestralDiscreteScheduler", {}, 2),
+    ("HeunDiscreteScheduler", {}, 2), ("LMSDiscreteScheduler", {}, 2), ("DPMSolverMultistepScheduler", {}, 1),
+    ("UniPCMultistepScheduler", {}, 2), ("FlowMatchEulerDiscreteScheduler", {}, 1),
+]
+
+
+@pytest.mark.parametrize("name,cfg,kernels", LAUNCH_CASES, ids=[f"{n}-{c}" for n, c, _ in LAUNCH_CASES])
+def test_kernels_per_step(name, cfg, kernels):
+    """Every step of a fp32 loop (pipeline style: timesteps iterated from scheduler.timesteps, the
+    first step included) dispatches exactly ``kernels`` ops that do device work (plus the history
+    zeroing at the first step); the fused step op is one of them. Tables are uploaded at
+    set_timesteps, so the first step uploads nothing. A regression here is a launch per step more
+    on the GPU."""
+    s = fresh(SCHEDULERS[name], cfg, steps=6)
+    x = start(s)
+    ts = list(s.timesteps) if name != "DDPMScheduler" else [int(t) for t in s.timesteps]  # (DDPM: see above)
+    outs = {}
+    for t, t_step in zip(s.timesteps, ts):
+        mo = model(model_input(s, x, t), t)
+        with CountKernels() as counted:
+            x_in = model_input(s, x, t_step)
+            x = s.step(mo, t_step, x_in if name == "FlowMatchEulerDiscreteScheduler" else x).prev_sample
+        ops = counted.ops
+        if not outs and "aten.zeros" in ops:  # the history buffer, allocated by the first step
+            ops = [op for op in ops if op != "aten.zeros"]
+            assert len(ops) == len(counted.ops) - 1
+        outs[len(outs)] = ops
+        assert len(ops) == kernels, (len(outs) - 1, counted.ops)
+        assert "pygen.sampler_step_out" in ops
+    assert torch.isfinite(x).all()

@@ -379,6 +379,11 @@ class OrderTablesMixin:
         self._pygen_dev_tables = {}
         self._pygen_dev_pre = {}
 
+    def _pygen_warm(self, device):
+        super()._pygen_warm(device)
+        for lon in range(len(self._pygen_all_tables)):
+            self._pygen_dev_table(lon, device, torch.float32)
+
     def _pygen_dev_table(self, lon, device, acc):
         key = (lon, device, acc)
         t = self._pygen_dev_tables.get(key)

@@ -136,6 +136,10 @@ class TimestepTableMixin(FusedSchedulerMixin):
             got = self._pygen_dev_cache[k] = (_to_device(rows, device, acc), _to_device(aux, device, acc))
         return got
 
+    def _pygen_warm(self, device):
+        self._pygen_dev(self._pygen_default_key(), device, torch.float32)
+        self._pygen_host_index(0, device)  # makes the per-device arange of row indices
+
     @staticmethod
     def _pygen_empty_rows(n):
         """(n, 8) float64 numpy rows, slot -1 (numpy: cheap element writes on the host)."""
@@ -175,9 +179,10 @@ class TimestepTableMixin(FusedSchedulerMixin):
                              f"{tuple(sample.shape)}" + (" (or twice its channels for a learned variance)"
                                                          if channels_mult == 2 else ""))
 
-    @staticmethod
-    def _pygen_timestep_index(timestep, sample):
-        """int64 index tensor on sample's device: (1,) or one per batch row. No device sync."""
+    def _pygen_timestep_index(self, timestep, sample):
+        """int64 index tensor on sample's device: (1,) or one per batch row. No device sync; a timestep
+        known on the host (a number, or a one-element CPU tensor) is a view into a per-device
+        ``arange`` of the table's rows (no launch; the step never writes its index)."""
         device = sample.device
         if isinstance(timestep, torch.Tensor):
             if timestep.dim() > 1 or (timestep.numel() not in (1, sample.shape[0])):
@@ -186,11 +191,21 @@ class TimestepTableMixin(FusedSchedulerMixin):
             if timestep.is_floating_point() or timestep.is_complex():
                 timestep = timestep.to(torch.int64) if timestep.device.type != "cpu" else timestep.long()
             if timestep.numel() == 1 and timestep.device.type == "cpu" and device.type != "cpu":
-                return torch.full((1,), int(timestep), dtype=torch.int64, device=device)  # host read of a CPU tensor
+                return self._pygen_host_index(int(timestep), device)  # host read of a CPU tensor
             return timestep.reshape(-1).to(device=device, dtype=torch.int64)
         if isinstance(timestep, bool) or not isinstance(timestep, (int, float)):
             raise TypeError(f"timestep must be an int or a torch.Tensor, got {type(timestep).__name__}")
-        return torch.full((1,), int(timestep), dtype=torch.int64, device=device)
+        return self._pygen_host_index(int(timestep), device)
+
+    def _pygen_host_index(self, t, device):
+        rows = len(self.alphas_cumprod)  # the table's rows
+        if torch.compiler.is_compiling() or not 0 <= t < rows:  # out of range: a NaN row in the kernel
+            return torch.full((1,), t, dtype=torch.int64, device=device)
+        cache = self.__dict__.setdefault("_pygen_aranges", {})
+        ar = cache.get(device)
+        if ar is None:
+            ar = cache[device] = torch.arange(rows, dtype=torch.int64, device=device)
+        return ar[t:t + 1]
 
     def _pygen_run(self, table, model_output, sample, index, noise=None, clamp=0.0):
         """One fused launch: (prev, pred) in sample's dtype; the index is not advanced."""
