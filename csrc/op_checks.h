@@ -248,7 +248,8 @@ inline void check_langevin_snr_args(const at::Tensor& x, const at::Tensor& score
 //                  pred_x0, seed, stream, row_seeds, clamp, advance)
 // ---------------------------------------------------------------------------
 // Every tensor is used as given (the outputs are written in place), so all must
-// already be contiguous. Returns the number of history slots H of the table.
+// already be contiguous. pred_x0 may be float32 for float16/bfloat16 x. Returns the
+// number of history slots H of the table.
 inline int64_t check_sampler_step_args(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coeffs,
                                        const at::Tensor& step_index, const std::optional<at::Tensor>& history,
                                        const std::optional<at::Tensor>& noise, const at::Tensor& out,
@@ -284,7 +285,15 @@ inline int64_t check_sampler_step_args(const at::Tensor& x, const at::Tensor& mo
                 history->scalar_type(), " of shape ", history->sizes());
   }
   if (noise.has_value()) check_like(*noise, "noise", x, "x", type);
-  if (pred_x0.has_value()) check_like(*pred_x0, "pred_x0", x, "x", type);
+  if (pred_x0.has_value()) {  // x's dtype, or float32 for float16/bfloat16 x (diffusers' upcast pred)
+    check_tensor_on(*pred_x0, "pred_x0", type);
+    check_same_device(*pred_x0, "pred_x0", x, "x");
+    TORCH_CHECK(pred_x0->sizes() == x.sizes(), "pygen: pred_x0 must have the shape of x ", x.sizes(), ", got ",
+                pred_x0->sizes());
+    TORCH_CHECK(pred_x0->scalar_type() == x.scalar_type() || pred_x0->scalar_type() == acc_type,
+                "pygen: pred_x0 must have x's dtype (", x.scalar_type(), ") or ", acc_type, ", got ",
+                pred_x0->scalar_type());
+  }
   if (row_seeds.has_value()) check_row_seeds(*row_seeds, batch, x, "x", type);
   return num_hist;
 }

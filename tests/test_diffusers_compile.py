@@ -487,15 +487,25 @@ LAUNCH_CASES = [
 ]
 
 
+# float16 sample and model output: Euler / EulerAncestral / FlowMatch read and write half directly
+# (fp32 arithmetic in the kernel, a float32 pred_original_sample); DPM-Solver and UniPC upcast the
+# sample and model output and cast prev_sample back (their history stays float32, as stock); the
+# default DDIM casts its unclipped-eps coefficient once more.
+HALF_LAUNCHES = {"DPMSolverMultistepScheduler": 4, "UniPCMultistepScheduler": 4, "DDIMScheduler": 5}  # (DDIM: default clip)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name,cfg,kernels", LAUNCH_CASES, ids=[f"{n}-{c}" for n, c, _ in LAUNCH_CASES])
-def test_kernels_per_step(name, cfg, kernels):
+def test_kernels_per_step(name, cfg, kernels, dtype):
     """Every step of a fp32 loop (pipeline style: timesteps iterated from scheduler.timesteps, the
     first step included) dispatches exactly ``kernels`` ops that do device work (plus the history
     zeroing at the first step); the fused step op is one of them. Tables are uploaded at
     set_timesteps, so the first step uploads nothing. A regression here is a launch per step more
     on the GPU."""
+    if dtype == torch.float16 and not (name == "DDIMScheduler" and cfg):
+        kernels = HALF_LAUNCHES.get(name, kernels)
     s = fresh(SCHEDULERS[name], cfg, steps=6)
-    x = start(s)
+    x = start(s).to(dtype)
     ts = list(s.timesteps) if name != "DDPMScheduler" else [int(t) for t in s.timesteps]  # (DDPM: see above)
     outs = {}
     for t, t_step in zip(s.timesteps, ts):

@@ -242,6 +242,39 @@ def test_advance_over_many_blocks(backend, numel, start, row_seeds):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-5, equal_nan=True)
 
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_pred_x0_for_half_x(backend, dtype):
+    """The op writes pred_x0 in float32 for float16/bfloat16 x (diffusers returns the predicted x0
+    upcast): the unrounded d of the fp32 arithmetic, while x_next keeps x's dtype."""
+    from pygen.samplers.program import resolve_step_launcher
+
+    require_backend(backend)
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(4)
+    coeffs = _table("ddim", "eps", 0.5, torch.float32).to(dev)
+    x = torch.randn(3, 1001, generator=gen).to(dev, dtype)
+    m = torch.randn(3, 1001, generator=gen).to(dev, dtype)
+    res = {}
+    for b in ("torch", backend):
+        with pygen.use_backend(b):
+            launch = resolve_step_launcher(torch.device(dev))
+        out = torch.full_like(x, float("nan"))
+        pred = torch.full(x.shape, float("nan"), device=dev)
+        launch(x, m, coeffs, torch.tensor([2, 0, 5], device=dev), None, None, out, pred, 9, 1, None, 2.5, False)
+        res[b] = (out.cpu(), pred.cpu())
+    assert res[backend][1].dtype == torch.float32
+    want = (coeffs[[2, 0, 5], 0:1].cpu() * x.float().cpu() + coeffs[[2, 0, 5], 1:2].cpu() * m.float().cpu()
+            ).clamp(-2.5, 2.5)
+    torch.testing.assert_close(res[backend][1], want, rtol=1e-6, atol=1e-6)  # not rounded to x's dtype
+    torch.testing.assert_close(res[backend][1], res["torch"][1], rtol=1e-6, atol=1e-6)
+    _check(res[backend][0], res["torch"][0], dtype, True)
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match="pred_x0 must have"):
+            launch(x, m, coeffs, torch.tensor([0]), None, None, out, torch.empty(x.shape, dtype=torch.float64),
+                   9, 1, None, 0.0, False)
+
 def test_bad_input():
     coeffs = _table("ddim", "eps", 0.0, torch.float32)
     x = torch.randn(2, 4)

@@ -31,10 +31,10 @@ struct StepArgs {
   double clamp;
 };
 
-template <typename scalar_t>
+template <typename scalar_t, typename pred_t>
 void step_kernel(const StepArgs& p, const NoiseLayout& layout, const scalar_t* x, const scalar_t* m,
                  const acc_t<scalar_t>* coeffs, scalar_t* hist, int64_t hist_stride, const scalar_t* noise,
-                 scalar_t* out, scalar_t* pred) {
+                 scalar_t* out, pred_t* pred) {
   using acc = acc_t<scalar_t>;
   for_each_noise_chunk(layout, [&](int64_t r, int64_t i0, int64_t len) {
     acc z[kNoiseChunk], d[kNoiseChunk], res[kNoiseChunk];
@@ -82,8 +82,8 @@ void step_kernel(const StepArgs& p, const NoiseLayout& layout, const scalar_t* x
       for (int64_t i = 0; i < len; ++i) hs[i] = static_cast<scalar_t>(hx * static_cast<acc>(xs[i]) + hd * d[i]);
     }
     if (pred != nullptr) {
-      scalar_t* ps = pred + base;
-      for (int64_t i = 0; i < len; ++i) ps[i] = static_cast<scalar_t>(d[i]);
+      pred_t* ps = pred + base;
+      for (int64_t i = 0; i < len; ++i) ps[i] = static_cast<pred_t>(d[i]);
     }
     scalar_t* os = out + base;
     for (int64_t i = 0; i < len; ++i) os[i] = static_cast<scalar_t>(res[i]);
@@ -113,12 +113,19 @@ void sampler_step_out_cpu(const at::Tensor& x, const at::Tensor& model_out, cons
   p.clamp = clamp;
   const NoiseLayout layout = make_noise_layout(x.numel(), batch, per_row_steps || row_seeds.has_value());
   if (x.numel() > 0) {
+    const bool acc_pred = pred_x0.has_value() && pred_x0->scalar_type() != x.scalar_type();  // float32 pred
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_out_cpu", [&] {
-      step_kernel<scalar_t>(p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(),
-                            coeffs.data_ptr<acc_t<scalar_t>>(),
-                            num_hist > 0 ? history->data_ptr<scalar_t>() : nullptr, x.numel(),
-                            noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                            pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : nullptr);
+      using acc = acc_t<scalar_t>;
+      auto run = [&](auto* pred) {
+        step_kernel(p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(), coeffs.data_ptr<acc>(),
+                    num_hist > 0 ? history->data_ptr<scalar_t>() : nullptr, x.numel(),
+                    noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), pred);
+      };
+      if (acc_pred) {
+        run(pred_x0->data_ptr<acc>());
+      } else {
+        run(pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
+      }
     });
   }
   if (advance) {

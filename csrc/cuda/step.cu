@@ -9,6 +9,7 @@
 // per-row indices, or a grid too large for the block count, a one-thread kernel
 // on the same stream does.
 #include <optional>
+#include <type_traits>
 
 #include <torch/library.h>
 
@@ -33,11 +34,11 @@ struct StepParams {
 };
 
 // The update of one Philox group at table row `step`.
-template <typename scalar_t>
+template <typename scalar_t, typename pred_t>
 __device__ __forceinline__ void step_group(const StepParams& p, const NoiseGroup& ng, int64_t step, const scalar_t* x,
                                            const scalar_t* __restrict__ m, const acc_t<scalar_t>* __restrict__ coeffs,
                                            scalar_t* hist, const scalar_t* __restrict__ noise, scalar_t* out,
-                                           scalar_t* __restrict__ pred) {
+                                           pred_t* __restrict__ pred) {
   using acc = acc_t<scalar_t>;
   const bool valid = step >= 0 && step < p.num_steps;
   const acc* row = coeffs + (valid ? step : 0) * p.width;
@@ -72,16 +73,17 @@ __device__ __forceinline__ void step_group(const StepParams& p, const NoiseGroup
     if (write_hist) {
       hist[slot * p.hist_stride + e] = static_cast<scalar_t>(row[step::kColHx] * xv + row[step::kColHd] * d);
     }
-    if (pred != nullptr) pred[e] = static_cast<scalar_t>(d);
+    if (pred != nullptr) pred[e] = static_cast<pred_t>(d);
     out[e] = static_cast<scalar_t>(xn);
   }
 }
 
-template <typename scalar_t>
+// pred_t: scalar_t, or float for float16/bfloat16 x (a float32 pred_x0).
+template <typename scalar_t, typename pred_t>
 __global__ void sampler_step_kernel(StepParams p, NoiseLayout layout, const scalar_t* x,  // out may alias x
                                     const scalar_t* __restrict__ m, const acc_t<scalar_t>* __restrict__ coeffs,
                                     scalar_t* hist, const scalar_t* __restrict__ noise, scalar_t* out,
-                                    scalar_t* __restrict__ pred) {
+                                    pred_t* __restrict__ pred) {
   const int64_t w = global_thread_index();
   if (!p.fused_advance) {
     if (w >= layout.work_items()) return;
@@ -135,12 +137,21 @@ void sampler_step_out_cuda(const at::Tensor& x, const at::Tensor& model_out, con
   const unsigned int blocks = blocks_for(layout.work_items());
   p.fused_advance = advance && !per_row_steps && x.numel() > 0 && blocks <= step::kMaxAdvanceBlocks;
   if (x.numel() > 0) {
+    const bool acc_pred = pred_x0.has_value() && pred_x0->scalar_type() != x.scalar_type();  // float32 pred
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_out_cuda", [&] {
-      sampler_step_kernel<scalar_t><<<blocks, kThreads, 0, cuda_stream>>>(
-          p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(), coeffs.data_ptr<acc_t<scalar_t>>(),
-          num_hist > 0 ? history->data_ptr<scalar_t>() : nullptr,
-          noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-          pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : nullptr);
+      using acc = acc_t<scalar_t>;
+      auto launch = [&](auto* pred) {
+        using pred_t = std::remove_pointer_t<decltype(pred)>;
+        sampler_step_kernel<scalar_t, pred_t><<<blocks, kThreads, 0, cuda_stream>>>(
+            p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(), coeffs.data_ptr<acc>(),
+            num_hist > 0 ? history->data_ptr<scalar_t>() : nullptr,
+            noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), pred);
+      };
+      if (acc_pred) {
+        launch(pred_x0->data_ptr<acc>());
+      } else {
+        launch(pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
+      }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -323,10 +323,11 @@ class FusedSchedulerMixin:
         return h
 
     def _pygen_launch(self, model_output, sample, index, noise=None, *, clamp=0.0, advance=True, out_dtype=None,
-                      want_pred=True, table=None):
+                      want_pred=True, table=None, pred_dtype=None):
         """One fused step: returns (prev_sample, pred_original_sample) in ``out_dtype`` (default: sample's);
         with ``want_pred=False`` the kernel skips pred_original_sample (returned as None). ``table``:
-        the device table to use (default: this schedule's table)."""
+        the device table to use (default: this schedule's table). ``pred_dtype``: float32 for a
+        float16/bfloat16 sample makes the kernel write the predicted x0 unrounded in float32."""
         if isinstance(model_output, torch.Tensor) and model_output.dtype != sample.dtype:
             model_output = model_output.to(sample.dtype)  # diffusers mixes dtypes freely (fp16 model, fp32 sample)
         check_model_out(model_output, sample, "model_output")
@@ -339,7 +340,7 @@ class FusedSchedulerMixin:
             noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
         launch = step_launcher(self._pygen_launchers, sample.device)
         prev = torch.empty_like(sample)
-        pred = torch.empty_like(sample) if want_pred else None
+        pred = torch.empty_like(sample, dtype=pred_dtype) if want_pred else None
         single = index.numel() == 1
         launch(sample, model_output, table, index, history, noise, prev, pred,
                self._pygen_key(), 0, None, float(clamp), bool(advance and single))

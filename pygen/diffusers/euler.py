@@ -23,10 +23,13 @@ The sigmas are the ones diffusers' ``set_timesteps`` computed, so every schedule
   whether diffusers draws noise depends on the step index, so that rare call runs the stock
   step (one host read of the step index), keeping the device index in sync.
 
-``scale_model_input`` reads ``1/sqrt(sigma² + 1)`` from a device table at the device step
-index. Output dtypes are the stock ones: the sample is upcast to float32 (float64 if either
-input is float64), ``prev_sample`` has ``model_output``'s dtype, ``pred_original_sample``
-the promoted float32 dtype (``model_output``'s own dtype for ``prediction_type="sample"``).
+``scale_model_input`` is one fused launch: ``sample·(1/sqrt(sigma² + 1))`` with the factor read
+from a device table at the device step index. Output dtypes are the stock ones: the arithmetic
+is float32 (float64 if either input is float64), ``prev_sample`` has ``model_output``'s dtype,
+``pred_original_sample`` the promoted float32 dtype (``model_output``'s own dtype for
+``prediction_type="sample"``). When sample and model_output are both float16 (or bfloat16), the
+kernel reads and writes them directly and writes pred_original_sample in float32: one launch,
+no upcast copies, the same values as upcasting first.
 Per-row timesteps (a 1-D ``timestep`` with one entry per batch row) are supported: every
 row steps independently.
 """
@@ -103,6 +106,12 @@ def compute_dtype(sample, model_output):
     if sample.dtype == torch.float64 or model_output.dtype == torch.float64:
         return torch.float64
     return torch.float32
+
+
+def half_io(sample, model_output):
+    """Both float16 or both bfloat16: the kernel reads and writes them directly (its arithmetic is
+    float32, as diffusers' upcast), with no upcast copies around the launch."""
+    return sample.dtype == model_output.dtype and sample.dtype in (torch.float16, torch.bfloat16)
 
 
 def view_rows(values, idx, like):
@@ -219,6 +228,11 @@ class EulerDiscreteScheduler(CInMixin, FusedSchedulerMixin, diffusers.EulerDiscr
                                               generator, return_dict)
             churn = key
         idx = self._pygen_step_index(timestep, sample)
+        sample_pred = self.config.prediction_type in ("sample", "original_sample")
+        if churn is None and half_io(sample, model_output):  # one launch: half in, half prev, fp32 pred
+            prev, pred = self._pygen_launch(model_output, sample, idx, None,
+                                            pred_dtype=sample.dtype if sample_pred else torch.float32)
+            return self._pygen_output(EulerDiscreteSchedulerOutput, prev, pred, return_dict)
         compute = compute_dtype(sample, model_output)
         x = sample.to(compute)
         if churn is not None:

@@ -22,7 +22,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 
 from pygen.diffusers._base import FusedSchedulerMixin
 from pygen.diffusers.euler import (_INT_TIMESTEP_MSG, _SCALE_MSG, CInMixin, compute_dtype, denoise_cols,
-                                   as_table, empty_rows, host_sigmas, logger)
+                                   as_table, empty_rows, half_io, host_sigmas, logger)
 from pygen.ops.schedule import COL_A, COL_B, COL_S
 
 __all__ = ["EulerAncestralDiscreteScheduler"]
@@ -67,6 +67,9 @@ class EulerAncestralDiscreteScheduler(CInMixin, FusedSchedulerMixin, diffusers.E
             logger.warning(_SCALE_MSG)
         idx = self._pygen_step_index(timestep, sample)
         noise = self._pygen_noise(model_output, generator)
+        if half_io(sample, model_output) and (noise is None or noise.dtype == sample.dtype):
+            prev, pred = self._pygen_launch(model_output, sample, idx, noise, pred_dtype=torch.float32)
+            return self._pygen_output(EulerAncestralDiscreteSchedulerOutput, prev, pred, return_dict)
         compute = compute_dtype(sample, model_output)
         prev, pred = self._pygen_launch(model_output.to(compute), sample.to(compute), idx, noise)
         prev = prev.to(model_output.dtype)

@@ -105,7 +105,10 @@ class FlowMatchEulerDiscreteScheduler(FusedSchedulerMixin, diffusers.FlowMatchEu
                 from diffusers.utils.torch_utils import randn_tensor
 
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-        prev, _ = self._pygen_launch(model_output.to(compute), sample.to(compute), idx, noise, want_pred=False)
+        if noise is None and sample.dtype == model_output.dtype and sample.dtype in (torch.float16, torch.bfloat16):
+            prev, _ = self._pygen_launch(model_output, sample, idx, None, want_pred=False)  # half I/O, fp32 math
+        else:
+            prev, _ = self._pygen_launch(model_output.to(compute), sample.to(compute), idx, noise, want_pred=False)
         prev = prev.to(model_output.dtype)
         if not return_dict:
             return (prev,)
