@@ -32,6 +32,11 @@ back to the host inside the loop, and the sample is updated in place (a fresh
 tensor per step when a ``callback`` is given, since k-diffusion's callbacks
 may keep ``x``). The caller's ``x`` is never modified.
 
+Programs are cached: a call with the same sampler, arguments and sigma values
+as a recent one (the usual case: one schedule, many batches) reuses its table
+and model-sigma rows already on the device, so its set-up is the sigma read,
+the step index and the history buffer; the last 32 programs are kept.
+
 Noise
 -----
 - ``noise_sampler`` given: all noise comes from it, called with the same
@@ -641,18 +646,59 @@ def _check_x(x):
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
+# Plans and their device tensors, reused by calls with the same sampler, arguments and sigmas
+# (the usual case: one schedule, many batches), so a call after the first does no host math and no
+# upload. Plans are read-only after they are built; the per-call state (step index, history) is not
+# cached. Bounded; a plain dict is enough under the GIL (a race builds a plan twice).
+_PLAN_CACHE_SIZE = 32
+_plans = {}
+
+
+def _cached_plan(plan_fn, sig, plan_args):
+    try:
+        key = (plan_fn, tuple(sig), plan_args)
+        hash(key)
+    except TypeError:  # unhashable arguments (e.g. tensors): no caching
+        return plan_fn(sig, *plan_args)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = plan_fn(sig, *plan_args)
+        if len(_plans) >= _PLAN_CACHE_SIZE:
+            _plans.pop(next(iter(_plans)))
+        _plans[key] = plan
+    return plan
+
+
+def _device_tables(plan, x, sigmas):
+    """(coefficient table on x's device, the per-evaluation model sigmas ``sigma_k·s_in`` as views),
+    made once per (device, dtypes, batch) and kept on the plan."""
+    key = (x.device, x.dtype, sigmas.device, sigmas.dtype, x.shape[0])
+    cache = plan.__dict__.setdefault("_device", {})
+    got = cache.get(key)
+    if got is not None and got[2]._version == got[3]:  # (a model that edited its sigma in place: rebuild)
+        return got[0], got[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    coeffs = torch.tensor(plan.rows, dtype=torch.float64).to(device=x.device, dtype=acc)
+    # each row = sigma_k·s_in as k-diffusion passes it (s_in = ones over the batch)
+    call_in = torch.tensor(plan.call_sigmas, dtype=torch.float64).to(sigmas.device, sigmas.dtype)[:, None].expand(
+        -1, x.shape[0]).contiguous()
+    rows = list(call_in.unbind(0))
+    cache[key] = (coeffs, rows, call_in, call_in._version)
+    return coeffs, rows
+
+
 def _run(plan, model, x, sigmas, extra_args, callback, disable, noise_sampler):
     extra_args = {} if extra_args is None else extra_args
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     if noise_sampler is not None and not callable(noise_sampler):
         raise TypeError(f"noise_sampler must be callable or None, got {type(noise_sampler).__name__}")
-    s_in = x.new_ones([x.shape[0]])
-    in_kernel = any(r[COL_S] != 0.0 for r in plan.rows) or plan.churn0 != 0.0
+    in_kernel = plan.__dict__.get("_in_kernel")
+    if in_kernel is None:
+        in_kernel = plan._in_kernel = any(r[COL_S] != 0.0 for r in plan.rows) or plan.churn0 != 0.0
     seed = default_seed() if in_kernel and noise_sampler is None else 0
-    prog = StepProgram(torch.tensor(plan.rows, dtype=torch.float64), x, seed=seed, stream=1)
-    # Model-call sigmas, each row = sigma_k·s_in as k-diffusion passes it (views, no per-step op).
-    call_in = torch.tensor(plan.call_sigmas, dtype=torch.float64).to(sigmas.device, sigmas.dtype)[:, None] * s_in
+    coeffs, call_in = _device_tables(plan, x, sigmas)
+    prog = StepProgram(coeffs, x, seed=seed, stream=1)
 
     x = x.contiguous()
     x = plan.churn_start(x, seed)
@@ -681,7 +727,8 @@ def _sample(plan_fn, model, x, sigmas, extra_args, callback, disable, noise_samp
     """Check x and the sigmas (the one host read), build the coefficient program, run it."""
     _check_x(x)
     sig = _host_sigmas(sigmas)
-    return _run(plan_fn(sig, *plan_args), model, x, sigmas, extra_args, callback, disable, noise_sampler)
+    return _run(_cached_plan(plan_fn, sig, plan_args), model, x, sigmas, extra_args, callback, disable,
+                noise_sampler)
 
 
 @torch.no_grad()

@@ -394,3 +394,45 @@ def test_nan_in_model_output_is_not_hidden():
     for name in ("euler", "heun", "dpmpp_2m", "lms", "dpmpp_3m_sde"):
         out = getattr(K, "sample_" + name)(model, x, sigmas, disable=True)
         assert torch.isnan(out[1]).any() and torch.isfinite(out[0]).all()
+
+
+def test_repeated_calls_reuse_the_plan_and_stay_exact(KS):
+    """A second call with the same sampler, arguments and sigmas reuses the cached plan and its device
+    tables (no host math, no table upload); other sigmas, another batch size and a model that edits
+    its sigma argument in place still give k-diffusion's results."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    model = mixture(torch.float32).denoiser
+    x = start()
+    sig = K.get_sigmas_karras(12, 0.02, 20.0)
+    first, ref = run_pair(KS, "dpmpp_2m", x, sig, model)
+    assert_rel(first, ref, 1e-5)
+    with Ops() as ops:
+        again = K.sample_dpmpp_2m(model, x, sig, disable=True)
+    assert torch.equal(again, first)
+    # per call: the sigma read (one _to_copy), the step index and history buffers; per step: the
+    # model's own ops and the step. No table build (lift_fresh + _to_copy of the plan rows).
+    assert "lift_fresh" not in ops.names and ops.names.count("_to_copy") <= 1, ops.names
+    assert ops.names.count("sampler_step_out") == 12
+    out, ref = run_pair(KS, "dpmpp_2m", x, K.get_sigmas_karras(12, 0.03, 20.0), model)  # other sigmas
+    assert_rel(out, ref, 1e-5)
+    out, ref = run_pair(KS, "dpmpp_2m", x[:5], sig, model)  # another batch size
+    assert_rel(out, ref, 1e-5)
+
+    def editing(x, sigma):
+        out = model(x, sigma)
+        sigma.mul_(2.0)  # a model that modifies its argument in place
+        return out
+
+    want = KS.sample_euler(editing, x, sig, disable=True)
+    for _ in range(2):  # the second call must not see the first call's edits
+        assert_rel(K.sample_euler(editing, x, sig, disable=True), want, 1e-5)

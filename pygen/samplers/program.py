@@ -51,7 +51,8 @@ class StepProgram:
     """A coefficient table (K rows, one per model evaluation) run by the fused step.
 
     Args:
-        rows: float64 tensor (K, 8 + H) on any device (moved/cast once).
+        rows: float tensor (K, 8 + H) on any device (moved/cast once; used as is when it is already
+            on x's device in the accumulation dtype, float32 or float64 for float64 x).
         x: a tensor with the sample's shape, dtype and device.
         seed: int or per-row int64 seeds (for rows with in-kernel noise).
         stream: in-kernel noise of row k uses stream ``stream + k``.
@@ -61,7 +62,7 @@ class StepProgram:
         if rows.dim() != 2 or rows.shape[1] < COL_HIST or rows.shape[0] < 1:
             raise ValueError(f"rows must be a (K >= 1, 8 + H) table, got {tuple(rows.shape)}")
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self.coeffs = rows.to(device=x.device, dtype=acc).contiguous()
+        self.coeffs = rows.to(device=x.device, dtype=acc).contiguous()  # (no copy when already there)
         self.num_rows = rows.shape[0]
         self.index = torch.zeros(1, dtype=torch.int64, device=x.device)
         num_hist = rows.shape[1] - COL_HIST
