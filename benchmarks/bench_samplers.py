@@ -156,13 +156,14 @@ def _program(name, x, sigmas):
 def _bare_loop(name, model, x0, sigmas):
     """The coefficient program run directly: per row, model call + fused step in place."""
     prog, call_in, k = _program(name, x0, sigmas)
+    rows = list(call_in.unbind(0))  # per-evaluation model sigmas as views, made once
     x = x0.clone()
 
     def run():
         prog.reset()
         x.copy_(x0)
         for i in range(k):
-            prog.step(x, model(x, call_in[i]), x)
+            prog.step(x, model(x, rows[i]), x)
         return x
 
     return run, k

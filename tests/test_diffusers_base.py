@@ -163,3 +163,29 @@ def test_cuda_loop_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("pred", [True, False], ids=["both", "prev_only"])
+def test_fast_output_equals_the_dataclass(pred):
+    """fast_output (the per-step output object built without BaseOutput.__post_init__) is
+    indistinguishable from calling the class: type, attributes, keys, items, tuple, pickling."""
+    import pickle
+
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    from pygen.diffusers._base import fast_output
+
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    for cls, kw in [(EulerDiscreteSchedulerOutput, dict(prev_sample=a, pred_original_sample=b if pred else None)),
+                    (SchedulerOutput, dict(prev_sample=a))]:
+        want, got = cls(**kw), fast_output(cls, **kw)
+        assert type(got) is cls
+        assert list(got.keys()) == list(want.keys())
+        assert all(got[k] is want[k] for k in want.keys())
+        assert got.to_tuple() == want.to_tuple() and got[0] is a
+        for name in kw:
+            assert getattr(got, name) is kw[name]
+        back = pickle.loads(pickle.dumps(got))
+        assert type(back) is cls and list(back.keys()) == list(want.keys())
+        torch.testing.assert_close(back.prev_sample, a)

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin
+from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin, fast_output
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_S, COL_SLOT
 from pygen.samplers.program import check_model_out
 
@@ -272,7 +272,7 @@ class DPMSolverMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffuse
         prev = prev.to(out_dtype)
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return fast_output(SchedulerOutput, prev_sample=prev)
 
     def _pygen_fused(self, m, x, idx, noise, lon):
         return self._pygen_launch(m, x, idx, noise, table=self._pygen_dev_table(lon, x.device, x.dtype))

@@ -41,7 +41,7 @@ from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedule
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from pygen.diffusers._base import FusedSchedulerMixin
+from pygen.diffusers._base import FusedSchedulerMixin, as_dtype
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_SLOT
 
 __all__ = ["EulerDiscreteScheduler"]
@@ -234,7 +234,7 @@ class EulerDiscreteScheduler(CInMixin, FusedSchedulerMixin, diffusers.EulerDiscr
                                             pred_dtype=sample.dtype if sample_pred else torch.float32)
             return self._pygen_output(EulerDiscreteSchedulerOutput, prev, pred, return_dict)
         compute = compute_dtype(sample, model_output)
-        x = sample.to(compute)
+        x = as_dtype(sample, compute)
         if churn is not None:
             noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
                                  generator=generator)
@@ -245,12 +245,12 @@ class EulerDiscreteScheduler(CInMixin, FusedSchedulerMixin, diffusers.EulerDiscr
             x = x + (noise * s_noise).to(compute) * view_rows(scales, idx, x)
         self._pygen_churn_key = churn
         try:
-            prev, pred = self._pygen_launch(model_output.to(compute), x, idx, None)
+            prev, pred = self._pygen_launch(as_dtype(model_output, compute), x, idx, None)
         finally:
             self._pygen_churn_key = None
-        prev = prev.to(model_output.dtype)
-        if self.config.prediction_type in ("sample", "original_sample"):
-            pred = pred.to(model_output.dtype)
+        prev = as_dtype(prev, model_output.dtype)
+        if sample_pred:
+            pred = as_dtype(pred, model_output.dtype)
         else:
-            pred = pred.to(torch.promote_types(torch.float32, model_output.dtype))
+            pred = as_dtype(pred, torch.promote_types(torch.float32, model_output.dtype))
         return self._pygen_output(EulerDiscreteSchedulerOutput, prev, pred, return_dict)

@@ -20,7 +20,7 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin
+from pygen.diffusers._base import FusedSchedulerMixin, as_dtype
 from pygen.diffusers.euler import (_INT_TIMESTEP_MSG, _SCALE_MSG, CInMixin, compute_dtype, denoise_cols,
                                    as_table, empty_rows, half_io, host_sigmas, logger)
 from pygen.ops.schedule import COL_A, COL_B, COL_S
@@ -71,7 +71,7 @@ class EulerAncestralDiscreteScheduler(CInMixin, FusedSchedulerMixin, diffusers.E
             prev, pred = self._pygen_launch(model_output, sample, idx, noise, pred_dtype=torch.float32)
             return self._pygen_output(EulerAncestralDiscreteSchedulerOutput, prev, pred, return_dict)
         compute = compute_dtype(sample, model_output)
-        prev, pred = self._pygen_launch(model_output.to(compute), sample.to(compute), idx, noise)
-        prev = prev.to(model_output.dtype)
-        pred = pred.to(torch.promote_types(torch.float32, model_output.dtype))
+        prev, pred = self._pygen_launch(as_dtype(model_output, compute), as_dtype(sample, compute), idx, noise)
+        prev = as_dtype(prev, model_output.dtype)
+        pred = as_dtype(pred, torch.promote_types(torch.float32, model_output.dtype))
         return self._pygen_output(EulerAncestralDiscreteSchedulerOutput, prev, pred, return_dict)

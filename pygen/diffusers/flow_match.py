@@ -26,7 +26,7 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin
+from pygen.diffusers._base import FusedSchedulerMixin, as_dtype, fast_output
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_S, COL_SLOT
 
 __all__ = ["FlowMatchEulerDiscreteScheduler"]
@@ -108,8 +108,9 @@ class FlowMatchEulerDiscreteScheduler(FusedSchedulerMixin, diffusers.FlowMatchEu
         if noise is None and sample.dtype == model_output.dtype and sample.dtype in (torch.float16, torch.bfloat16):
             prev, _ = self._pygen_launch(model_output, sample, idx, None, want_pred=False)  # half I/O, fp32 math
         else:
-            prev, _ = self._pygen_launch(model_output.to(compute), sample.to(compute), idx, noise, want_pred=False)
-        prev = prev.to(model_output.dtype)
+            prev, _ = self._pygen_launch(as_dtype(model_output, compute), as_dtype(sample, compute), idx, noise,
+                                         want_pred=False)
+        prev = as_dtype(prev, model_output.dtype)
         if not return_dict:
             return (prev,)
-        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
+        return fast_output(FlowMatchEulerDiscreteSchedulerOutput, prev_sample=prev)

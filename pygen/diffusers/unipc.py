@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin
+from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin, fast_output
 from pygen.diffusers.dpmsolver import _alpha_sigma_lambda
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_S, COL_SLOT
 from pygen.samplers.program import check_model_out
@@ -290,7 +290,7 @@ class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.U
         prev = out.to(sample.dtype) if sample.dtype != compute else out.clone()
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return fast_output(SchedulerOutput, prev_sample=prev)
 
     def _pygen_fused(self, m, x, idx, z, lon):
         table = self._pygen_dev_table(lon, x.device, x.dtype)
