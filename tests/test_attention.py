@@ -97,6 +97,17 @@ def assert_grad_close(actual, expected, rtol, what):
     assert err <= rtol, f"{what}: max error {err:.3g} x max|grad| > {rtol:.3g}"
 
 
+def assert_fwd_bwd_match(out, q, k, v, causal, dtype, scale=None):
+    """``out`` (of q, k, v) and its q/k/v gradients for a random upstream gradient match the fp64
+    reference at ``dtype``'s tolerances."""
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_out, *ref_grads = reference64(q, k, v, causal, scale=scale, grad_out=g)
+    assert_rows_close(out, ref_out, FWD_RTOL[dtype])
+    for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
+        assert_grad_close(got, want, GRAD_RTOL[dtype], what)
+
+
 def require_dtype(backend, dtype):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("float64 storage is supported on the torch and cpu backends")
@@ -436,12 +447,7 @@ def test_cuda_choice_float64_backward_stays_off_triton(monkeypatch):
     monkeypatch.setattr(A, "_triton_on_cuda", lambda: True)
     q, k, v = make_qkv((1, 2, 5, 7, 32), torch.float64, seed=64, requires_grad=True)
     out = A._AttentionFunction.apply(q, k, v, 0.3, True, "cuda")
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    ref_out, *ref_grads = reference64(q, k, v, True, scale=0.3, grad_out=g)
-    assert_rows_close(out, ref_out, FWD_RTOL[torch.float64])
-    for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
-        assert_grad_close(got, want, GRAD_RTOL[torch.float64], what)
+    assert_fwd_bwd_match(out, q, k, v, True, torch.float64, scale=0.3)
 
 
 def test_triton_op_rejects_bad_head_dim():
@@ -462,12 +468,7 @@ def test_triton_untuned_head_dims(d, causal):
     q, k, v = (t.detach().to(dev).requires_grad_() for t in make_qkv((2, 3, 19, 13, d), torch.float32, seed=d))
     with pygen.use_backend("triton"):
         out = pygen.attention(q, k, v, causal=causal)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    ref_out, *ref_grads = reference64(q, k, v, causal, grad_out=g)
-    assert_rows_close(out, ref_out, FWD_RTOL[torch.float32])
-    for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
-        assert_grad_close(got, want, GRAD_RTOL[torch.float32], what)
+    assert_fwd_bwd_match(out, q, k, v, causal, torch.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -615,12 +616,7 @@ def test_torch_compile_compiled_op_non_unit_last_stride(cache_dir):
     f = torch.compile(lambda q, k, v: pygen.attention(q, k, v, causal=True), backend="eager")
     with pygen.use_backend("cpu"):
         out = f(q, k, v)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    ref_out, *ref_grads = reference64(q, k, v, True, grad_out=g)
-    assert_rows_close(out, ref_out, FWD_RTOL[torch.float32])
-    for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
-        assert_grad_close(got, want, GRAD_RTOL[torch.float32], what)
+    assert_fwd_bwd_match(out, q, k, v, True, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
