@@ -60,6 +60,7 @@ Noise
 - ``BrownianTreeNoiseSampler`` is a counter-based Brownian tree with
   k-diffusion's interface (its values are pygen's own, not torchsde's).
 """
+import functools
 import math
 import numbers
 
@@ -290,6 +291,12 @@ class _Plan:
         self.sigma_hat = []    # per step: gamma + 1 for the callback's sigma_hat (None: sigmas[i])
         self.churn0 = 0.0      # s_churn noise scale before the first model call
         self.r = 0.5           # dpmpp_sde's midpoint fraction
+        self.device_tables = {}  # (device, dtypes, batch) -> tensors of _device_tables (cached plans)
+
+    @functools.cached_property
+    def in_kernel(self):
+        """Whether a launch draws in-kernel noise (then the run needs a Philox key)."""
+        return any(r[COL_S] != 0.0 for r in self.rows) or self.churn0 != 0.0
 
     def churn_start(self, x, seed):
         """x plus the s_churn noise of step 0 (``pygen.randn(x.shape, seed, 0)``), or x itself."""
@@ -673,7 +680,7 @@ def _device_tables(plan, x, sigmas):
     """(coefficient table on x's device, the per-evaluation model sigmas ``sigma_k·s_in`` as views),
     made once per (device, dtypes, batch) and kept on the plan."""
     key = (x.device, x.dtype, sigmas.device, sigmas.dtype, x.shape[0])
-    cache = plan.__dict__.setdefault("_device", {})
+    cache = plan.device_tables
     got = cache.get(key)
     if got is not None and got[2]._version == got[3]:  # (a model that edited its sigma in place: rebuild)
         return got[0], got[1]
@@ -693,10 +700,7 @@ def _run(plan, model, x, sigmas, extra_args, callback, disable, noise_sampler):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     if noise_sampler is not None and not callable(noise_sampler):
         raise TypeError(f"noise_sampler must be callable or None, got {type(noise_sampler).__name__}")
-    in_kernel = plan.__dict__.get("_in_kernel")
-    if in_kernel is None:
-        in_kernel = plan._in_kernel = any(r[COL_S] != 0.0 for r in plan.rows) or plan.churn0 != 0.0
-    seed = default_seed() if in_kernel and noise_sampler is None else 0
+    seed = default_seed() if plan.in_kernel and noise_sampler is None else 0
     coeffs, call_in = _device_tables(plan, x, sigmas)
     prog = StepProgram(coeffs, x, seed=seed, stream=1)
 

@@ -63,7 +63,7 @@ from pygen.kdiffusion import default_seed
 from pygen.ops.schedule import COL_HIST, COL_S
 from pygen.samplers.program import check_model_out, resolve_step_launcher
 
-__all__ = ["FusedSchedulerMixin", "OrderTablesMixin", "NOISE_MODES", "step_launcher", "fast_output", "as_dtype"]
+__all__ = ["FusedSchedulerMixin", "OrderTablesMixin", "NOISE_MODES", "step_launcher", "fast_output", "as_dtype", "half_io"]
 
 NOISE_MODES = ("auto", "generator", "philox")
 
@@ -87,6 +87,12 @@ def fast_output(cls, **values):
         if v is not None:
             OrderedDict.__setitem__(obj, name, v)
     return obj
+
+
+def half_io(sample, model_output):
+    """Both float16 or both bfloat16: the kernel reads and writes them directly (its arithmetic is
+    float32, as diffusers' upcast), with no upcast copies around the launch."""
+    return sample.dtype == model_output.dtype and sample.dtype in (torch.float16, torch.bfloat16)
 
 
 def as_dtype(t, dtype):
@@ -332,10 +338,12 @@ class FusedSchedulerMixin:
                             dtype=model_output.dtype)
 
     # --- the fused launch ----------------------------------------------------
-    def _pygen_key(self):
-        """The Philox key passed to the fused step: 0 when no row draws in-kernel noise; under
-        torch.compile a 0-d int64 CPU tensor (see ``_keyed_step_out``)."""
-        noisy = getattr(self, "_pygen_noisy", True)
+    def _pygen_key(self, noisy=None):
+        """The Philox key passed to the fused step: 0 when no row draws in-kernel noise (``noisy``:
+        default, whether this schedule's table does); under torch.compile a 0-d int64 CPU tensor
+        (see ``_keyed_step_out``)."""
+        if noisy is None:
+            noisy = getattr(self, "_pygen_noisy", True)
         if torch.compiler.is_compiling():  # (never reads the int key: no guard on its value)
             return self._pygen_key_t if noisy else torch.zeros((), dtype=torch.int64)
         return self._pygen_seed if noisy else 0
@@ -386,9 +394,8 @@ class FusedSchedulerMixin:
                             f"{type(sample).__name__ if not isinstance(sample, torch.Tensor) else sample.dtype}")
         sample = sample.contiguous()
         out = torch.empty_like(sample)
-        key = torch.zeros((), dtype=torch.int64) if torch.compiler.is_compiling() else 0
-        step_launcher(self._pygen_launchers, sample.device)(sample, sample, table, index, None, None, out, None, key,
-                                                            0, None, 0.0, False)
+        step_launcher(self._pygen_launchers, sample.device)(sample, sample, table, index, None, None, out, None,
+                                                            self._pygen_key(noisy=False), 0, None, 0.0, False)
         return out
 
     @staticmethod
@@ -408,8 +415,7 @@ class OrderTablesMixin:
         self._pygen_dev_tables = {}
         self._pygen_dev_pre = {}
 
-    def _pygen_warm(self, device):
-        super()._pygen_warm(device)
+    def _pygen_warm(self, device):  # (the loop reads these tables only, never _pygen_table's)
         for lon in range(len(self._pygen_all_tables)):
             self._pygen_dev_table(lon, device, torch.float32)
 

@@ -41,7 +41,7 @@ from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedule
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from pygen.diffusers._base import FusedSchedulerMixin, as_dtype
+from pygen.diffusers._base import FusedSchedulerMixin, as_dtype, half_io
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_SLOT
 
 __all__ = ["EulerDiscreteScheduler"]
@@ -106,12 +106,6 @@ def compute_dtype(sample, model_output):
     if sample.dtype == torch.float64 or model_output.dtype == torch.float64:
         return torch.float64
     return torch.float32
-
-
-def half_io(sample, model_output):
-    """Both float16 or both bfloat16: the kernel reads and writes them directly (its arithmetic is
-    float32, as diffusers' upcast), with no upcast copies around the launch."""
-    return sample.dtype == model_output.dtype and sample.dtype in (torch.float16, torch.bfloat16)
 
 
 def view_rows(values, idx, like):

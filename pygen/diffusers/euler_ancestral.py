@@ -20,9 +20,9 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin, as_dtype
+from pygen.diffusers._base import FusedSchedulerMixin, as_dtype, half_io
 from pygen.diffusers.euler import (_INT_TIMESTEP_MSG, _SCALE_MSG, CInMixin, compute_dtype, denoise_cols,
-                                   as_table, empty_rows, half_io, host_sigmas, logger)
+                                   as_table, empty_rows, host_sigmas, logger)
 from pygen.ops.schedule import COL_A, COL_B, COL_S
 
 __all__ = ["EulerAncestralDiscreteScheduler"]

@@ -26,7 +26,7 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin, as_dtype, fast_output
+from pygen.diffusers._base import FusedSchedulerMixin, as_dtype, fast_output, half_io
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_S, COL_SLOT
 
 __all__ = ["FlowMatchEulerDiscreteScheduler"]
@@ -105,7 +105,7 @@ class FlowMatchEulerDiscreteScheduler(FusedSchedulerMixin, diffusers.FlowMatchEu
                 from diffusers.utils.torch_utils import randn_tensor
 
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-        if noise is None and sample.dtype == model_output.dtype and sample.dtype in (torch.float16, torch.bfloat16):
+        if noise is None and half_io(sample, model_output):
             prev, _ = self._pygen_launch(model_output, sample, idx, None, want_pred=False)  # half I/O, fp32 math
         else:
             prev, _ = self._pygen_launch(as_dtype(model_output, compute), as_dtype(sample, compute), idx, noise,
