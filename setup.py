@@ -1,6 +1,7 @@
 """Build pygen and its compiled extension ``pygen._C``.
 
-* The C++ CPU kernels (csrc/bindings.cpp, csrc/cpu/*.cpp) are always built.
+* The C++ CPU kernels (csrc/bindings.cpp, csrc/cpu/*.cpp) and the C++ autograd
+  (csrc/autograd/*.cpp) are always built.
 * The CUDA kernels (csrc/cuda/*.cu) are added when torch was built with CUDA
   and nvcc is found (CUDA_HOME, else nvcc on PATH), unless PYGEN_NO_CUDA=1.
 * The extension is compiled against the torch that is importable at build
@@ -68,7 +69,7 @@ def _extensions():
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
     debug = os.environ.get("PYGEN_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = _rel_sources("csrc/bindings.cpp", "csrc/cpu/*.cpp")
+    sources = _rel_sources("csrc/bindings.cpp", "csrc/cpu/*.cpp", "csrc/autograd/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     define_macros = [("PYGEN_TORCH_EXTENSION", None)]
     # -fopenmp: at::parallel_for is inlined from the ATen headers and only runs

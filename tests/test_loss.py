@@ -285,6 +285,49 @@ def test_gradcheck_diffusion_loss_all_inputs(backend):
 
 
 @pytest.mark.parametrize("mode", NOISE_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_diffusion_loss_grads_of_every_input(backend, dtype, mode):
+    """model_out, x0, coeffs (and a given noise) all requiring gradients, against the oracle through
+    torch autograd: the unfused part of the backward, for every storage dtype and noise source."""
+    skip_unsupported(backend, dtype)
+    g = gen(zlib.crc32(repr(("all-inputs", dtype, mode)).encode()))
+    shape = (3, 2, 9)
+    out, x0 = rand(shape, dtype, g).requires_grad_(), rand(shape, dtype, g).requires_grad_()
+    coeffs = rand_coeffs(3, g).requires_grad_()
+    kw = noise_kwargs(mode, shape, dtype, g)
+    leaves = [out, x0, coeffs] + ([kw["noise"].requires_grad_()] if mode == "noise" else [])
+    grad_rows = rand((3,), torch.float32, g)
+    with pygen.use_backend(backend):
+        got = torch.autograd.grad(pygen.fused_diffusion_mse(out, x0, coeffs, **kw), leaves, grad_rows)
+
+    eps = eps_for(backend, shape, kw)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    r_out, r_x0, r_coeffs = ref_leaves[:3]
+    r_eps = ref_leaves[3] if mode == "noise" else eps
+    expected = torch.autograd.grad(oracle_diffusion_loss(r_out, r_x0, r_eps, r_coeffs), ref_leaves, grad_rows)
+    for name, a, e, leaf in zip(("model_out", "x0", "coeffs", "noise"), got, expected, leaves):
+        assert a.dtype == leaf.dtype, name
+        tol = 1e-5 if a.dtype == torch.float32 else (2e-3 if a.dtype == torch.float16 else 1.6e-2)
+        torch.testing.assert_close(a.float(), e, rtol=tol, atol=tol * e.abs().max().item(), msg=name)
+
+
+def test_compiled_backward_is_cpp():
+    """On the compiled backends the autograd node is the C++ one (csrc/autograd/loss.cpp): the
+    backward runs in the autograd engine without entering Python."""
+    require_backend("cpu")
+    x0 = torch.randn(2, 5)
+    out = torch.randn(2, 5, requires_grad=True)
+    with pygen.use_backend("cpu"):
+        loss = pygen.fused_diffusion_mse(out, x0, torch.ones(2, 4), seed=1)
+        z, kl = pygen.reparameterize_kl(out, torch.zeros(2, 5, requires_grad=True), 1)
+    for t, name in ((loss, "DiffusionLossFunction"), (z, "ReparameterizeKLFunction"),
+                    (kl, "ReparameterizeKLFunction")):
+        assert name in t.grad_fn.name(), t.grad_fn.name()
+        assert not isinstance(t.grad_fn, torch.autograd.function.BackwardCFunction)
+
+
+@pytest.mark.parametrize("mode", NOISE_MODES)
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_gradcheck_reparameterize_kl(backend, mode):
     require_backend(backend)

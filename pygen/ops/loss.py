@@ -25,6 +25,8 @@ Ops:
     ``torch.ops.pygen.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, noise, seed, stream, row_seeds)``
         dmu = grad_z + grad_kl[b]·mu; dlogvar = grad_z·std·eps/2 + grad_kl[b]·0.5·(std² - 1).
 
+Autograd: C++ for the compiled ops (csrc/autograd/loss.cpp: the backward never enters
+Python), the Python formulas below for the Triton variants and the reference fallback.
 Gradients: the compiled/Triton backward ops give the gradient w.r.t.
 model_out (diffusion_loss) and w.r.t. mu and logvar (reparameterize_kl). x0,
 a given noise and coeffs are data in training; if they do require gradients
@@ -275,9 +277,9 @@ _COMPILED = _CompiledKernels()
 
 
 class _DiffusionLossFn(torch.autograd.Function):
-    """Autograd of the public API's hot path: ``kernels`` is the Triton launcher module or the
-    compiled ops (direct calls, no per-call op-registration overhead); same formulas as the
-    register_autograd of pygen::diffusion_loss."""
+    """Autograd of the public API's Triton path: ``kernels`` is the Triton launcher module (direct
+    launches, no per-call op-registration overhead); same formulas as the register_autograd of
+    pygen::diffusion_loss_triton. (The compiled ops carry a C++ autograd.)"""
 
     @staticmethod
     def forward(ctx, kernels, model_out, x0, noise, coeffs, seed, stream, row_seeds):
@@ -375,7 +377,9 @@ def fused_diffusion_mse(model_out, x0, coeffs, *, noise=None, seed=None, stream=
     backend = _backend.resolve(device)
     if backend == "torch":
         return diffusion_loss_reference(model_out, x0, noise, coeffs, seed_i, stream, rs)
-    kernels = _triton_launchers() if backend == "triton" else _COMPILED
+    if backend != "triton":  # compiled op; its autograd is C++ (csrc/autograd/loss.cpp)
+        return _COMPILED.diffusion_loss(model_out, x0, noise, coeffs, seed_i, stream, rs)
+    kernels = _triton_launchers()
     if needs_grad(model_out, x0, noise, coeffs):
         return _DiffusionLossFn.apply(kernels, model_out, x0, noise, coeffs, seed_i, stream, rs)
     return kernels.diffusion_loss(model_out, x0, noise, coeffs, seed_i, stream, rs)
@@ -410,7 +414,9 @@ def reparameterize_kl(mu, logvar, seed=None, stream=0, *, noise=None, row_seeds=
     backend = _backend.resolve(mu.device)
     if backend == "torch":
         return reparameterize_kl_reference(mu, logvar, noise, seed_i, stream, rs)
-    kernels = _triton_launchers() if backend == "triton" else _COMPILED
+    if backend != "triton":  # compiled op; its autograd is C++ (csrc/autograd/loss.cpp)
+        return _COMPILED.reparameterize_kl(mu, logvar, noise, seed_i, stream, rs)
+    kernels = _triton_launchers()
     if needs_grad(mu, logvar, noise):
         return _ReparameterizeKLFn.apply(kernels, mu, logvar, noise, seed_i, stream, rs)
     return kernels.reparameterize_kl(mu, logvar, noise, seed_i, stream, rs)
@@ -451,10 +457,14 @@ def _register():
     _registry.register_fake("reparameterize_kl", _reparameterize_kl_fake)
     _registry.register_fake("reparameterize_kl_backward", _reparameterize_kl_backward_fake)
 
-    torch.library.register_autograd("pygen::diffusion_loss", _diffusion_loss_backward,
-                                    setup_context=_diffusion_loss_setup_context, lib=_registry._lib)
-    torch.library.register_autograd("pygen::reparameterize_kl", _reparameterize_kl_backward,
-                                    setup_context=_reparameterize_kl_setup_context, lib=_registry._lib)
+    # The compiled extension registers these ops' autograd in C++ (csrc/autograd/loss.cpp); the
+    # Python formulas serve the reference fallback (extension absent) and the Triton variants.
+    if "diffusion_loss" in _registry.MISSING:
+        torch.library.register_autograd("pygen::diffusion_loss", _diffusion_loss_backward,
+                                        setup_context=_diffusion_loss_setup_context, lib=_registry._lib)
+    if "reparameterize_kl" in _registry.MISSING:
+        torch.library.register_autograd("pygen::reparameterize_kl", _reparameterize_kl_backward,
+                                        setup_context=_reparameterize_kl_setup_context, lib=_registry._lib)
     if "diffusion_loss" in _registry.TRITON_OPS:
         torch.library.register_autograd(_registry.TRITON_OPS["diffusion_loss"], _diffusion_loss_triton_backward,
                                         setup_context=_diffusion_loss_setup_context, lib=_registry._lib)
