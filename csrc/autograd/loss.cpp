@@ -16,26 +16,18 @@
 // ops (not fused), so no gradient is ever dropped. Second derivatives are not
 // provided (the backward ops have no autograd).
 #include <ATen/TensorOperators.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/exp.h>
 #include <ATen/ops/stack.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <optional>
 #include <tuple>
+#include <vector>
+
+#include "common.h"
 
 namespace pygen::autograd {
 namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
-
-at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 int64_t row_len(const at::Tensor& x) {
   return x.size(0) > 0 ? x.numel() / x.size(0) : 0;
@@ -50,31 +42,27 @@ at::Tensor row_view(const at::Tensor& v, int64_t ndim) {
 // The ops below autograd, called through the dispatcher (CPU or CUDA kernel by device).
 at::Tensor call_diffusion_loss(const at::Tensor& model_out, const at::Tensor& x0, const OptTensor& noise,
                                const at::Tensor& coeffs, int64_t seed, int64_t stream, const OptTensor& row_seeds) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pygen::diffusion_loss", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
-                                         int64_t, int64_t, const OptTensor&)>();
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                              const at::Tensor&, int64_t, int64_t, const OptTensor&)>(
+      "pygen::diffusion_loss");
   return op.call(model_out, x0, noise, coeffs, seed, stream, row_seeds);
 }
 
 at::Tensor call_diffusion_loss_backward(const at::Tensor& grad_rows, const at::Tensor& model_out, const at::Tensor& x0,
                                         const OptTensor& noise, const at::Tensor& coeffs, int64_t seed, int64_t stream,
                                         const OptTensor& row_seeds) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pygen::diffusion_loss_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                         const at::Tensor&, int64_t, int64_t, const OptTensor&)>();
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const OptTensor&, const at::Tensor&, int64_t, int64_t,
+                                              const OptTensor&)>("pygen::diffusion_loss_backward");
   return op.call(grad_rows, model_out, x0, noise, coeffs, seed, stream, row_seeds);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
                                                           const OptTensor& noise, int64_t seed, int64_t stream,
                                                           const OptTensor& row_seeds) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pygen::reparameterize_kl", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const OptTensor&, int64_t, int64_t,
-                                                                 const OptTensor&)>();
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t, int64_t, const OptTensor&)>(
+      "pygen::reparameterize_kl");
   return op.call(mu, logvar, noise, seed, stream, row_seeds);
 }
 
@@ -82,38 +70,19 @@ std::tuple<at::Tensor, at::Tensor> call_reparameterize_kl_backward(const at::Ten
                                                                    const at::Tensor& mu, const at::Tensor& logvar,
                                                                    const OptTensor& noise, int64_t seed, int64_t stream,
                                                                    const OptTensor& row_seeds) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pygen::reparameterize_kl_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const at::Tensor&,
-                                                                 const OptTensor&, int64_t, int64_t,
-                                                                 const OptTensor&)>();
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t, int64_t,
+      const OptTensor&)>("pygen::reparameterize_kl_backward");
   return op.call(grad_z, grad_kl, mu, logvar, noise, seed, stream, row_seeds);
 }
 
 // eps in float32 exactly as the kernels regenerate it: pygen.randn(shape, seed, stream[, row_seeds]).
 at::Tensor regenerate_eps(const at::Tensor& like, int64_t seed, int64_t stream, const OptTensor& row_seeds) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pygen::randn_fill_", "")
-                       .typed<void(at::Tensor&, int64_t, int64_t, const OptTensor&)>();
+  static const auto op =
+      op_handle<void(at::Tensor&, int64_t, int64_t, const OptTensor&)>("pygen::randn_fill_");
   at::Tensor eps = at::empty(like.sizes(), like.options().dtype(at::kFloat));
   op.call(eps, seed, stream, row_seeds);
   return eps;
-}
-
-OptTensor saved_optional(const at::Tensor& t) {
-  return t.defined() ? OptTensor(t) : std::nullopt;
-}
-
-// The autograd edges of an op's tensor inputs are numbered over the tensors
-// actually passed (an absent optional has none); `edge` maps an argument to it.
-struct Edges {
-  int64_t next = 0;
-  int64_t take(bool present) { return present ? next++ : -1; }
-};
-
-bool needs(const AutogradContext* ctx, int64_t edge) {
-  return edge >= 0 && ctx->needs_input_grad(static_cast<size_t>(edge));
 }
 
 // ---------------------------------------------------------------------------
@@ -128,7 +97,7 @@ class DiffusionLossFunction : public torch::autograd::Function<DiffusionLossFunc
     Edges e;
     ctx->saved_data["e_out"] = e.take(true);
     ctx->saved_data["e_x0"] = e.take(true);
-    ctx->saved_data["e_noise"] = e.take(noise.has_value() && noise->defined());
+    ctx->saved_data["e_noise"] = e.take(present(noise));
     ctx->saved_data["e_coeffs"] = e.take(true);
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["stream"] = stream;
@@ -195,7 +164,7 @@ class ReparameterizeKLFunction : public torch::autograd::Function<Reparameterize
     Edges e;
     ctx->saved_data["e_mu"] = e.take(true);
     ctx->saved_data["e_logvar"] = e.take(true);
-    ctx->saved_data["e_noise"] = e.take(noise.has_value() && noise->defined());
+    ctx->saved_data["e_noise"] = e.take(present(noise));
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["stream"] = stream;
     ctx->save_for_backward({mu, logvar, noise.value_or(at::Tensor()), row_seeds.value_or(at::Tensor())});

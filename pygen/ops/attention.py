@@ -169,12 +169,12 @@ def _triton_on_cuda():
 
 
 def _compiled_fwd(q, k, v, scale, causal):
-    return torch.ops.pygen.attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), scale, causal)
+    return torch.ops.pygen.attention_fwd.default(_unit_last(q), _unit_last(k), _unit_last(v), scale, causal)
 
 
 def _compiled_bwd(grad_out, q, k, v, out, lse, scale, causal):
-    return torch.ops.pygen.attention_bwd(_unit_last(grad_out), _unit_last(q), _unit_last(k), _unit_last(v),
-                                         _unit_last(out), lse, scale, causal)
+    return torch.ops.pygen.attention_bwd.default(_unit_last(grad_out), _unit_last(q), _unit_last(k),
+                                                 _unit_last(v), _unit_last(out), lse, scale, causal)
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -221,8 +221,10 @@ def _run(name, q, k, v, scale, causal, grad):
         if name == "triton":
             return torch.ops.pygen.attention_fwd_triton(q, k, v, scale, causal)[0]
         return torch.ops.pygen.attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), scale, causal)[0]
-    if grad:
-        return _AttentionFunction.apply(q, k, v, scale, causal, name)
+    if grad and (name == "triton" or _bwd_op(name, q.dtype) is not _compiled_bwd):
+        return _AttentionFunction.apply(q, k, v, scale, causal, name)  # Triton backward
+    if grad:  # the compiled op's C++ autograd (csrc/autograd/attention.cpp) pairs it with its backward
+        return _compiled_fwd(q, k, v, scale, causal)[0]
     if name == "triton":  # the hot path: a direct launch, no lse
         from pygen.kernels import attention as tk
 
@@ -473,12 +475,12 @@ def _select(q, k, v, scale, causal, layout, grad):
     forced = _backend.forced_in_context()  # pygen.use_backend(...)
     if forced is not None:
         return _forced(forced, q.device, q.dtype, q.shape[3], f"pygen.use_backend({forced!r})"), None
-    env = os.environ.get("PYGEN_ATTENTION")
+    env = _backend.env_value("PYGEN_ATTENTION")
     if env and env != "auto":
         if env not in CHOICES:
             raise ValueError(f"PYGEN_ATTENTION must be one of auto, {', '.join(CHOICES)}; got {env!r}")
         return _forced(env, q.device, q.dtype, q.shape[3], f"PYGEN_ATTENTION={env}"), None
-    env = os.environ.get("PYGEN_BACKEND")
+    env = _backend.env_value("PYGEN_BACKEND")
     if env:
         _backend._check_name(env)
         return _forced(env, q.device, q.dtype, q.shape[3], f"PYGEN_BACKEND={env}"), None
@@ -647,8 +649,10 @@ def _register():
     _registry.register_fake("attention_fwd", _fwd_fake)
     _registry.register_fake("attention_bwd", _bwd_fake)
 
-    torch.library.register_autograd("pygen::attention_fwd", _make_backward(lambda: torch.ops.pygen.attention_bwd),
-                                    setup_context=_setup_context, lib=_registry._lib)
+    if "attention_fwd" in _registry.MISSING:  # else the C++ autograd of csrc/autograd/attention.cpp
+        torch.library.register_autograd("pygen::attention_fwd",
+                                        _make_backward(lambda: torch.ops.pygen.attention_bwd),
+                                        setup_context=_setup_context, lib=_registry._lib)
     if "attention_fwd" in _registry.TRITON_OPS:
         torch.library.register_autograd(_registry.TRITON_OPS["attention_fwd"],
                                         _make_backward(lambda: torch.ops.pygen.attention_bwd_triton),

@@ -337,19 +337,37 @@ _REFERENCES = {
 }
 
 
+_COMPILED_OPS = {}  # name -> torch.ops.pygen.<name>.default
+
+
+def _compiled(name):
+    op = _COMPILED_OPS.get(name)
+    if op is None:
+        op = _COMPILED_OPS[name] = getattr(torch.ops.pygen, name).default
+    return op
+
+
 def _run(backend, name, *args):
-    """Run op ``name`` on ``backend`` (checked arguments): the hot path."""
+    """Run op ``name`` on ``backend`` (checked arguments): the hot path. On the compiled backends
+    (cpu, cuda) the op carries its own C++ autograd (csrc/autograd/norm.cpp)."""
     if backend == "torch":
         return _REFERENCES[name](*args)
     if backend == "triton":
         from pygen.kernels import norm as tk
 
         return getattr(tk, name)(*args)
-    return getattr(torch.ops.pygen, name)(*args)
+    return _compiled(name)(*args)
+
+
+def _autograd_here(backend, *tensors):
+    """Whether the call needs one of the Python autograd.Functions below: the torch and triton
+    backends (the compiled ops differentiate themselves in C++)."""
+    return backend in ("torch", "triton") and needs_grad(*tensors)
 
 
 # ---------------------------------------------------------------------------
-# autograd (eager path: one Function per op, on whatever backend ran the forward)
+# autograd of the torch and triton backends (eager path: one Function per op; the compiled ops
+# have theirs in C++, csrc/autograd/norm.cpp)
 # ---------------------------------------------------------------------------
 class _AdaLNModulate(torch.autograd.Function):
     @staticmethod
@@ -438,7 +456,7 @@ def adaln_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1e-6):
     x, weight, bias, shift, scale = check_adaln_args(x, weight, bias, shift, scale)
     eps = check_real("eps", eps, ge=0.0)
     backend = _backend.resolve(x.device)
-    if needs_grad(x, weight, bias, shift, scale):
+    if _autograd_here(backend, x, weight, bias, shift, scale):
         return _AdaLNModulate.apply(backend, x, weight, bias, shift, scale, eps)
     return _run(backend, "adaln_modulate", x, weight, bias, shift, scale, eps)[0]
 
@@ -455,7 +473,7 @@ def gated_residual(x, gate, y):
     """
     x, gate, y = check_gated_residual_args(x, gate, y)
     backend = _backend.resolve(x.device)
-    if needs_grad(x, gate, y):
+    if _autograd_here(backend, x, gate, y):
         return _GatedResidual.apply(backend, x, gate, y)
     return _run(backend, "gated_residual", x, gate, y)
 
@@ -482,7 +500,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
     if not isinstance(silu, bool):
         raise TypeError(f"silu must be a bool, got {type(silu).__name__}")
     backend = _backend.resolve(x.device)
-    if needs_grad(x, weight, bias):
+    if _autograd_here(backend, x, weight, bias):
         return _GroupNorm.apply(backend, x, weight, bias, num_groups, eps, silu)
     return _run(backend, "group_norm", x, weight, bias, num_groups, eps, silu)[0]
 
@@ -506,7 +524,7 @@ def timestep_embedding(timesteps, embedding_dim, flip_sin_to_cos=False, downscal
         raise TypeError(f"flip_sin_to_cos must be a bool, got {type(flip_sin_to_cos).__name__}")
     params = (dim, max_period, shift, scale, flip_sin_to_cos)
     backend = _backend.resolve(t.device)
-    if needs_grad(t):
+    if _autograd_here(backend, t):
         return _TimestepEmbedding.apply(backend, t, *params)
     return _run(backend, "timestep_embedding", t, *params)
 
@@ -680,8 +698,9 @@ def _register():
     rules = _autograd_rules(lambda name: getattr(torch.ops.pygen, name))
     triton_rules = _autograd_rules(lambda name: getattr(torch.ops.pygen, f"{name}_triton"))
     for name in rules:
-        torch.library.register_autograd(f"pygen::{name}", rules[name][1], setup_context=rules[name][0],
-                                        lib=_registry._lib)
+        if name in _registry.MISSING:  # else the extension registered its C++ autograd (csrc/autograd/norm.cpp)
+            torch.library.register_autograd(f"pygen::{name}", rules[name][1], setup_context=rules[name][0],
+                                            lib=_registry._lib)
         if name in _registry.TRITON_OPS:
             setup, backward = triton_rules[name]
             torch.library.register_autograd(_registry.TRITON_OPS[name], backward, setup_context=setup,
