@@ -25,6 +25,24 @@ AVAILABLE = "available"
 
 _override = contextvars.ContextVar("pygen_backend", default=None)
 
+# PYGEN_BACKEND (and PYGEN_ATTENTION) are read on every op call: they may change at run time.
+# os.environ.get encodes the key and decodes the value each time (about 1 us); on POSIX the
+# mapping keeps its encoded entries in ``_data``, updated by every os.environ write, so a lookup
+# there sees the same value.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS = {}  # name -> encoded key
+
+
+def env_value(name):
+    """``os.environ.get(name) or None``, cheaply (called per op call)."""
+    if _ENV_DATA is None:
+        return os.environ.get(name) or None
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.environ.encodekey(name)
+    raw = _ENV_DATA.get(key)
+    return os.environ.decodevalue(raw) if raw else None
+
 
 def _triton_status():
     if importlib.util.find_spec("triton") is None:
@@ -98,7 +116,7 @@ def requested():
     """The explicitly requested backend (context manager, then env), or None."""
     name = _override.get()
     if name is None:
-        name = os.environ.get("PYGEN_BACKEND") or None
+        name = env_value("PYGEN_BACKEND")
         if name is not None:
             _check_name(name)
     return name
@@ -112,7 +130,7 @@ def resolve(device):
     dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     name = _override.get()
     if name is None:
-        name = os.environ.get("PYGEN_BACKEND") or None
+        name = env_value("PYGEN_BACKEND")
         if name is None:
             default = _default.get(dev_type)
             if default is None:

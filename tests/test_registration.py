@@ -60,6 +60,23 @@ def test_use_backend_and_env(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         with pygen.use_backend("fastest"):
             pass
+
+
+@pytest.mark.parametrize("value", [None, "", "torch", "cpu", "a value with spaces é"])
+def test_env_value_matches_os_environ(monkeypatch, value):
+    """The per-call environment read (_backend.env_value) sees every os.environ change."""
+    from pygen import _backend
+
+    for name in ("PYGEN_BACKEND", "PYGEN_ATTENTION"):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        assert _backend.env_value(name) == (os.environ.get(name) or None)
+        os.environ[name] = "changed"
+        assert _backend.env_value(name) == "changed"
+        del os.environ[name]
+        assert _backend.env_value(name) is None
     with pygen.use_backend("cuda"):
         with pytest.raises(ValueError, match="cuda"):
             pygen.randn(4, 1)
