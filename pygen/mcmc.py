@@ -50,7 +50,8 @@ import numbers
 import torch
 
 from pygen import _backend
-from pygen.ops._common import STORAGE_DTYPES, check_stream, check_tensor, split_seed, to_signed64
+from pygen.ops._common import (STORAGE_DTYPES, call_compiled, check_stream, check_tensor, needs_grad, split_seed,
+                               to_signed64)
 from pygen.ops.langevin import langevin_step_reference
 from pygen.ops.mcmc import check_step_size, leapfrog_impl, mh_select_impl
 from pygen.ops.random import randn_fill_reference
@@ -85,7 +86,8 @@ class _Ops:
             from pygen.kernels import langevin as tk
 
             return tk.langevin_step(x, score, step_sizes, step_size, None, seed, stream, row_seeds)
-        return torch.ops.pygen.langevin_step(x, score, step_sizes, step_size, None, seed, stream, row_seeds)
+        return call_compiled(torch.ops.pygen.langevin_step.default, needs_grad(x, score, step_sizes), x, score,
+                             step_sizes, step_size, None, seed, stream, row_seeds)
 
     def randn(self, shape, seed, stream, row_seeds, *, device, dtype):
         out = torch.empty(shape, device=device, dtype=dtype)

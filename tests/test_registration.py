@@ -117,3 +117,56 @@ def test_import_without_extension_falls_back_to_reference():
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK" in res.stdout
+
+
+def _cpp_autograd_cases():
+    """(op name, output requiring grad) for each compiled op whose autograd is C++ (csrc/autograd/)."""
+    g = torch.Generator().manual_seed(5)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    x, c = leaf(2, 3, 8), leaf(2, 8)
+    q = leaf(1, 2, 5, 32)
+    ops = torch.ops.pygen
+    return [
+        ("adaln_modulate", ops.adaln_modulate(x, None, None, c, c, 1e-6)[0]),
+        ("gated_residual", ops.gated_residual(x, c, x)),
+        ("group_norm", ops.group_norm(leaf(2, 4, 3, 3), leaf(4), leaf(4), 2, 1e-5, True)[0]),
+        ("timestep_embedding", ops.timestep_embedding(leaf(3), 8, 10000.0, 1.0, 1.0, False)),
+        ("attention_fwd", ops.attention_fwd(q, q, q, 0.25, False)[0]),
+        ("diffusion_loss", ops.diffusion_loss(x, x.detach(), None, torch.ones(2, 4), 1, 0, None)),
+        ("reparameterize_kl", ops.reparameterize_kl(x, x, None, 1, 0, None)[0]),
+    ]
+
+
+def test_compiled_autograd_is_cpp():
+    """The compiled ops of csrc/autograd/ differentiate in C++: their grad_fn is a C++ node (no
+    Python in the backward), and a backward through it runs."""
+    if pygen.backends()["cpu"] != "available":
+        pytest.skip("needs the compiled CPU backend")
+    for name, out in _cpp_autograd_cases():
+        node = out.grad_fn
+        assert not isinstance(node, torch.autograd.function.BackwardCFunction), name
+        assert "CppNode<pygen::autograd::" in node.name(), (name, node.name())
+        out.float().sum().backward()
+
+
+def test_call_compiled_below_autograd_matches_the_op():
+    """call_compiled(op, False, ...) skips the Python autograd wrapper, same values; with grad=True
+    the output carries the op's autograd."""
+    if pygen.backends()["cpu"] != "available":
+        pytest.skip("needs the compiled CPU backend")
+    from pygen.ops._common import call_compiled
+
+    x0 = torch.randn(3, 5)
+    t = torch.tensor([0, 4, 9])
+    table = torch.linspace(0.99, 0.01, 10)
+    op = torch.ops.pygen.q_sample.default
+    args = (x0, t, table, None, 11, 3, None, 0, 0)
+    for a, b in zip(call_compiled(op, False, *args), op(*args)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    x0g = x0.clone().requires_grad_()
+    x_t = call_compiled(op, True, x0g, *args[1:])[0]
+    (g,) = torch.autograd.grad(x_t.sum(), x0g)
+    torch.testing.assert_close(g, table[t].sqrt()[:, None].expand(3, 5))

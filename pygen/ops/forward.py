@@ -32,7 +32,8 @@ import numbers
 import torch
 
 from pygen import _backend
-from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, needs_grad, noise_source
+from pygen.ops._common import (call_compiled, check_like, check_stream, check_tensor, contiguous, needs_grad,
+                               noise_source)
 from pygen.ops.random import randn_reference
 
 __all__ = ["q_sample", "reparameterize"]
@@ -258,7 +259,8 @@ def q_sample_launch(x0, t, table, noise, seed, stream, row_seeds, interpolation,
         from pygen.kernels import forward as tk
 
         return tk.q_sample(x0, t, table, noise, seed, stream, row_seeds, interpolation, target)  # direct launch
-    return torch.ops.pygen.q_sample(x0, t, table, noise, seed, stream, row_seeds, interpolation, target)
+    return call_compiled(torch.ops.pygen.q_sample.default, needs_grad(x0, noise), x0, t, table, noise, seed, stream,
+                         row_seeds, interpolation, target)
 
 
 class _QSampleTriton(torch.autograd.Function):
@@ -333,7 +335,8 @@ def reparameterize(mu, logvar, seed=None, stream=0, *, noise=None, return_noise=
 
             z, noise_out = tk.reparameterize(mu, logvar, noise, seed_i, stream, row_seeds)
     else:
-        z, noise_out = torch.ops.pygen.reparameterize(mu, logvar, noise, seed_i, stream, row_seeds)
+        z, noise_out = call_compiled(torch.ops.pygen.reparameterize.default, needs_grad(mu, logvar, noise), mu,
+                                     logvar, noise, seed_i, stream, row_seeds)
     if not return_noise:
         return z
     return z, (noise if noise is not None else noise_out)

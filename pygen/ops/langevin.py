@@ -33,7 +33,8 @@ import numbers
 import torch
 
 from pygen import _backend
-from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, needs_grad, noise_source
+from pygen.ops._common import (call_compiled, check_like, check_stream, check_tensor, contiguous, needs_grad,
+                               noise_source)
 from pygen.ops.random import randn_reference
 
 __all__ = ["langevin_step", "langevin_snr_step"]
@@ -160,7 +161,8 @@ def langevin_step(x, score, step_size, seed=None, stream=0, *, noise=None):
         from pygen.kernels import langevin as tk
 
         return tk.langevin_step(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
-    return torch.ops.pygen.langevin_step(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
+    return call_compiled(torch.ops.pygen.langevin_step.default, grad, x, score, step_sizes, step_size, noise, seed_i,
+                         stream, row_seeds)
 
 
 def langevin_snr_step(x, score, four_alpha_snr2, seed=None, stream=0, *, noise=None, batch_norm=True, out=None,
