@@ -14,12 +14,12 @@ for every timestep spacing and steps_offset. With ``var = (1-ap)/(1-at)·(1 - at
     x_next = sqrt(ap)·d + dir·eps + std·z      # z only when eta > 0
            = a·x + b·d + s·z                   # a = dir/sqrt(1-at), b = sqrt(ap) - dir·sqrt(at)/sqrt(1-at)
 
-That is exact when d was not clipped or when ``use_clipped_model_output=True`` (one fused
-launch). When pred_original_sample is clipped/thresholded and ``use_clipped_model_output``
-is False, diffusers keeps the *unclipped* noise estimate ``eps = ex·x + em·model_output``; the
-table variant for it has ``a = dir·ex``, ``b = sqrt(ap)`` and the remaining ``dir·em·model_output``
-is added by one device ``addcmul`` after the fused launch (coefficient gathered at the device
-index).
+That is exact when d was not clipped or when ``use_clipped_model_output=True``. When
+pred_original_sample is clipped/thresholded and ``use_clipped_model_output`` is False,
+diffusers keeps the *unclipped* noise estimate ``eps = ex·x + em·model_output``; the table
+variant for it has ``a = dir·ex``, ``b = sqrt(ap)`` and one history column ``dir·em`` that
+weights model_output passed as the step's read-only history (a view; slot -1 writes nothing):
+still one fused launch, model_output read twice.
 
 eta: ``eta`` is a step() argument; the table built at ``set_timesteps`` is for ``eta = 0``.
 A step() with another eta uses a second table for that eta value, built on the host in
@@ -30,8 +30,8 @@ generator)`` when a generator is given (diffusers-exact), else in-kernel Philox.
 
 thresholding: pred_original_sample from the table's cx/cm columns (device ops), per-row
 quantile thresholding on the device, then the fused step finishes the update from the
-thresholded d (a table variant with cx = 0, cm = 1), plus the addcmul above when
-use_clipped_model_output is False. No host sync. ``clip_sample_range <= 0`` (a degenerate
+thresholded d (a table variant with cx = 0, cm = 1), with the raw-eps history column above
+when use_clipped_model_output is False. No host sync. ``clip_sample_range <= 0`` (a degenerate
 clamp) takes the same device path with ``clamp(-r, r)``.
 
 DDIM has no custom ``timesteps=`` in diffusers' set_timesteps, so neither does this class.
@@ -42,7 +42,7 @@ import torch
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from pygen.diffusers.ddpm import NAN, PREDICTIONS, TimestepTableMixin, _sqrt, prediction_columns, threshold_sample
-from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_S, COL_SLOT
+from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_S, COL_SLOT
 
 __all__ = ["DDIMScheduler"]
 
@@ -51,10 +51,9 @@ class DDIMScheduler(TimestepTableMixin, diffusers.DDIMScheduler):
     """diffusers' DDIMScheduler with a fused, sync-free ``step()`` (same config and API).
 
     One fused launch per step for every prediction type, timestep spacing, steps_offset,
-    set_alpha_to_one, rescale_betas_zero_snr, any eta (a cached table per eta value) and
-    clip_sample with ``use_clipped_model_output=True`` or no clipping; clip_sample with the
-    default ``use_clipped_model_output=False`` adds one device addcmul; thresholding runs on
-    device ops around the fused step. See the module docstring.
+    set_alpha_to_one, rescale_betas_zero_snr, any eta (a cached table per eta value),
+    clip_sample and use_clipped_model_output; thresholding runs on device ops before the fused
+    step. See the module docstring.
     """
 
     def _pygen_default_key(self):
@@ -67,8 +66,7 @@ class DDIMScheduler(TimestepTableMixin, diffusers.DDIMScheduler):
         final = float(self.final_alpha_cumprod)
         T = len(ac)
         offset = self.config.num_train_timesteps // self.num_inference_steps
-        rows = self._pygen_empty_rows(T)
-        aux = np.zeros((T, 1))  # dir·em: coefficient of model_output (raw eps)
+        rows = self._pygen_empty_rows(T, history=1 if raw_eps else 0)
         for t in range(T):
             at = ac[t]
             ap = ac[t - offset] if t - offset >= 0 else final
@@ -83,14 +81,14 @@ class DDIMScheduler(TimestepTableMixin, diffusers.DDIMScheduler):
                 em = -sat * cm / s1at
                 rows[t, COL_A] = direction * ex
                 rows[t, COL_B] = sap
-                aux[t, 0] = direction * em
+                rows[t, COL_HIST] = direction * em  # weights model_output, passed as history
             else:
                 rows[t, COL_A] = direction / s1at
                 rows[t, COL_B] = sap - direction * sat / s1at
             rows[t, COL_S] = std if eta > 0 else 0.0
             if not (0 <= at <= 1):
                 rows[t, :COL_SLOT] = NAN
-        return rows, aux
+        return rows, np.zeros((T, 0))
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
@@ -120,16 +118,16 @@ class DDIMScheduler(TimestepTableMixin, diffusers.DDIMScheduler):
         m = model_output.to(compute)
         pt = self.config.prediction_type
         key = (eta, raw_eps, False, pt)
-        rows, aux = self._pygen_dev(key, x.device, x.dtype)
+        rows, _ = self._pygen_dev(key, x.device, x.dtype)
+        m = m.contiguous()
+        history = m.unsqueeze(0) if raw_eps else None  # the raw eps term (read only)
         if device_x0:
             x0 = self._pygen_pred_x0(rows, m, x, index)
             x0 = threshold_sample(x0, self.config.dynamic_thresholding_ratio,
                                   self.config.sample_max_value) if thr else x0.clamp(-r, r)
             rows_f, _ = self._pygen_dev((eta, raw_eps, True, pt), x.device, x.dtype)
-            prev, pred = self._pygen_run(rows_f, x0.contiguous(), x, index, noise)
+            prev, pred = self._pygen_run(rows_f, x0.contiguous(), x, index, noise, history=history)
         else:
-            prev, pred = self._pygen_run(rows, m, x, index, noise, clamp=r if clip else 0.0)
-        if raw_eps:
-            prev = prev.addcmul_(m, self._pygen_col(aux, index, 0, x.dim()).to(prev.dtype))
+            prev, pred = self._pygen_run(rows, m, x, index, noise, clamp=r if clip else 0.0, history=history)
         prev, pred = prev.to(out_dtype), pred.to(out_dtype)
         return self._pygen_output(DDIMSchedulerOutput, prev, pred, return_dict)

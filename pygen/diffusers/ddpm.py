@@ -100,7 +100,7 @@ def _to_device(t, device, dtype):
 class TimestepTableMixin(FusedSchedulerMixin):
     """Shared by the fused DDPM and DDIM: tables indexed by the timestep value (see module doc).
 
-    A table *variant* (``key``) is a float64 host pair ``(rows (T, 8), aux (T, k))`` built by
+    A table *variant* (``key``) is a float64 host pair ``(rows (T, 8 + history columns), aux (T, k))`` built by
     ``_pygen_variant(key)`` and cached per ``set_timesteps``; its device copies are cached per
     (device, accumulation dtype) on first use.
     """
@@ -141,9 +141,10 @@ class TimestepTableMixin(FusedSchedulerMixin):
         self._pygen_host_index(0, device)  # makes the per-device arange of row indices
 
     @staticmethod
-    def _pygen_empty_rows(n):
-        """(n, 8) float64 numpy rows, slot -1 (numpy: cheap element writes on the host)."""
-        rows = np.zeros((n, COL_HIST))
+    def _pygen_empty_rows(n, history=0):
+        """(n, 8 + history) float64 numpy rows, slot -1 (numpy: cheap element writes on the host).
+        The history columns weight tensors passed as the step's ``history`` (read only: slot -1)."""
+        rows = np.zeros((n, COL_HIST + history))
         rows[:, COL_SLOT] = -1.0
         return rows
 
@@ -207,8 +208,9 @@ class TimestepTableMixin(FusedSchedulerMixin):
             ar = cache[device] = torch.arange(rows, dtype=torch.int64, device=device)
         return ar[t:t + 1]
 
-    def _pygen_run(self, table, model_output, sample, index, noise=None, clamp=0.0):
-        """One fused launch: (prev, pred) in sample's dtype; the index is not advanced."""
+    def _pygen_run(self, table, model_output, sample, index, noise=None, clamp=0.0, history=None):
+        """One fused launch: (prev, pred) in sample's dtype; the index is not advanced. ``history``
+        (H, *sample.shape), read only, adds Σ_j table[:, 8 + j]·history[j] to prev."""
         launch = self._pygen_launchers.get(sample.device)
         if launch is None:
             launch = self._pygen_launchers[sample.device] = resolve_step_launcher(sample.device)
@@ -220,7 +222,7 @@ class TimestepTableMixin(FusedSchedulerMixin):
             noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
         prev = torch.empty_like(sample)
         pred = torch.empty_like(sample)
-        launch(sample, model_output, table, index, None, noise, prev, pred, self._pygen_seed, 0, None,
+        launch(sample, model_output, table, index, history, noise, prev, pred, self._pygen_seed, 0, None,
                float(clamp), False)
         return prev, pred
 
