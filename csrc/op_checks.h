@@ -248,7 +248,8 @@ inline void check_langevin_snr_args(const at::Tensor& x, const at::Tensor& score
 //                  pred_x0, seed, stream, row_seeds, clamp, advance)
 // ---------------------------------------------------------------------------
 // Every tensor is used as given (the outputs are written in place), so all must
-// already be contiguous. pred_x0 may be float32 for float16/bfloat16 x. Returns the
+// already be contiguous. pred_x0 and history may be float32 for float16/bfloat16 x
+// (diffusers' multistep schedulers keep their history in float32). Returns the
 // number of history slots H of the table.
 inline int64_t check_sampler_step_args(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coeffs,
                                        const at::Tensor& step_index, const std::optional<at::Tensor>& history,
@@ -279,10 +280,11 @@ inline int64_t check_sampler_step_args(const at::Tensor& x, const at::Tensor& mo
                 " history columns)");
     check_tensor_on(*history, "history", type);
     check_same_device(*history, "history", x, "x");
-    TORCH_CHECK(history->scalar_type() == x.scalar_type() && history->dim() == x.dim() + 1 &&
-                    history->size(0) == num_hist && history->numel() == num_hist * x.numel(),
-                "pygen: history must have shape (H, *x.shape) with H = ", num_hist, " and x's dtype, got ",
-                history->scalar_type(), " of shape ", history->sizes());
+    TORCH_CHECK((history->scalar_type() == x.scalar_type() || history->scalar_type() == acc_type) &&
+                    history->dim() == x.dim() + 1 && history->size(0) == num_hist &&
+                    history->numel() == num_hist * x.numel(),
+                "pygen: history must have shape (H, *x.shape) with H = ", num_hist, " and x's dtype (or ", acc_type,
+                "), got ", history->scalar_type(), " of shape ", history->sizes());
   }
   if (noise.has_value()) check_like(*noise, "noise", x, "x", type);
   if (pred_x0.has_value()) {  // x's dtype, or float32 for float16/bfloat16 x (diffusers' upcast pred)

@@ -488,10 +488,10 @@ LAUNCH_CASES = [
 ]
 
 
-# float16 sample and model output: Euler / EulerAncestral / FlowMatch read and write half directly
-# (fp32 arithmetic in the kernel, a float32 pred_original_sample); DPM-Solver and UniPC upcast the
-# sample and model output and cast prev_sample back (their history stays float32, as stock).
-HALF_LAUNCHES = {"DPMSolverMultistepScheduler": 4, "UniPCMultistepScheduler": 4}
+# float16 sample and model output: Euler / EulerAncestral / FlowMatch / DPM-Solver read and write
+# half directly (fp32 arithmetic in the kernel; a float32 pred_original_sample, DPM-Solver's
+# history ring in float32); UniPC upcasts the sample and model output and casts prev_sample back.
+HALF_LAUNCHES = {"UniPCMultistepScheduler": 4}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

@@ -130,9 +130,11 @@ def test_dpm_long_schedule_third_order():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("algo", ["dpmsolver++", "sde-dpmsolver++"])
 def test_dpm_half_precision(dtype, algo):
-    (ref, got), _ = side_by_side(diffusers.DPMSolverMultistepScheduler, FusedDPM, dpm_cfg(algo), steps=10,
-                                 dtype=dtype, generator_seed=1)
+    (ref, got), (stock, fused) = side_by_side(diffusers.DPMSolverMultistepScheduler, FusedDPM, dpm_cfg(algo),
+                                              steps=10, dtype=dtype, generator_seed=1)
     assert got.dtype == ref.dtype == dtype
+    if algo == "dpmsolver++":  # (the one-launch half path)
+        assert [m.dtype for m in fused.model_outputs] == [m.dtype for m in stock.model_outputs]
     tol = 4 * (2.0**-10 if dtype == torch.float16 else 2.0**-7)
     assert_close_to_stock(ref, got, rtol=tol)
 

@@ -275,6 +275,37 @@ def test_float32_pred_x0_for_half_x(backend, dtype):
             launch(x, m, coeffs, torch.tensor([0]), None, None, out, torch.empty(x.shape, dtype=torch.float64),
                    9, 1, None, 0.0, False)
 
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_history_for_half_x(backend, dtype):
+    """A float32 history with float16/bfloat16 x (diffusers' multistep schedulers keep their model
+    outputs in float32): read and written unrounded, so a half step equals the float32 step on the
+    upcast x / model_out up to the final rounding of x_next. Per-row steps, one of them writing a
+    slot and one out of range."""
+    require_backend(backend)
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(6)
+    coeffs = _table("dpmpp_2m", "x0", 0.0, torch.float32).to(dev)  # one history column, slot writes
+    x = torch.randn(3, 517, generator=gen).to(dev, dtype)
+    m = torch.randn(3, 517, generator=gen).to(dev, dtype)
+    hist = torch.randn(1, 3, 517, generator=gen).to(dev)
+    steps = torch.tensor([1, 0, coeffs.shape[0]], device=dev)
+    with pygen.use_backend(backend):
+        h_half = hist.clone()
+        out, pred = pygen.sampler_step(x, m, coeffs, steps.clone(), history=h_half, return_pred_x0=True)
+    with pygen.use_backend("torch"):
+        h_ref = hist.clone()
+        out_ref = pygen.sampler_step(x.float(), m.float(), coeffs, steps.clone(), history=h_ref)
+    assert out.dtype == dtype and h_half.dtype == torch.float32
+    torch.testing.assert_close(h_half.cpu(), h_ref.cpu(), rtol=1e-6, atol=1e-6, equal_nan=True)  # unrounded
+    assert not torch.equal(h_half.cpu(), hist.cpu())  # the step wrote its slot
+    _check(out[:2].cpu(), out_ref[:2].to(dtype).cpu(), dtype, False)
+    assert torch.isnan(out[2]).all() and torch.isnan(pred[2]).all()  # out-of-range step: NaN row
+    with pytest.raises(TypeError, match="history"):
+        pygen.sampler_step(x, m, coeffs, steps.clone(), history=hist.double())
+
+
 def test_bad_input():
     coeffs = _table("ddim", "eps", 0.0, torch.float32)
     x = torch.randn(2, 4)

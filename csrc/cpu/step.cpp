@@ -31,9 +31,10 @@ struct StepArgs {
   double clamp;
 };
 
-template <typename scalar_t, typename pred_t>
+// pred_t / hist_t: scalar_t, or acc_t<scalar_t> (float32) for float16/bfloat16 x.
+template <typename scalar_t, typename pred_t, typename hist_t>
 void step_kernel(const StepArgs& p, const NoiseLayout& layout, const scalar_t* x, const scalar_t* m,
-                 const acc_t<scalar_t>* coeffs, scalar_t* hist, int64_t hist_stride, const scalar_t* noise,
+                 const acc_t<scalar_t>* coeffs, hist_t* hist, int64_t hist_stride, const scalar_t* noise,
                  scalar_t* out, pred_t* pred) {
   using acc = acc_t<scalar_t>;
   for_each_noise_chunk(layout, [&](int64_t r, int64_t i0, int64_t len) {
@@ -74,12 +75,12 @@ void step_kernel(const StepArgs& p, const NoiseLayout& layout, const scalar_t* x
     }
     for (int64_t j = 0; j < p.num_hist; ++j) {
       const acc cj = c[step::kColHist + j];
-      const scalar_t* hj = hist + j * hist_stride + base;
+      const hist_t* hj = hist + j * hist_stride + base;
       for (int64_t i = 0; i < len; ++i) res[i] += cj * static_cast<acc>(hj[i]);
     }
     if (write_hist) {
-      scalar_t* hs = hist + slot * hist_stride + base;
-      for (int64_t i = 0; i < len; ++i) hs[i] = static_cast<scalar_t>(hx * static_cast<acc>(xs[i]) + hd * d[i]);
+      hist_t* hs = hist + slot * hist_stride + base;
+      for (int64_t i = 0; i < len; ++i) hs[i] = static_cast<hist_t>(hx * static_cast<acc>(xs[i]) + hd * d[i]);
     }
     if (pred != nullptr) {
       pred_t* ps = pred + base;
@@ -113,18 +114,27 @@ void sampler_step_out_cpu(const at::Tensor& x, const at::Tensor& model_out, cons
   p.clamp = clamp;
   const NoiseLayout layout = make_noise_layout(x.numel(), batch, per_row_steps || row_seeds.has_value());
   if (x.numel() > 0) {
-    const bool acc_pred = pred_x0.has_value() && pred_x0->scalar_type() != x.scalar_type();  // float32 pred
+    // float32 pred_x0 / history for float16/bfloat16 x
+    const bool acc_pred = pred_x0.has_value() && pred_x0->scalar_type() != x.scalar_type();
+    const bool acc_hist = num_hist > 0 && history->scalar_type() != x.scalar_type();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_out_cpu", [&] {
       using acc = acc_t<scalar_t>;
-      auto run = [&](auto* pred) {
-        step_kernel(p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(), coeffs.data_ptr<acc>(),
-                    num_hist > 0 ? history->data_ptr<scalar_t>() : nullptr, x.numel(),
-                    noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), pred);
+      auto run = [&](auto* pred, auto* hist) {
+        step_kernel(p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(), coeffs.data_ptr<acc>(), hist,
+                    x.numel(), noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                    pred);
+      };
+      auto with_hist = [&](auto* pred) {
+        if (acc_hist) {
+          run(pred, history->data_ptr<acc>());
+        } else {
+          run(pred, num_hist > 0 ? history->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
+        }
       };
       if (acc_pred) {
-        run(pred_x0->data_ptr<acc>());
+        with_hist(pred_x0->data_ptr<acc>());
       } else {
-        run(pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
+        with_hist(pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
       }
     });
   }

@@ -34,10 +34,10 @@ struct StepParams {
 };
 
 // The update of one Philox group at table row `step`.
-template <typename scalar_t, typename pred_t>
+template <typename scalar_t, typename pred_t, typename hist_t>
 __device__ __forceinline__ void step_group(const StepParams& p, const NoiseGroup& ng, int64_t step, const scalar_t* x,
                                            const scalar_t* __restrict__ m, const acc_t<scalar_t>* __restrict__ coeffs,
-                                           scalar_t* hist, const scalar_t* __restrict__ noise, scalar_t* out,
+                                           hist_t* hist, const scalar_t* __restrict__ noise, scalar_t* out,
                                            pred_t* __restrict__ pred) {
   using acc = acc_t<scalar_t>;
   const bool valid = step >= 0 && step < p.num_steps;
@@ -71,18 +71,18 @@ __device__ __forceinline__ void step_group(const StepParams& p, const NoiseGroup
       xn += ck * static_cast<acc>(hist[k * p.hist_stride + e]);
     }
     if (write_hist) {
-      hist[slot * p.hist_stride + e] = static_cast<scalar_t>(row[step::kColHx] * xv + row[step::kColHd] * d);
+      hist[slot * p.hist_stride + e] = static_cast<hist_t>(row[step::kColHx] * xv + row[step::kColHd] * d);
     }
     if (pred != nullptr) pred[e] = static_cast<pred_t>(d);
     out[e] = static_cast<scalar_t>(xn);
   }
 }
 
-// pred_t: scalar_t, or float for float16/bfloat16 x (a float32 pred_x0).
-template <typename scalar_t, typename pred_t>
+// pred_t / hist_t: scalar_t, or float for float16/bfloat16 x (a float32 pred_x0 / history).
+template <typename scalar_t, typename pred_t, typename hist_t>
 __global__ void sampler_step_kernel(StepParams p, NoiseLayout layout, const scalar_t* x,  // out may alias x
                                     const scalar_t* __restrict__ m, const acc_t<scalar_t>* __restrict__ coeffs,
-                                    scalar_t* hist, const scalar_t* __restrict__ noise, scalar_t* out,
+                                    hist_t* hist, const scalar_t* __restrict__ noise, scalar_t* out,
                                     pred_t* __restrict__ pred) {
   const int64_t w = global_thread_index();
   if (!p.fused_advance) {
@@ -137,20 +137,29 @@ void sampler_step_out_cuda(const at::Tensor& x, const at::Tensor& model_out, con
   const unsigned int blocks = blocks_for(layout.work_items());
   p.fused_advance = advance && !per_row_steps && x.numel() > 0 && blocks <= step::kMaxAdvanceBlocks;
   if (x.numel() > 0) {
-    const bool acc_pred = pred_x0.has_value() && pred_x0->scalar_type() != x.scalar_type();  // float32 pred
+    // float32 pred_x0 / history for float16/bfloat16 x
+    const bool acc_pred = pred_x0.has_value() && pred_x0->scalar_type() != x.scalar_type();
+    const bool acc_hist = num_hist > 0 && history->scalar_type() != x.scalar_type();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_out_cuda", [&] {
       using acc = acc_t<scalar_t>;
-      auto launch = [&](auto* pred) {
+      auto launch = [&](auto* pred, auto* hist) {
         using pred_t = std::remove_pointer_t<decltype(pred)>;
-        sampler_step_kernel<scalar_t, pred_t><<<blocks, kThreads, 0, cuda_stream>>>(
-            p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(), coeffs.data_ptr<acc>(),
-            num_hist > 0 ? history->data_ptr<scalar_t>() : nullptr,
+        using hist_t = std::remove_pointer_t<decltype(hist)>;
+        sampler_step_kernel<scalar_t, pred_t, hist_t><<<blocks, kThreads, 0, cuda_stream>>>(
+            p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(), coeffs.data_ptr<acc>(), hist,
             noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), pred);
       };
+      auto with_hist = [&](auto* pred) {
+        if (acc_hist) {
+          launch(pred, history->data_ptr<acc>());
+        } else {
+          launch(pred, num_hist > 0 ? history->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
+        }
+      };
       if (acc_pred) {
-        launch(pred_x0->data_ptr<acc>());
+        with_hist(pred_x0->data_ptr<acc>());
       } else {
-        launch(pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
+        with_hist(pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
       }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -348,22 +348,24 @@ class FusedSchedulerMixin:
             return self._pygen_key_t if noisy else torch.zeros((), dtype=torch.int64)
         return self._pygen_seed if noisy else 0
 
-    def _pygen_history_for(self, x, num_hist):
-        """The history ring (num_hist, *x.shape), zeroed when first needed or when x's shape, dtype or
-        device changes; None for tables without history columns."""
+    def _pygen_history_for(self, x, num_hist, dtype=None):
+        """The history ring (num_hist, *x.shape) in ``dtype`` (default x's), zeroed when first needed or
+        when its shape, dtype or device changes; None for tables without history columns."""
         if not num_hist:
             return None
+        dtype = x.dtype if dtype is None else dtype
         h = self._pygen_history
-        if h is None or h.shape[1:] != x.shape or h.dtype != x.dtype or h.device != x.device:
-            h = self._pygen_history = torch.zeros((num_hist,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        if h is None or h.shape[1:] != x.shape or h.dtype != dtype or h.device != x.device:
+            h = self._pygen_history = torch.zeros((num_hist,) + tuple(x.shape), dtype=dtype, device=x.device)
         return h
 
     def _pygen_launch(self, model_output, sample, index, noise=None, *, clamp=0.0, advance=True, out_dtype=None,
-                      want_pred=True, table=None, pred_dtype=None):
+                      want_pred=True, table=None, pred_dtype=None, hist_dtype=None):
         """One fused step: returns (prev_sample, pred_original_sample) in ``out_dtype`` (default: sample's);
         with ``want_pred=False`` the kernel skips pred_original_sample (returned as None). ``table``:
-        the device table to use (default: this schedule's table). ``pred_dtype``: float32 for a
-        float16/bfloat16 sample makes the kernel write the predicted x0 unrounded in float32."""
+        the device table to use (default: this schedule's table). ``pred_dtype`` / ``hist_dtype``:
+        float32 for a float16/bfloat16 sample makes the kernel write the predicted x0 / keep its
+        history unrounded in float32."""
         if isinstance(model_output, torch.Tensor) and model_output.dtype != sample.dtype:
             model_output = model_output.to(sample.dtype)  # diffusers mixes dtypes freely (fp16 model, fp32 sample)
         check_model_out(model_output, sample, "model_output")
@@ -371,7 +373,7 @@ class FusedSchedulerMixin:
         model_output = model_output.contiguous()
         if table is None:
             table = self._pygen_table(sample.device, sample.dtype)
-        history = self._pygen_history_for(sample, table.shape[1] - COL_HIST)
+        history = self._pygen_history_for(sample, table.shape[1] - COL_HIST, hist_dtype)
         if noise is not None:
             noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
         launch = step_launcher(self._pygen_launchers, sample.device)

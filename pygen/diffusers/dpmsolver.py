@@ -43,7 +43,11 @@ Not fused:
   update (its step fails there); this class raises a ValueError at that step.
 
 Numerics: samples are computed in float32 (float64 for float64 samples, where diffusers
-computes in float32), ``prev_sample`` has the dtype diffusers returns.
+computes in float32), ``prev_sample`` has the dtype diffusers returns. A float16/bfloat16
+sample with a model output of the same dtype (ODE variants, no thresholding) is read and written
+by the kernel directly, with the history ring in float32: one launch, no upcast copies; the
+``model_outputs`` entries then have the sample's dtype, as diffusers'. Otherwise the sample and
+model output are upcast to float32 first and prev_sample cast back.
 """
 import math
 
@@ -52,7 +56,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin, fast_output
+from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin, as_dtype, fast_output, half_io
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_S, COL_SLOT
 from pygen.samplers.program import check_model_out
 
@@ -248,6 +252,15 @@ class DPMSolverMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffuse
             out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
         idx = self._pygen_step_index(timestep, sample)
         compute = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        if (half_io(sample, model_output) and out_dtype == sample.dtype and not cfg.thresholding
+                and cfg.algorithm_type not in _SDE):
+            # one launch: the kernel reads the half sample and model output, computes in float32 and
+            # keeps its history ring (the converted model outputs) in float32; model_outputs (the
+            # attribute) are in the sample's dtype, as diffusers' are
+            check_model_out(model_output, sample, "model_output")
+            prev, pred = self._pygen_launch(model_output, sample, idx, None, hist_dtype=compute,
+                                            table=self._pygen_dev_table(lon, sample.device, compute))
+            return self._pygen_finish(prev, pred, order, return_dict)
         x = sample.to(compute)
         m = model_output.to(compute)
         check_model_out(m, x, "model_output")
@@ -266,10 +279,12 @@ class DPMSolverMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffuse
             if noise is not None:
                 noise = check_model_out(noise.to(compute), x, "variance_noise")
         prev, pred = self._pygen_fused(m, x, idx, noise, lon)
+        return self._pygen_finish(as_dtype(prev, out_dtype), pred, order, return_dict)
+
+    def _pygen_finish(self, prev, pred, order, return_dict):
         self.model_outputs = list(self.model_outputs[1:]) + [pred] if order > 1 else [pred]
         if self.lower_order_nums < order:
             self.lower_order_nums += 1
-        prev = prev.to(out_dtype)
         if not return_dict:
             return (prev,)
         return fast_output(SchedulerOutput, prev_sample=prev)

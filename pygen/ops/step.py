@@ -107,7 +107,8 @@ def sampler_step(x, model_out, coeffs, step_index, *, history=None, noise=None, 
         step_index: int64 tensor on ``x.device``: shape (1,) for one step for
             the whole batch, or (B,) for one step per row.
         history: (H, B, ...) buffer for multistep/2nd-order kinds (H = table
-            width - 8), updated in place.
+            width - 8), updated in place; x's dtype, or float32 for float16/bfloat16
+            x (read and written unrounded, as diffusers' multistep schedulers keep it).
         noise: explicit noise (same shape as x); else drawn in the kernel from
             ``seed`` (int or per-row int64 tensor) and ``stream + step``.
         clamp: clip the predicted x0 to [-clamp, clamp] (diffusers clip_sample).
@@ -134,7 +135,7 @@ def sampler_step(x, model_out, coeffs, step_index, *, history=None, noise=None, 
     if num_hist:
         if history is None:
             raise ValueError(f"history is required: coeffs has {num_hist} history column(s)")
-        check_tensor("history", history, dtypes=(x.dtype,), device=x.device)
+        check_tensor("history", history, dtypes=(x.dtype, want), device=x.device)  # float32 for half x too
         if tuple(history.shape) != (num_hist,) + tuple(x.shape):
             raise ValueError(f"history must have shape {(num_hist,) + tuple(x.shape)}, got {tuple(history.shape)}")
         if not history.is_contiguous():
