@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
+from pygen.diffusers._base import as_dtype
 from pygen.diffusers.ddpm import NAN, PREDICTIONS, TimestepTableMixin, _sqrt, prediction_columns, threshold_sample
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_S, COL_SLOT
 
@@ -114,8 +115,8 @@ class DDIMScheduler(TimestepTableMixin, diffusers.DDIMScheduler):
         compute = out_dtype
         if device_x0:
             compute = torch.float64 if out_dtype == torch.float64 else torch.float32
-        x = sample.to(compute)
-        m = model_output.to(compute)
+        x = as_dtype(sample, compute)
+        m = as_dtype(model_output, compute)
         pt = self.config.prediction_type
         key = (eta, raw_eps, False, pt)
         rows, _ = self._pygen_dev(key, x.device, x.dtype)
@@ -129,5 +130,5 @@ class DDIMScheduler(TimestepTableMixin, diffusers.DDIMScheduler):
             prev, pred = self._pygen_run(rows_f, x0.contiguous(), x, index, noise, history=history)
         else:
             prev, pred = self._pygen_run(rows, m, x, index, noise, clamp=r if clip else 0.0, history=history)
-        prev, pred = prev.to(out_dtype), pred.to(out_dtype)
+        prev, pred = as_dtype(prev, out_dtype), as_dtype(pred, out_dtype)
         return self._pygen_output(DDIMSchedulerOutput, prev, pred, return_dict)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin
+from pygen.diffusers._base import FusedSchedulerMixin, as_dtype
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_S, COL_SLOT
 from pygen.samplers.program import resolve_step_launcher
 
@@ -339,8 +339,8 @@ class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
         compute = out_dtype
         if learned or device_x0:
             compute = torch.float64 if out_dtype == torch.float64 else torch.float32
-        x = sample.to(compute)
-        m = model_output.to(compute)
+        x = as_dtype(sample, compute)
+        m = as_dtype(model_output, compute)
         noise = None
         if draw:
             noise = self._pygen_noise(model_output, generator)
@@ -376,5 +376,5 @@ class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
                 std = torch.exp(0.5 * log_var)
             zero = torch.zeros((), dtype=compute, device=x.device)
             prev = prev + torch.where(flag > 0, std * noise.to(compute), zero)  # t = 0: no noise (not 0·NaN)
-        prev, pred = prev.to(out_dtype), pred.to(out_dtype)
+        prev, pred = as_dtype(prev, out_dtype), as_dtype(pred, out_dtype)
         return self._pygen_output(DDPMSchedulerOutput, prev, pred, return_dict)
