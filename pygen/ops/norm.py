@@ -48,9 +48,11 @@ on every backend: fixed tiles summed in a fixed order, no atomics.
 
 Backends: torch reference (this file), Triton (kernels/norm.py), C++ CPU
 (csrc/cpu/norm.cpp), CUDA (csrc/cuda/norm.cu). Every public function is
-differentiable (a torch.autograd.Function calling the backend's backward op);
-``torch.library.register_autograd`` is registered on the forward ops and
-their ``_triton`` variants too.
+differentiable. The compiled ops (cpu, cuda) carry a C++ autograd calling their
+backward op (csrc/autograd/norm.cpp); the torch and triton backends use the
+torch.autograd.Functions below, and ``torch.library.register_autograd`` is
+registered on the ``_triton`` variants (and on the forward ops when the
+extension is absent) with the same formulas.
 """
 import math
 
