@@ -300,6 +300,26 @@ inline int64_t check_sampler_step_args(const at::Tensor& x, const at::Tensor& mo
   return num_hist;
 }
 
+// Calls f(pred, hist) with sampler_step_out's pred_x0 and history as typed pointers: scalar_t*
+// (x's dtype), wide_t* when given in the accumulation dtype (float32 for float16/bfloat16 x), or
+// a null scalar_t* when absent. Shared by the CPU and CUDA kernels' dispatch.
+template <typename scalar_t, typename wide_t, typename F>
+void with_step_pointers(const at::Tensor& x, const std::optional<at::Tensor>& pred_x0,
+                        const std::optional<at::Tensor>& history, int64_t num_hist, F&& f) {
+  auto with_hist = [&](auto* pred) {
+    if (num_hist > 0 && history->scalar_type() != x.scalar_type()) {
+      f(pred, history->data_ptr<wide_t>());
+    } else {
+      f(pred, num_hist > 0 ? history->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
+    }
+  };
+  if (pred_x0.has_value() && pred_x0->scalar_type() != x.scalar_type()) {
+    with_hist(pred_x0->data_ptr<wide_t>());
+  } else {
+    with_hist(pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
+  }
+}
+
 // ---------------------------------------------------------------------------
 // step_coefficients(levels, kind, prediction, eta, param0, param1)
 // ---------------------------------------------------------------------------

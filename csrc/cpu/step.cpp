@@ -114,28 +114,13 @@ void sampler_step_out_cpu(const at::Tensor& x, const at::Tensor& model_out, cons
   p.clamp = clamp;
   const NoiseLayout layout = make_noise_layout(x.numel(), batch, per_row_steps || row_seeds.has_value());
   if (x.numel() > 0) {
-    // float32 pred_x0 / history for float16/bfloat16 x
-    const bool acc_pred = pred_x0.has_value() && pred_x0->scalar_type() != x.scalar_type();
-    const bool acc_hist = num_hist > 0 && history->scalar_type() != x.scalar_type();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_out_cpu", [&] {
       using acc = acc_t<scalar_t>;
-      auto run = [&](auto* pred, auto* hist) {
+      with_step_pointers<scalar_t, acc>(x, pred_x0, history, num_hist, [&](auto* pred, auto* hist) {
         step_kernel(p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(), coeffs.data_ptr<acc>(), hist,
                     x.numel(), noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                     pred);
-      };
-      auto with_hist = [&](auto* pred) {
-        if (acc_hist) {
-          run(pred, history->data_ptr<acc>());
-        } else {
-          run(pred, num_hist > 0 ? history->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
-        }
-      };
-      if (acc_pred) {
-        with_hist(pred_x0->data_ptr<acc>());
-      } else {
-        with_hist(pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
-      }
+      });
     });
   }
   if (advance) {

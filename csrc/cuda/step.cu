@@ -137,30 +137,15 @@ void sampler_step_out_cuda(const at::Tensor& x, const at::Tensor& model_out, con
   const unsigned int blocks = blocks_for(layout.work_items());
   p.fused_advance = advance && !per_row_steps && x.numel() > 0 && blocks <= step::kMaxAdvanceBlocks;
   if (x.numel() > 0) {
-    // float32 pred_x0 / history for float16/bfloat16 x
-    const bool acc_pred = pred_x0.has_value() && pred_x0->scalar_type() != x.scalar_type();
-    const bool acc_hist = num_hist > 0 && history->scalar_type() != x.scalar_type();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_out_cuda", [&] {
       using acc = acc_t<scalar_t>;
-      auto launch = [&](auto* pred, auto* hist) {
+      with_step_pointers<scalar_t, acc>(x, pred_x0, history, num_hist, [&](auto* pred, auto* hist) {
         using pred_t = std::remove_pointer_t<decltype(pred)>;
         using hist_t = std::remove_pointer_t<decltype(hist)>;
         sampler_step_kernel<scalar_t, pred_t, hist_t><<<blocks, kThreads, 0, cuda_stream>>>(
             p, layout, x.data_ptr<scalar_t>(), model_out.data_ptr<scalar_t>(), coeffs.data_ptr<acc>(), hist,
             noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), pred);
-      };
-      auto with_hist = [&](auto* pred) {
-        if (acc_hist) {
-          launch(pred, history->data_ptr<acc>());
-        } else {
-          launch(pred, num_hist > 0 ? history->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
-        }
-      };
-      if (acc_pred) {
-        with_hist(pred_x0->data_ptr<acc>());
-      } else {
-        with_hist(pred_x0.has_value() ? pred_x0->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
-      }
+      });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -256,8 +256,7 @@ class DPMSolverMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffuse
                 and cfg.algorithm_type not in _SDE):
             # one launch: the kernel reads the half sample and model output, computes in float32 and
             # keeps its history ring (the converted model outputs) in float32; model_outputs (the
-            # attribute) are in the sample's dtype, as diffusers' are
-            check_model_out(model_output, sample, "model_output")
+            # attribute) are in the sample's dtype, as diffusers' are (_pygen_launch checks model_output)
             prev, pred = self._pygen_launch(model_output, sample, idx, None, hist_dtype=compute,
                                             table=self._pygen_dev_table(lon, sample.device, compute))
             return self._pygen_finish(prev, pred, order, return_dict)

@@ -223,12 +223,11 @@ def _run(name, q, k, v, scale, causal, grad):
         return torch.ops.pygen.attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), scale, causal)[0]
     if grad and (name == "triton" or _bwd_op(name, q.dtype) is not _compiled_bwd):
         return _AttentionFunction.apply(q, k, v, scale, causal, name)  # Triton backward
-    if grad:  # the compiled op's C++ autograd (csrc/autograd/attention.cpp) pairs it with its backward
-        return _compiled_fwd(q, k, v, scale, causal)[0]
     if name == "triton":  # the hot path: a direct launch, no lse
         from pygen.kernels import attention as tk
 
         return tk.attention_fwd(q, k, v, scale, causal, False)[0]
+    # the compiled op; with grad its C++ autograd (csrc/autograd/attention.cpp) pairs it with its backward
     return _compiled_fwd(q, k, v, scale, causal)[0]
 
 
