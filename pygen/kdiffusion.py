@@ -28,9 +28,16 @@ SDE) keep what their second stage needs of the first in a history slot;
 multistep methods (LMS, DPM++(2M), 2M/3M SDE) keep earlier denoised values or
 derivatives in a ring of slots. So every model evaluation is followed by
 exactly one fused launch; the row index lives on the device, nothing is read
-back to the host inside the loop, and the sample is updated in place (a fresh
-tensor per step when a ``callback`` is given, since k-diffusion's callbacks
-may keep ``x``). The caller's ``x`` is never modified.
+back to the host inside the loop. As in k-diffusion, no tensor is written once
+it has been handed out: every launch writes a fresh ``x`` (``torch.empty_like``;
+cheap under CUDA's caching allocator), so the caller's ``x`` and every ``x`` a
+model, wrapper or callback received (and may keep) stay as they were.
+
+The model's sigma is ``sigma_k * s_in`` exactly as k-diffusion passes it: x's
+dtype (type promotion of a 0-d sigmas element times the 1-D x-dtype ``s_in``),
+x's device, shape ``(B,)``, sigma_k computed from the sigmas tensor with
+k-diffusion's expressions (same value to the last ulp); these rows are built
+once per program, device and dtype, and never written.
 
 Programs are cached: a call with the same sampler, arguments and sigma values
 as a recent one (the usual case: one schedule, many batches) reuses its table
@@ -285,6 +292,7 @@ class _Plan:
         self.width = width
         self.rows = []         # one table row per model evaluation
         self.call_sigmas = []  # sigma of each model evaluation
+        self.call_specs = []   # how k-diffusion computes that sigma from the sigmas tensor (_model_sigmas)
         self.noise = []        # per launch: None, or (sigma, sigma_next) for the noise sampler
         self.first = []        # per launch: the k-diffusion step it starts, or -1
         self.steps = []        # per step: the launches (row numbers) it runs
@@ -305,7 +313,7 @@ class _Plan:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return (x.to(acc) + self.churn0 * randn(x.shape, seed, 0, device=x.device, dtype=acc)).to(x.dtype)
 
-    def launch(self, step, sigma, noise=None, **cols):
+    def launch(self, step, sigma, noise=None, spec=None, **cols):
         row = [0.0] * self.width
         row[COL_CM] = 1.0
         row[COL_SLOT] = -1.0
@@ -318,6 +326,7 @@ class _Plan:
         k = len(self.rows)
         self.rows.append(row)
         self.call_sigmas.append(float(sigma))
+        self.call_specs.append(("at", step) if spec is None else spec)
         self.noise.append(noise)
         if len(self.steps) <= step:
             self.steps.append([])
@@ -383,9 +392,9 @@ def _plan_euler(sig, s_churn, s_tmin, s_tmax, s_noise):
     churn = _churn(sig, s_churn, s_tmin, s_tmax, s_noise)
     n = len(sig) - 1
     for i in range(n):
-        _, sh, _ = churn[i]
+        gamma, sh, _ = churn[i]
         nxt = churn[i + 1][2] if i + 1 < n else 0.0
-        _euler_rows(plan, i, sh, sig[i + 1] - sh, s=nxt)
+        _euler_rows(plan, i, sh, sig[i + 1] - sh, s=nxt, spec=("hat", i, gamma))
         plan.sigma_hat.append(churn[i][0] + 1)
     plan.churn0 = churn[0][2]
     return plan
@@ -396,16 +405,16 @@ def _plan_heun(sig, s_churn, s_tmin, s_tmax, s_noise):
     churn = _churn(sig, s_churn, s_tmin, s_tmax, s_noise)
     n = len(sig) - 1
     for i in range(n):
-        _, sh, _ = churn[i]
+        gamma, sh, _ = churn[i]
         nxt = churn[i + 1][2] if i + 1 < n else 0.0
         sn = sig[i + 1]
         dt = sn - sh
         if sn == 0:
-            _euler_rows(plan, i, sh, dt, s=nxt)
+            _euler_rows(plan, i, sh, dt, s=nxt, spec=("hat", i, gamma))
         else:
             # x_2 = x + d·dt; keep h = x + d·dt/2, then x = h + d_2·dt/2.
-            _euler_rows(plan, i, sh, dt, hx=1.0 + 0.5 * dt / sh, hd=-0.5 * dt / sh, slot=0)
-            plan.launch(i, sn, a=0.5 * dt / sn, b=-0.5 * dt / sn, hist={0: 1.0}, s=nxt)
+            _euler_rows(plan, i, sh, dt, hx=1.0 + 0.5 * dt / sh, hd=-0.5 * dt / sh, slot=0, spec=("hat", i, gamma))
+            plan.launch(i, sn, a=0.5 * dt / sn, b=-0.5 * dt / sn, hist={0: 1.0}, s=nxt, spec=("at", i + 1))
         plan.sigma_hat.append(churn[i][0] + 1)
     plan.churn0 = churn[0][2]
     return plan
@@ -420,16 +429,16 @@ def _plan_dpm_2(sig, s_churn, s_tmin, s_tmax, s_noise):
     churn = _churn(sig, s_churn, s_tmin, s_tmax, s_noise)
     n = len(sig) - 1
     for i in range(n):
-        _, sh, _ = churn[i]
+        gamma, sh, _ = churn[i]
         nxt = churn[i + 1][2] if i + 1 < n else 0.0
         sn = sig[i + 1]
         if sn == 0:
-            _euler_rows(plan, i, sh, sn - sh, s=nxt)
+            _euler_rows(plan, i, sh, sn - sh, s=nxt, spec=("hat", i, gamma))
         else:
             sm = _mid(sh, sn)
             dt1, dt2 = sm - sh, sn - sh
-            _euler_rows(plan, i, sh, dt1, hx=1.0, hd=0.0, slot=0)
-            plan.launch(i, sm, a=dt2 / sm, b=-dt2 / sm, hist={0: 1.0}, s=nxt)
+            _euler_rows(plan, i, sh, dt1, hx=1.0, hd=0.0, slot=0, spec=("hat", i, gamma))
+            plan.launch(i, sm, a=dt2 / sm, b=-dt2 / sm, hist={0: 1.0}, s=nxt, spec=("mid", i, gamma))
         plan.sigma_hat.append(churn[i][0] + 1)
     plan.churn0 = churn[0][2]
     return plan
@@ -459,7 +468,8 @@ def _plan_dpm_2_ancestral(sig, eta, s_noise):
             sm = _mid(s, sd)
             dt1, dt2 = sm - s, sd - s
             _euler_rows(plan, i, s, dt1, hx=1.0, hd=0.0, slot=0)
-            plan.launch(i, sm, a=dt2 / sm, b=-dt2 / sm, hist={0: 1.0}, s=s_noise * su, noise=(i, i + 1))
+            plan.launch(i, sm, a=dt2 / sm, b=-dt2 / sm, hist={0: 1.0}, s=s_noise * su, noise=(i, i + 1),
+                        spec=("amid", i, eta))
         plan.sigma_hat.append(None)
     return plan
 
@@ -492,7 +502,8 @@ def _plan_dpmpp_2s_ancestral(sig, eta, s_noise):
         else:
             h = math.log(s) - math.log(sd)  # t_next - t with t = -log(sigma)
             plan.launch(i, s, a=math.exp(-0.5 * h), b=-math.expm1(-0.5 * h), hx=1.0, hd=0.0, slot=0)
-            plan.launch(i, s * math.exp(-0.5 * h), a=0.0, b=-math.expm1(-h), hist={0: sd / s}, **noise)
+            plan.launch(i, s * math.exp(-0.5 * h), a=0.0, b=-math.expm1(-h), hist={0: sd / s}, spec=("2s", i, eta),
+                        **noise)
         plan.sigma_hat.append(None)
     return plan
 
@@ -522,10 +533,11 @@ def _plan_dpmpp_sde(sig, eta, s_noise, r, in_kernel):
                 kappa = s_noise * su2 * math.sqrt(len1 / (len1 + len2)) / s1 if s1 != 0 else 0.0
                 plan.launch(i, s, a=a1, b=b1, s=s1, hx=hx - kappa * a1, hd=hd - kappa * b1, slot=0)
                 plan.launch(i, s_mid, a=kappa, b=e2 * fac, hist={0: 1.0},
-                            s=s_noise * su2 * math.sqrt(len2 / (len1 + len2)))
+                            s=s_noise * su2 * math.sqrt(len2 / (len1 + len2)), spec=("sde", i, r))
             else:
                 plan.launch(i, s, a=a1, b=b1, s=s_noise * su1, hx=hx, hd=hd, slot=0, noise=("mid", i))
-                plan.launch(i, s_mid, a=0.0, b=e2 * fac, hist={0: 1.0}, s=s_noise * su2, noise=("mid2", i))
+                plan.launch(i, s_mid, a=0.0, b=e2 * fac, hist={0: 1.0}, s=s_noise * su2, noise=("mid2", i),
+                            spec=("sde", i, r))
         plan.sigma_hat.append(None)
     return plan
 
@@ -676,6 +688,49 @@ def _cached_plan(plan_fn, sig, plan_args):
     return plan
 
 
+def _sigma_down(sigma_from, sigma_to, eta):
+    """k-diffusion's get_ancestral_step(...)[0] on 0-d tensors (torch.minimum: Python's min, no sync)."""
+    if not eta:
+        return sigma_to
+    sigma_up = torch.minimum(sigma_to,
+                             eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    return (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+
+
+def _model_sigmas(specs, sigmas):
+    """The sigma of every model evaluation, computed from the sigmas tensor (its dtype and device) with
+    k-diffusion's own expressions, so each equals k-diffusion's to the last ulp; one 1-D tensor."""
+    out = []
+    for kind, i, *arg in specs:
+        if kind == "at":
+            v = sigmas[i]
+        elif kind in ("hat", "mid"):  # sigma_hat = sigmas[i] * (gamma + 1); DPM-2's midpoint
+            v = sigmas[i] * (arg[0] + 1)
+            if kind == "mid":
+                v = v.log().lerp(sigmas[i + 1].log(), 0.5).exp()
+        elif kind == "amid":  # DPM-2 ancestral's midpoint
+            v = sigmas[i].log().lerp(_sigma_down(sigmas[i], sigmas[i + 1], arg[0]).log(), 0.5).exp()
+        elif kind in ("2s", "sde"):  # sigma_fn(t + r·h) of DPM++(2S) ancestral (r = 1/2) and DPM++ SDE
+            t = sigmas[i].log().neg()
+            if kind == "2s":
+                t_next = _sigma_down(sigmas[i], sigmas[i + 1], arg[0]).log().neg()
+                v = (t + 1 / 2 * (t_next - t)).neg().exp()
+            else:
+                t_next = sigmas[i + 1].log().neg()
+                v = (t + (t_next - t) * arg[0]).neg().exp()
+        else:
+            raise AssertionError(kind)
+        out.append(v)
+    return torch.stack(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _model_sigma_dtype(sigma_dtype, x_dtype):
+    """The dtype of k-diffusion's ``sigmas[i] * s_in`` (a 0-d ``sigma_dtype`` tensor times a 1-D ``x_dtype``
+    one): type promotion, i.e. x's dtype for floating sigmas."""
+    return torch.result_type(torch.empty((), dtype=sigma_dtype), torch.empty(1, dtype=x_dtype))
+
+
 def _device_tables(plan, x, sigmas):
     """(coefficient table on x's device, the per-evaluation model sigmas ``sigma_k·s_in`` as views),
     made once per (device, dtypes, batch) and kept on the plan."""
@@ -686,9 +741,10 @@ def _device_tables(plan, x, sigmas):
         return got[0], got[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     coeffs = torch.tensor(plan.rows, dtype=torch.float64).to(device=x.device, dtype=acc)
-    # each row = sigma_k·s_in as k-diffusion passes it (s_in = ones over the batch)
-    call_in = torch.tensor(plan.call_sigmas, dtype=torch.float64).to(sigmas.device, sigmas.dtype)[:, None].expand(
-        -1, x.shape[0]).contiguous()
+    # each row = sigma_k·s_in as k-diffusion passes it (s_in = x.new_ones(B)): sigma_k computed as k-diffusion
+    # computes it (sigmas' dtype and device), then in the promoted (x's) dtype, on x's device, shape (B,)
+    call_in = _model_sigmas(plan.call_specs, sigmas.detach()).to(_model_sigma_dtype(sigmas.dtype, x.dtype)).to(
+        x.device)[:, None].expand(-1, x.shape[0]).contiguous()
     rows = list(call_in.unbind(0))
     cache[key] = (coeffs, rows, call_in, call_in._version)
     return coeffs, rows
@@ -707,7 +763,6 @@ def _run(plan, model, x, sigmas, extra_args, callback, disable, noise_sampler):
     x = x.contiguous()
     x = plan.churn_start(x, seed)
     ns_args = None if noise_sampler is None else [_noise_args(spec, sigmas, plan.r) for spec in plan.noise]
-    fresh = True  # the caller's x is never written
     for i in _trange(len(plan.steps), disable):
         for k in plan.steps[i]:
             denoised = check_model_out(model(x, call_in[k], **extra_args), x)
@@ -721,9 +776,11 @@ def _run(plan, model, x, sigmas, extra_args, callback, disable, noise_sampler):
                 if isinstance(noise, torch.Tensor) and noise.dtype != x.dtype:
                     noise = noise.to(x.dtype)  # k-diffusion would promote; the step reads x's dtype
                 noise = check_model_out(noise, x, "noise_sampler(sigma, sigma_next)")
-            out = torch.empty_like(x) if (fresh or callback is not None) else x
+            # a fresh output every launch: the model (and a callback) may keep the x it was given, and
+            # k-diffusion never writes a tensor once it was handed out (nor the caller's x)
+            out = torch.empty_like(x)
             prog.step(x, denoised, out, noise)
-            x, fresh = out, False
+            x = out
     return x
 
 

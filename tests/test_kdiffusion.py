@@ -436,3 +436,106 @@ def test_repeated_calls_reuse_the_plan_and_stay_exact(KS):
     want = KS.sample_euler(editing, x, sig, disable=True)
     for _ in range(2):  # the second call must not see the first call's edits
         assert_rel(K.sample_euler(editing, x, sig, disable=True), want, 1e-5)
+
+
+SIGMA_CHECKED = ("euler", "heun", "dpmpp_2m", "dpmpp_2s_ancestral", "dpmpp_sde", "lms", "dpm_2", "dpm_2_ancestral")
+
+
+class SigmaRecorder:
+    """A denoiser that records (dtype, device, shape, values) of every sigma it receives."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, x, sigma):
+        self.seen.append((sigma.dtype, sigma.device, tuple(sigma.shape), sigma.clone()))
+        return x / (1 + sigma.to(torch.float64)[:, None] ** 2).to(x.dtype)
+
+
+@pytest.mark.parametrize("x_dtype,sigma_dtype", [(torch.float32, torch.float64), (torch.float16, torch.float32),
+                                                 (torch.bfloat16, torch.float32), (torch.float64, torch.float32),
+                                                 (torch.float32, torch.float32)])
+@pytest.mark.parametrize("name", SIGMA_CHECKED)
+def test_model_sigma_is_kdiffusions(KS, name, x_dtype, sigma_dtype):
+    """The model gets sigma·s_in exactly as k-diffusion passes it: x's dtype (type promotion of a 0-d
+    sigmas element times a 1-D x-dtype tensor), x's device, shape (B,), the same values (midpoint sigmas
+    too: computed in the sigmas' dtype as k-diffusion does, not rounded from float64)."""
+    sigmas = K.get_sigmas_karras(7, 0.05, 14.0).to(sigma_dtype)
+    x = start(n=5, dtype=x_dtype)
+    kw = dict(s_churn=1.0) if name in CHURN else {}
+    ours, theirs = SigmaRecorder(), SigmaRecorder()
+    for impl, rec in ((K, ours), (KS, theirs)):  # (churn noise differs between the two; the sigmas do not)
+        fn = getattr(impl, "sample_" + name)
+        extra = dict(noise_sampler=QueueNoise(x)) if "noise_sampler" in inspect.signature(fn).parameters else {}
+        fn(rec, x, sigmas, disable=True, **kw, **extra)
+    assert len(ours.seen) == len(theirs.seen) > 0
+    for (dt, dev, shape, val), (rdt, rdev, rshape, rval) in zip(ours.seen, theirs.seen):
+        assert rdt == x_dtype and rdev == x.device and rshape == (x.shape[0],)  # what k-diffusion passes
+        assert (dt, dev, shape) == (rdt, rdev, rshape)
+        assert torch.equal(val, rval), (val, rval)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
+def test_model_sigma_on_x_device(KS, name):
+    """Sigmas on the CPU, x on CUDA: the model's sigma is on x's device (k-diffusion's too: a CPU 0-d
+    sigmas element times a CUDA s_in)."""
+    sigmas = K.get_sigmas_karras(6, 0.05, 14.0)
+    x = start(n=4).cuda()
+    ours, theirs = SigmaRecorder(), SigmaRecorder()
+    getattr(K, "sample_" + name)(ours, x, sigmas, disable=True)
+    getattr(KS, "sample_" + name)(theirs, x, sigmas, disable=True)
+    assert len(ours.seen) == len(theirs.seen)
+    for (dt, dev, shape, val), (rdt, rdev, rshape, rval) in zip(ours.seen, theirs.seen):
+        assert (dt, dev, shape) == (rdt, rdev, rshape) == (x.dtype, x.device, (4,))
+        assert torch.equal(val, rval)
+
+
+class InputKeeper:
+    """A denoiser that keeps a reference and a clone of every tensor it is given and returns."""
+
+    def __init__(self):
+        self.kept = []
+
+    def __call__(self, x, sigma, cond=None):
+        out = x / (1 + sigma[:, None] ** 2) + 0.01 * cond
+        for t in (x, sigma, cond, out):
+            self.kept.append((t, t.clone()))
+        return out
+
+    def check(self):
+        assert self.kept
+        for i, (ref, copy) in enumerate(self.kept):
+            assert torch.equal(ref, copy), f"tensor {i} handed to/from the model was modified afterwards"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("with_callback", [False, True])
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "dpmpp_2s_ancestral", "dpmpp_sde", "lms",
+                                  "dpmpp_3m_sde", "euler_ancestral"])
+def test_model_inputs_are_never_modified(KS, name, with_callback, backend):
+    """k-diffusion never writes a tensor it handed to the model (nor the caller's x): a model or wrapper
+    that keeps its inputs must see them unchanged after sampling."""
+    sigmas = K.get_sigmas_karras(5 if backend == "triton" else 7, 0.05, 14.0)
+    x = start(n=4)
+    x_copy = x.clone()
+    cond = torch.full_like(x, 0.5)
+    kept_cb = []
+    cb = (lambda d: kept_cb.append((d["x"], d["x"].clone()))) if with_callback else None
+    model = InputKeeper()
+    with pygen.use_backend(backend):
+        out = getattr(K, "sample_" + name)(model, x, sigmas, extra_args={"cond": cond}, callback=cb, disable=True)
+    model.check()
+    assert torch.equal(x, x_copy) and torch.equal(cond, torch.full_like(x, 0.5))
+    assert all(torch.equal(a, b) for a, b in kept_cb)
+    assert not any(t.data_ptr() == out.data_ptr() for t, _ in model.kept[::4])
+    # the reference behaves the same (the test's premise), and the results agree
+    ref_model = InputKeeper()
+    ref_fn = getattr(KS, "sample_" + name)
+    extra = dict(noise_sampler=QueueNoise(x)) if name in NOISY else {}
+    ref = ref_fn(ref_model, x, sigmas, extra_args={"cond": cond}, disable=True, **extra)
+    ref_model.check()
+    assert len(ref_model.kept) == len(model.kept)
+    if name not in NOISY:
+        assert_rel(out, ref, 1e-5)
