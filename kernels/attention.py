@@ -18,8 +18,10 @@ Causal is top-left aligned (key j visible to query i iff j <= i), as SDPA's ``is
 Head dims 80 and 96 are padded to 128 lanes with masks. Storage fp16/bf16/fp32, arithmetic fp32;
 fp32 inputs use IEEE fp32 dots (no TF32), so the kernel can be checked tightly in fp32.
 
-Block sizes are autotuned per (padded head dim, sequence-length buckets, causal, dtype); under
-TRITON_INTERPRET=1 there is a single small config so tests do not multiply their time.
+Block sizes are autotuned per (head dim, sequence-length buckets, causal, dtype): the real head dim
+D is the key, so 80, 96 and 128 (all padded to BLOCK_D = 128) each get their own tuned entry; the
+candidate configs come from the padded head-dim class. Under TRITON_INTERPRET=1 there is a single
+small config so tests do not multiply their time.
 """
 import os
 
@@ -98,7 +100,9 @@ def _prune_bwd(configs, named_args, **kwargs):
     return _select_configs(configs, _BWD_BY_D, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
 
 
-_KEY = ["BLOCK_D", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"]  # the autotuner adds the tensors' dtypes
+# The real head dim D, not the padded BLOCK_D (a function of D): 80, 96 and 128 share BLOCK_D = 128 but
+# tune differently (masked lanes, memory traffic). The autotuner adds the tensors' dtypes.
+_KEY = ["D", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"]
 
 
 # ---------------------------------------------------------------------------

@@ -37,6 +37,10 @@ SHAPES = [
     (1, 1, 4, 6, 256),
 ]
 GRAD_SHAPES = [(1, 2, 7, 13, 32), (1, 2, 33, 17, 80), (2, 1, 1, 5, 64), (1, 1, 17, 33, 64)]
+# The remaining supported head dims (96 and 128 share the padded 128 lanes; 256 the largest tile), for the
+# pygen kernels only (fp32 and fp16): odd lengths, cross attention both ways, Sq and Sk past one 16-block.
+GRAD_SHAPES_LARGE_D = [(1, 2, 17, 23, 96), (1, 1, 33, 17, 128), (1, 1, 19, 25, 256)]
+KERNEL_BACKENDS = BACKENDS[1:]  # cpu, triton (the interpreter)
 
 
 # ---------------------------------------------------------------------------
@@ -151,6 +155,20 @@ def test_forward(backend, shape, causal, dtype):
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward(backend, shape, causal, dtype):
+    check_backward(backend, shape, causal, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", GRAD_SHAPES_LARGE_D, ids=str)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_large_head_dims(backend, shape, causal, dtype):
+    """Head dims 96, 128, 256 forward and backward on the pygen kernels against the fp64 reference."""
+    check_backward(backend, shape, causal, dtype)
+
+
+def check_backward(backend, shape, causal, dtype):
+    """out and dq/dk/dv of ``backend`` (forced) for a random upstream gradient vs the fp64 reference."""
     q, k, v = make_qkv(shape, dtype, seed=7, requires_grad=True)
     g = torch.Generator().manual_seed(8)
     grad_out = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype)
@@ -469,6 +487,36 @@ def test_triton_untuned_head_dims(d, causal):
     with pygen.use_backend("triton"):
         out = pygen.attention(q, k, v, causal=causal)
     assert_fwd_bwd_match(out, q, k, v, causal, torch.float32)
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton and TRITON_INTERPRET=1")
+def test_triton_autotune_key_is_the_real_head_dim(monkeypatch):
+    """80, 96 and 128 (all padded to 128 lanes) get one tuned entry each, forward and backward.
+
+    The interpreter has a single config, so the autotuner never builds its key; here each kernel gets two
+    configs and a fake benchmark (no timing), so every launch goes through the key lookup and tuning."""
+    from pygen.kernels import attention as tk
+
+    kernels = (tk._attn_fwd_kernel, tk._attn_bwd_dkdv_kernel, tk._attn_bwd_dq_kernel)
+    configs = [tk._cfg(16, 16, 1, 1), tk._cfg(16, 32, 1, 1)]
+    for kernel in kernels:
+        assert "D" in kernel.keys and set(kernel.keys) <= set(kernel.arg_names), kernel.keys
+        monkeypatch.setattr(kernel, "configs", configs)
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setitem(kernel.__dict__, "do_bench", lambda fn, quantiles: [1.0, 1.0, 1.0])
+    dims = (80, 96, 128)
+    for d in dims:
+        q, k, v = make_qkv((1, 1, 5, 7, d), torch.float32, seed=d)
+        out, lse = tk.attention_fwd(q, k, v, 0.2, False)
+        grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(d))
+        grads = tk.attention_bwd(grad_out, q, k, v, out, lse, 0.2, False)
+        ref, *ref_grads = reference64(q, k, v, False, scale=0.2, grad_out=grad_out)
+        assert_rows_close(out, ref, FWD_RTOL[torch.float32])
+        for got, want, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
+            assert_grad_close(got, want, GRAD_RTOL[torch.float32], what)
+    for kernel in kernels:
+        assert len(kernel.cache) == len(dims), (kernel.base_fn.__name__, list(kernel.cache))
+        assert sorted(key[kernel.keys.index("D")] for key in kernel.cache) == list(dims)
 
 
 # ---------------------------------------------------------------------------

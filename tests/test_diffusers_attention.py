@@ -11,10 +11,14 @@
 * ``patch`` / ``unpatch`` on a pipeline-like object (processors installed on unet / transformer,
   other processors untouched, originals restored).
 
-Runs under the default backend and ``pygen.use_backend("torch")``. Skips without diffusers.
+Runs under the default backend and ``pygen.use_backend("torch")``; the models whose head dims are all
+in pygen's kernel set (32) and a patched pipeline also with each CPU pygen kernel forced
+(``PYGEN_ATTENTION=cpu``, and ``triton`` under TRITON_INTERPRET=1), checking that the kernel really
+ran. Skips without diffusers.
 """
 import contextlib
 import copy
+import os
 import warnings
 
 import pytest
@@ -26,13 +30,62 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models import attention_processor as ap  # noqa: E402
 
 import pygen.diffusers as PD  # noqa: E402
+from pygen.ops import attention as A  # noqa: E402
 
 BACKENDS = ["default", "torch"]
 FP32 = dict(rtol=1e-4, atol=1e-5)
+# pygen attention kernels that run CPU tensors here: forced on models whose head dims are all supported
+KERNEL_SKIPS = {
+    "cpu": pytest.mark.skipif(not A._kernel_available("cpu", torch.device("cpu"), torch.float32),
+                              reason="pygen._C has no CPU attention kernel"),
+    "triton": pytest.mark.skipif(not (os.environ.get("TRITON_INTERPRET") == "1"
+                                      and A._kernel_available("triton", torch.device("cpu"), torch.float32)),
+                                 reason="needs triton and TRITON_INTERPRET=1"),
+}
+KERNEL_BACKENDS = [pytest.param(b, marks=m) for b, m in KERNEL_SKIPS.items()]
+# (model, kernel) with gradients. The UNet's backward under the Triton interpreter takes 10-25 s: its
+# Triton forward is covered by test_patched_pipeline_runs_pygen_kernel, its backward on the cpu kernel.
+FORCED_MODEL_CASES = [pytest.param(n, b, marks=KERNEL_SKIPS[b], id=f"{n}-{b}")
+                      for n, b in (("dit", "cpu"), ("dit", "triton"), ("unet_cond_hd32", "cpu"))]
 
 
 def backend_ctx(name):
     return contextlib.nullcontext() if name == "default" else pygen.use_backend(name)
+
+
+@contextlib.contextmanager
+def forced_kernel(backend, monkeypatch):
+    """Force pygen kernel ``backend`` for attention only (``PYGEN_ATTENTION``; other pygen ops keep their
+    default) and count: yields {"attention": pygen.attention calls, "launches": forward launches of that
+    kernel, "head_dims": their head dims}. The spied launchers are the ones both the inference and
+    the grad path call: ``kernels.attention.attention_fwd`` (triton; direct launch and autograd
+    Function) and ``ops.attention._compiled_fwd`` (cpu; the compiled op with its C++ autograd)."""
+    from pygen.kernels import attention as tk
+
+    counts = {"attention": 0, "launches": 0, "head_dims": set()}
+    real_attention = pygen.attention
+
+    def attention_spy(*args, **kwargs):
+        counts["attention"] += 1
+        out = real_attention(*args, **kwargs)
+        assert A.last_choice()[0] == backend, A.last_choice()
+        return out
+
+    def launcher_spy(real):
+        def launch(q, *args, **kwargs):
+            counts["launches"] += 1
+            counts["head_dims"].add(q.shape[-1])
+            return real(q, *args, **kwargs)
+        return launch
+
+    monkeypatch.setattr(pygen, "attention", attention_spy)
+    if backend == "triton":
+        monkeypatch.setattr(tk, "attention_fwd", launcher_spy(tk.attention_fwd))
+    else:
+        monkeypatch.setattr(A, "_compiled_fwd", launcher_spy(A._compiled_fwd))
+    monkeypatch.setenv("PYGEN_ATTENTION", backend)
+    yield counts
+    monkeypatch.undo()
 
 
 def randomize_(module, seed, std=0.1):
@@ -317,6 +370,32 @@ def test_model_matches_attn_processor2_0(backend, name):
     assert n_checked > 10
 
 
+@pytest.mark.parametrize("name, backend", FORCED_MODEL_CASES)
+def test_model_on_forced_pygen_kernel(name, backend, monkeypatch):
+    """Whole models (head dim 32) with attention forced onto a pygen kernel: every pygen.attention call
+    launched its forward (the backward is that kernel's autograd), and the output and the parameter
+    grads match stock AttnProcessor2_0."""
+    stock, inputs = _model_case(name)
+    ours = copy.deepcopy(stock)
+    _install(ours)
+    out_ref = stock(**inputs).sample
+    gout = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(7))
+    g_ref = torch.autograd.grad(out_ref, list(stock.parameters()), gout, allow_unused=True)
+    with forced_kernel(backend, monkeypatch) as counts:
+        out = ours(**inputs).sample
+        g = torch.autograd.grad(out, list(ours.parameters()), gout, allow_unused=True)
+    assert counts["attention"] > 0 and counts["launches"] == counts["attention"], counts
+    assert counts["head_dims"] == {32}
+    scale = out_ref.abs().max()
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5 * max(1.0, scale.item()))
+    for (pname, _), a, b in zip(stock.named_parameters(), g, g_ref):
+        if b is None:
+            assert a is None, pname
+            continue
+        tol = 1e-4 * max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=tol, msg=lambda m: f"grad {pname}: {m}")
+
+
 def test_unet_attention_head_dims_and_channels_last():
     """The 4-D attention of UNet2DModel on a channels-last model + input: same output as stock."""
     stock, inputs = _model_case("unet2d")
@@ -385,12 +464,32 @@ def test_patch_attention_false_and_unknown_scheduler():
 
 
 def test_patched_pipeline_output_matches_stock():
-    """A patched pipe's UNet call gives stock's output (same weights, same inputs)."""
+    """A patched pipe's UNet call gives stock's output (same weights, same inputs). Head dim 4: the
+    dispatcher's torch fallback (see the next test for the pygen kernels)."""
     stock, inputs = _model_case("unet_cond")
     pipe = Pipe(diffusers.DDIMScheduler(), unet=copy.deepcopy(stock))
     PD.patch(pipe)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(**inputs).sample, stock(**inputs).sample, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_patched_pipeline_runs_pygen_kernel(backend, monkeypatch):
+    """The patched pipe's UNet (head dim 32) with attention forced onto pygen kernel ``backend``: every
+    attention layer launched the kernel, and the output matches the stock (AttnProcessor2_0) UNet."""
+    stock, inputs = _model_case("unet_cond_hd32")
+    assert processor_types(stock) == {ap.AttnProcessor2_0}
+    pipe = Pipe(diffusers.DDIMScheduler(), unet=copy.deepcopy(stock))
+    PD.patch(pipe)
+    assert processor_types(pipe.unet) == {PD.AttnProcessor}
+    n_layers = sum(isinstance(m, ap.Attention) for m in pipe.unet.modules())
+    with torch.no_grad():
+        want = stock(**inputs).sample
+        with forced_kernel(backend, monkeypatch) as counts:
+            got = pipe.unet(**inputs).sample
+    assert counts["attention"] == counts["launches"] == n_layers > 0, (counts, n_layers)
+    assert counts["head_dims"] == {32}
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_install_attn_processor_bad_input():
