@@ -488,8 +488,10 @@ def _select(q, k, v, scale, causal, layout, grad):
                                              and _kernel_available("triton", q.device, q.dtype)):
         if d not in _warned_head_dims:
             _warned_head_dims.add(d)
+            path = ("F.scaled_dot_product_attention" if q.device.type == "cuda"
+                    else "the plain-PyTorch reference, pygen.ops.attention.attention_reference")
             warnings.warn(f"pygen.attention: head dim {d} is not one of {SUPPORTED_HEAD_DIMS}; using the torch "
-                          "path (F.scaled_dot_product_attention)", RuntimeWarning, stacklevel=3)
+                          f"path ({path})", RuntimeWarning, stacklevel=3)
         return "torch", None
     if q.numel() == 0 or (q.device.type == "cuda" and q.dtype not in _HALF):
         return "torch", None
