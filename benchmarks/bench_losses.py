@@ -25,6 +25,10 @@ Cases:
   math dominates and the step still backpropagates through a real parameter.
 * ``loss-only``   no model: ``out`` is a preallocated leaf tensor and the step returns
   ``torch.autograd.grad(loss, out)``; everything but the model (t, noise, x_t, loss, its backward).
+* ``diffusion_loss``  the public training API: ``pygen.losses.diffusion_loss(model, x0, abar,
+  seed=SEED, stream=STREAM).backward()`` (t sampled on the device from the seed, the backend's noise
+  policy, the fused loss) vs the same ``eager`` step, with the ``train-step`` model. ``pygen+noise``
+  does not apply (diffusion_loss picks where eps lives itself; pygen.losses' module docstring).
 
 Shapes: 16x4x128x128 (issue #6's figure; default), any ``BxCxHxW`` with ``--shapes``. fp32 default.
 
@@ -53,7 +57,7 @@ import pygen  # noqa: E402
 from pygen import bench  # noqa: E402
 
 DEFAULT_SHAPES = ((16, 4, 128, 128),)
-CASES = ("train-step", "loss-only")
+CASES = ("train-step", "loss-only", "diffusion_loss")
 LABELS = ("eager", "pygen", "pygen+noise", "pygen-triton")
 NUM_TRAIN_TIMESTEPS = 1000
 SEED, STREAM = 1234, 7
@@ -88,7 +92,7 @@ def build_impls(case, shape, dtype, device):
     x0 = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
     abar = _alphas_cumprod(device)
     coeffs = torch.tensor([[1.0, 0.0, 1.0, 1.0]], device=device).expand(batch, 4).contiguous()
-    if case == "train-step":
+    if case in ("train-step", "diffusion_loss"):
         p = torch.nn.Parameter(torch.zeros((), device=device, dtype=dtype))
 
         def model(x_t, t):
@@ -128,11 +132,21 @@ def build_impls(case, shape, dtype, device):
         out = model(x_t, t)
         return finish(pygen.fused_diffusion_mse(out, x0, coeffs, noise=eps).mean(), out)
 
-    impls = [Impl("eager", eager), Impl("pygen", fused), Impl("pygen+noise", fused_noise)]
-    skipped = {}
+    def public():  # the public API: t, noise, x_t, model and the fused loss in one call
+        loss = pygen.losses.diffusion_loss(model, x0, abar, seed=SEED, stream=STREAM)
+        return finish(loss, None)
+
+    if case == "diffusion_loss":
+        pygen_fn = public
+        impls = [Impl("eager", eager), Impl("pygen", public)]
+        skipped = {"pygen+noise": "diffusion_loss chooses where eps lives itself (pygen.losses docstring)"}
+    else:
+        pygen_fn = fused
+        impls = [Impl("eager", eager), Impl("pygen", fused), Impl("pygen+noise", fused_noise)]
+        skipped = {}
     if device.type == "cuda":
         if pygen.backends().get("triton") == "available":
-            impls.append(Impl("pygen-triton", fused, backend="triton"))
+            impls.append(Impl("pygen-triton", pygen_fn, backend="triton"))
         else:
             skipped["pygen-triton"] = f"triton: {pygen.backends().get('triton')}"
     else:
@@ -290,7 +304,10 @@ def format_markdown(report):
              "`pygen+noise`: the loss reads q_sample's returned noise instead (in fp16/bf16 that noise is rounded "
              "to the storage dtype; the regenerated eps of `pygen` is the fp32 eps that formed x_t)",
              "- `train-step`: model = identity plus a scalar nn.Parameter (out = x_t + p); "
-             "`loss-only`: no model (out is a preallocated leaf; gradient by torch.autograd.grad)",
+             "`loss-only`: no model (out is a preallocated leaf; gradient by torch.autograd.grad); "
+             "`diffusion_loss`: the train-step model, `pygen` = the public "
+             "pygen.losses.diffusion_loss(model, x0, abar, seed, stream) + backward (t sampled on the device, "
+             "the backend's own noise policy) vs the same `eager` step",
              f"- issue #6 target: >= {target}x vs eager on this device type" if target else "",
              "", "| case | shape | dtype | eager ms | pygen ms | pygen+noise ms | pygen-triton ms | pygen speedup "
              "| pygen+noise speedup | pygen-triton speedup | other CPU use (cores) |",

@@ -860,7 +860,8 @@ def contrastive_divergence_step(energy, x_data, buffer, *, n_steps, step_size, s
         clamp: optional (lo, hi): clamp the negative samples after Langevin.
         return_samples: also return x⁻.
 
-    Returns the loss (0-d), or ``(loss, x_neg)``. Energies are not detached: call
+    Returns the loss (0-d; float32, float64 for float64 energies, computed in that dtype from
+    the energies), or ``(loss, x_neg)``. Energies are not detached: call
     ``loss.backward()`` to get ∇_θ. Langevin itself leaves the parameters' ``.grad`` alone.
     """
     _check_callable("energy", energy)
@@ -887,8 +888,12 @@ def contrastive_divergence_step(energy, x_data, buffer, *, n_steps, step_size, s
         x_neg = x_neg.clamp(lo, hi)
     buffer.update(idx, x_neg)
     x_neg = x_neg.detach()
+    # the means and their difference in fp32 (fp64 for fp64 energies): in fp16/bf16 the two means, each
+    # large next to their difference, would lose the loss's digits to cancellation
     e_pos = _energies(energy, x_data, "data")
     e_neg = _energies(energy, x_neg, "negative")
+    acc = _acc_dtype(torch.promote_types(e_pos.dtype, e_neg.dtype))
+    e_pos, e_neg = e_pos.to(acc), e_neg.to(acc)
     loss = e_pos.mean() - e_neg.mean()
     if alpha > 0.0:
         loss = loss + alpha * (e_pos.square().mean() + e_neg.square().mean())

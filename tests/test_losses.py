@@ -203,6 +203,63 @@ def test_diffusion_loss_dtypes(backend, dtype, shape, prediction):
     torch.testing.assert_close(model.out.grad.double(), out.grad.to(dtype).double(), rtol=rtol, atol=atol)
 
 
+def half_eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prediction", ["x0", "flow"])
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_diffusion_loss_half_x0_and_flow(backend, dtype, prediction, weighting):
+    """fp16/bf16 x0- and flow-prediction, every weighting: the per-row values, d loss / d out and the model's
+    parameter gradients against a float64 reference of the formulas (on the values the model produced)."""
+    require(backend)
+    g = gen(17)
+    shape = (6, 3, 5)
+    x0 = torch.randn(shape, generator=g).to(dtype)
+    model = Affine(shape[1:], dtype, seed=3)
+    if prediction == "flow":  # continuous sigmas given per row (float)
+        sched, t = None, 0.05 + 0.9 * torch.rand(shape[0], generator=g)
+        a, s = ref_levels("flow", t)
+    else:
+        sched, t = schedule(), torch.randint(0, 1000, (shape[0],), generator=g)
+        a, s = ref_levels("x0", schedule().alphas_cumprod[t])
+    with pygen.use_backend(backend):
+        r = losses.diffusion_loss(model, x0, sched, prediction, weighting, t=t, seed=21, stream=5, reduction="none")
+    assert r.shape == (shape[0],) and r.dtype == torch.float32 and torch.isfinite(r).all()
+    if prediction == "flow":
+        assert model.t.dtype == dtype and torch.equal(model.t, t.to(dtype))
+    else:
+        assert torch.equal(model.t, t)
+    eps = randn_reference(shape, 21, 5)
+    rtol, atol = loss_tol(dtype)
+    torch.testing.assert_close(model.x_t.double(), ref_x_t(x0, eps, a, s).double(), rtol=rtol, atol=atol * 10)
+    # the value: an fp32 computation on the storage-dtype model output and data
+    out_ref = model.out.detach().double().requires_grad_(True)
+    ref = ref_diffusion_rows(out_ref, x0, eps, a, s, prediction, weighting)
+    torch.testing.assert_close(r.double(), ref.detach(), rtol=2e-5, atol=1e-7)
+    # gradients: a random cotangent per row, into the output and (chain rule) into W, b, c
+    gr = torch.randn(shape[0], generator=g)
+    (r * gr).sum().backward()
+    (ref * gr.double()).sum().backward()
+    g_out = out_ref.grad
+    assert model.out.grad.dtype == dtype
+    rtol, atol = grad_tol(dtype)
+    torch.testing.assert_close(model.out.grad.double(), g_out.to(dtype).double(), rtol=rtol,
+                               atol=atol * g_out.abs().max().item())
+    x_t = model.x_t.double()
+    tau = bview(t.to(dtype).double() if prediction == "flow" else t.double() / 1000, x0.dim())
+    ulp = 4 * half_eps(dtype)  # each product and the batch sum are computed in the storage dtype
+    for got, terms in ((model.W.grad, g_out * x_t), (model.b.grad, g_out), (model.c.grad, g_out * tau)):
+        dims = tuple(range(terms.dim() - got.dim()))
+        want, bound = terms.sum(dims), terms.abs().sum(dims)
+        if got.dim() == 0:
+            want, bound = terms.sum(), terms.abs().sum()
+        assert got.dtype == dtype and got.shape == want.shape
+        assert ((got.double() - want).abs() <= ulp * bound + 1e-12).all(), (got, want)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_diffusion_loss_default_is_ddpm_simple_loss(backend):
     """The default case equals mean ||eps - eps_theta(sqrt(abar) x0 + sqrt(1-abar) eps, t)||² with sampled t."""
@@ -466,6 +523,54 @@ def test_gradcheck_dsm_and_vae(backend):
     assert torch.autograd.gradcheck(g, (mu, lv))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_gradcheck_elbo(backend, likelihood):
+    """fp64 gradcheck of elbo: the analytic-KL form (w.r.t. x, x_recon, mu, logvar) and the form with the
+    fused KL rows of vae_reparameterize (the backend's op) passed as kl=."""
+    require(backend)
+    x = torch.rand(3, 2, 4, generator=gen(45), dtype=torch.float64).requires_grad_(True)
+    recon = torch.randn(3, 2, 4, generator=gen(46), dtype=torch.float64).requires_grad_(True)
+    mu = torch.randn(3, 5, generator=gen(47), dtype=torch.float64).requires_grad_(True)
+    lv = (0.3 * torch.randn(3, 5, generator=gen(48), dtype=torch.float64)).requires_grad_(True)
+
+    def f(x, recon, mu, lv):
+        with pygen.use_backend(backend):
+            return losses.elbo(x, recon, mu, lv, likelihood, sigma=0.7, beta=0.5, reduction="none")
+
+    def g(recon, mu, lv):
+        with pygen.use_backend(backend):
+            _, kl = losses.vae_reparameterize(mu, lv, seed=3, stream=1)
+            return losses.elbo(x.detach(), recon, kl=kl, likelihood=likelihood, sigma=0.7, beta=0.5,
+                               reduction="none")
+    assert f(x, recon, mu, lv).dtype == torch.float64 and g(recon, mu, lv).dtype == torch.float64
+    assert torch.autograd.gradcheck(f, (x, recon, mu, lv))
+    assert torch.autograd.gradcheck(g, (recon, mu, lv))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("nu", [None, 3.0])
+def test_gradcheck_nce_loss(backend, nu):
+    """fp64 gradcheck of nce_loss w.r.t. the model's parameters and the data samples."""
+    require(backend)
+    x = torch.randn(6, 2, generator=gen(49), dtype=torch.float64).requires_grad_(True)
+    y = (2.0 * torch.randn(9, 2, generator=gen(50), dtype=torch.float64)).requires_grad_(True)
+    mean = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    log_scale = torch.tensor([0.1, -0.3], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+
+    def log_q(v):
+        return (-0.5 * (v / 2.0).square() - math.log(2.0 * math.sqrt(2.0 * math.pi))).sum(1)
+
+    def f(mean, log_scale, c, x, y):
+        def log_p(v):
+            return (-0.5 * ((v - mean) * torch.exp(-log_scale)).square() - log_scale).sum(1) - c
+        with pygen.use_backend(backend):
+            return losses.nce_loss(log_p, x, y, log_q, nu=nu)
+    assert f(mean, log_scale, c, x, y).dtype == torch.float64
+    assert torch.autograd.gradcheck(f, (mean, log_scale, c, x, y))
+
+
 # ---------------------------------------------------------------------------
 # dsm_loss
 # ---------------------------------------------------------------------------
@@ -572,6 +677,49 @@ def test_elbo_matches_reference(likelihood):
                                loss.sum())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_elbo_half_matches_reference(backend, dtype, likelihood):
+    """fp16/bf16 data, decoder output and posterior: the loss is an fp32 computation on the stored values
+    (compared to torch.distributions in float64), the gradients are the float64 ones rounded to the storage
+    dtype; with the analytic KL and with the fused KL rows of vae_reparameterize (the backend's op)."""
+    require(backend)
+    g = gen(63)
+    shape = (5, 3, 4)
+    x = torch.rand(shape, generator=g).to(dtype)
+    if likelihood == "bernoulli":
+        x[0] = torch.rand(shape[1:], generator=g).round().to(dtype)  # some binary rows too
+    recon = torch.randn(shape, generator=g).to(dtype).requires_grad_(True)
+    mu = torch.randn(5, 6, generator=g).to(dtype).requires_grad_(True)
+    lv = (0.3 * torch.randn(5, 6, generator=g)).to(dtype).requires_grad_(True)
+    xd, rd, md, ld = (v.detach().double().requires_grad_(True) for v in (x, recon, mu, lv))
+    if likelihood == "gaussian":
+        nll = -torch.distributions.Normal(rd, 0.7).log_prob(xd).reshape(5, -1).sum(1)
+    else:
+        nll = -torch.distributions.Bernoulli(logits=rd, validate_args=False).log_prob(xd).reshape(5, -1).sum(1)
+    kl_ref = torch.distributions.kl_divergence(torch.distributions.Normal(md, torch.exp(ld / 2)),
+                                               torch.distributions.Normal(0.0, 1.0)).sum(1)
+    ref = nll + 0.5 * kl_ref
+    gr = torch.randn(5, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad((ref * gr).sum(), (xd, rd, md, ld))
+    rtol, atol = grad_tol(dtype)
+    for fused_kl in (False, True):
+        with pygen.use_backend(backend):
+            if fused_kl:
+                _, kl = losses.vae_reparameterize(mu, lv, seed=6, stream=2)
+                loss = losses.elbo(x, recon, kl=kl, likelihood=likelihood, sigma=0.7, beta=0.5, reduction="none")
+            else:
+                loss = losses.elbo(x, recon, mu, lv, likelihood, sigma=0.7, beta=0.5, reduction="none")
+        assert loss.dtype == torch.float32 and loss.shape == (5,)
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+        got = torch.autograd.grad((loss * gr.float()).sum(), (recon, mu, lv))
+        for gv, wv in zip(got, want[1:]):
+            assert gv.dtype == dtype
+            torch.testing.assert_close(gv.double(), wv.to(dtype).double(), rtol=rtol,
+                                       atol=atol * wv.abs().max().item())
+
+
 # ---------------------------------------------------------------------------
 # EBM: replay buffer, contrastive divergence, NCE
 # ---------------------------------------------------------------------------
@@ -630,6 +778,100 @@ def test_contrastive_divergence_step_matches_reference():
         torch.testing.assert_close(g_, p.grad)
 
 
+class QuarticEnergy(torch.nn.Module):
+    """E(x) = k + sum_j 0.5·p_j²·(x_j - m_j)² + r_j·log cosh(x_j): a smooth energy with parameters in any dtype
+    (the offset k makes the energies large next to their differences, as they are in CD training).
+
+    Records (with retain_grad) the energies of each call, so tests can read the ones the loss used.
+    """
+
+    def __init__(self, dim, dtype, seed=0, offset=8.0):
+        super().__init__()
+        g = gen(seed)
+        self.p = torch.nn.Parameter((1 + 0.3 * torch.randn(dim, generator=g)).to(dtype))
+        self.m = torch.nn.Parameter((0.5 * torch.randn(dim, generator=g)).to(dtype))
+        self.r = torch.nn.Parameter((0.4 * torch.randn(dim, generator=g)).to(dtype))
+        self.k = torch.nn.Parameter(torch.tensor(offset).to(dtype))
+        self.calls = []
+
+    def forward(self, x, params=None):
+        p, m, r, k = params if params is not None else (self.p, self.m, self.r, self.k)
+        e = k + (0.5 * (p * (x - m)).square() + r * torch.log(torch.cosh(x))).sum(1)
+        if params is None:
+            if e.requires_grad:
+                e.retain_grad()
+            self.calls.append((x, e))
+        return e
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [0.0, 0.01])
+def test_contrastive_divergence_step_half_matches_reference(backend, dtype, alpha):
+    """fp16/bf16 chains and energies. The Langevin noise is fixed by (seed, stream): step i of the chains
+    draws pygen.randn(shape, seed, 2·2^32 + i). The chains are checked against a float64 Langevin loop
+    (score from float64 autograd, storage rounding after each step), the loss against the float64 formula
+    on the energies the model produced (an fp32 computation: at most an ulp or so of fp32, no fp16
+    cancellation), d loss / d energies and the parameter gradients against float64."""
+    require(backend)
+    n, dim, n_steps, dt = 24, 3, 5, 0.01
+    energy = QuarticEnergy(dim, dtype, seed=72)
+    x_data = (0.5 + torch.randn(n, dim, generator=gen(73))).to(dtype)
+    buf = losses.ReplayBuffer(60, (dim,), reinit_prob=0.2, low=-2, high=2, seed=5, dtype=dtype)
+    with pygen.use_backend(backend):
+        loss, x_neg = losses.contrastive_divergence_step(energy, x_data, buf, n_steps=n_steps, step_size=dt,
+                                                         seed=13, stream=2, alpha=alpha, return_samples=True)
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and x_neg.dtype == dtype
+    # the chains: the buffer's draw (stream 2·2^32 + LANE), then Langevin in float64 with storage rounding
+    params64 = [q.detach().double() for q in (energy.p, energy.m, energy.r, energy.k)]
+    x_init, idx = losses.ReplayBuffer(60, (dim,), reinit_prob=0.2, low=-2, high=2, seed=5,
+                                      dtype=dtype).sample(n, 13, to_signed64((2 << 32) + LANE))
+    # (the Triton interpreter truncates fp32 -> bf16 where a GPU rounds to nearest: emulated here)
+    truncate = backend == "triton" and dtype == torch.bfloat16
+
+    def store(v):
+        v = v.float()
+        if truncate:
+            v = (v.view(torch.int32) & -65536).view(torch.float32)  # exact in bf16
+        return v.to(dtype)
+    x = x_init
+    for i in range(n_steps):
+        xr = x.double().requires_grad_(True)
+        (grad,) = torch.autograd.grad(energy(xr, params64).sum(), xr)
+        z = randn_reference(x.shape, 13, (2 << 32) + i).double()
+        x = store(xr.detach() - 0.5 * dt * grad + math.sqrt(dt) * z)
+    # the same fp32 arithmetic up to the score's rounding (x dt/2): a rounding may differ by an ulp
+    eps = half_eps(dtype)
+    torch.testing.assert_close(x_neg.double(), x.double(), rtol=eps, atol=eps / 4)
+    assert torch.equal(buf.data[idx], x_neg)
+    # the loss on the energies the model produced: the last two calls (data, then the negatives)
+    (xp, ep), (xn, en) = energy.calls[-2:]
+    assert torch.equal(xp, x_data) and torch.equal(xn, x_neg) and ep.dtype == dtype
+    ep64, en64 = (e.detach().double().requires_grad_(True) for e in (ep, en))
+    ref = ep64.mean() - en64.mean() + alpha * (ep64.square().mean() + en64.square().mean())
+    scale = ep64.abs().mean() + en64.abs().mean() + alpha * (ep64.square().mean() + en64.square().mean())
+    assert abs(loss.double() - ref).item() <= 4 * torch.finfo(torch.float32).eps * scale.item(), (loss, ref)
+    energy.zero_grad()
+    loss.backward()
+    ref.backward()
+    rtol, atol = grad_tol(dtype)
+    for e, e64 in ((ep, ep64), (en, en64)):
+        torch.testing.assert_close(e.grad.double(), e64.grad.to(dtype).double(), rtol=rtol, atol=0.0)
+    # the parameter gradients: float64 autograd of the energies with the float64 d loss / d energies
+    q64 = [q.requires_grad_(True) for q in params64]
+    e_all = torch.cat([energy(xp.double(), q64), energy(xn.double(), q64)])
+    g_all = torch.cat([ep64.grad, en64.grad])
+    want = torch.autograd.grad(e_all, q64, grad_outputs=g_all)
+    bound = torch.autograd.grad(energy(torch.cat([xp, xn]).double(), q64), q64, grad_outputs=g_all.abs(),
+                                allow_unused=True)
+    for q, w, b in zip((energy.p, energy.m, energy.r, energy.k), want, bound):
+        assert q.grad.dtype == dtype
+        # each term rounds in the storage dtype and the sum over the chains accumulates: a few ulps of
+        # the sum of the terms' magnitudes (bounded by the derivative at |d loss / d e|)
+        tol = 16 * half_eps(dtype) * (b.abs() + w.abs()) + 1e-6
+        assert ((q.grad.double() - w).abs() <= tol).all(), (q.grad, w)
+
+
 def test_contrastive_divergence_streams_do_not_overlap():
     """Consecutive training steps (stream k, k+1) must not reuse Langevin noise."""
     def energy(x):
@@ -677,6 +919,52 @@ def test_nce_loss_matches_reference_and_recovers_log_normaliser():
         opt.step()
     assert abs(mean.item() - x.mean().item()) < 0.1
     assert abs(c.item() - math.log(0.5 * math.sqrt(2 * math.pi))) < 0.15
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nu", [None, 0.5])
+def test_nce_loss_half_matches_reference(dtype, nu):
+    """fp16/bf16 samples, parameters and log-densities: the loss within about an ulp of the storage dtype
+    of the float64 formula on the log-densities the model produced; d loss / d log p and the parameter
+    gradients against float64."""
+    g = gen(82)
+    x = (1.0 + 0.5 * torch.randn(48, 2, generator=g)).to(dtype)
+    y = (2.0 * torch.randn(96, 2, generator=g)).to(dtype)
+    mean = torch.tensor([0.3, -0.2]).to(dtype).requires_grad_(True)
+    c = torch.tensor(0.1).to(dtype).requires_grad_(True)
+    seen = {}
+
+    def log_q(v):
+        out = (-0.5 * (v / 2.0).square() - math.log(2.0 * math.sqrt(2.0 * math.pi))).sum(1)
+        seen["lq"] = out
+        return out
+
+    def log_p(v):
+        out = -0.5 * ((v - mean) / 0.5).square().sum(1) - c
+        out.retain_grad()
+        seen["v"], seen["lp"] = v, out
+        return out
+    loss = losses.nce_loss(log_p, x, y, log_q, nu=nu)
+    assert torch.equal(seen["v"], torch.cat([x, y])) and seen["lp"].dtype == dtype
+    nu_ = 2.0 if nu is None else nu
+    lp64 = seen["lp"].detach().double().requires_grad_(True)
+    gv = lp64 - seen["lq"].double() - math.log(nu_)
+    ref = -(torch.log(torch.sigmoid(gv[:48])).mean() + nu_ * torch.log(1 - torch.sigmoid(gv[48:])).mean())
+    eps = half_eps(dtype)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=eps, atol=0.0)
+    loss.backward()
+    ref.backward()
+    rtol, atol = grad_tol(dtype)
+    g_lp = lp64.grad
+    torch.testing.assert_close(seen["lp"].grad.double(), g_lp.to(dtype).double(), rtol=rtol,
+                               atol=atol * g_lp.abs().max().item())
+    # the chain rule into mean and c: d lp / d mean = (v - mean)/0.25, d lp / d c = -1
+    v = torch.cat([x, y]).double()
+    dmean = (v - mean.detach().double()) / 0.25
+    for got, want, bound in ((mean.grad, (g_lp[:, None] * dmean).sum(0), (g_lp.abs()[:, None] * dmean.abs()).sum(0)),
+                             (c.grad, -g_lp.sum(), g_lp.abs().sum())):
+        assert got.dtype == dtype
+        assert ((got.double() - want).abs() <= 8 * eps * bound + 1e-7).all(), (got, want)
 
 
 # ---------------------------------------------------------------------------
