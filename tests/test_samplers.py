@@ -165,6 +165,169 @@ def test_graph_loop_runs_each_evaluation_once(sampler, monkeypatch):
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
 
 
+class _FakeCapture:
+    """CPU stand-ins for the torch.cuda objects _capture uses; ``active`` while 'capturing'."""
+
+    active = False
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        def replay(self):
+            raise AssertionError("a graph whose capture failed must not be replayed")
+
+    class graph:
+        def __init__(self, g):
+            pass
+
+        def __enter__(self):
+            _FakeCapture.active = True
+
+        def __exit__(self, *exc):
+            _FakeCapture.active = False
+            return False
+
+    @staticmethod
+    def stream(s):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def current_stream():
+        return _FakeCapture.Stream()
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun", "dpmpp_2m_sde"])
+def test_graph_capture_failure_falls_back_with_one_warning(sampler, monkeypatch):
+    """The real _capture path on the CPU (torch.cuda objects faked): a model that cannot be captured
+    (here it raises as a host sync does under stream capture) gives exactly one clear warning, pointing
+    at the caller, and the eager result, each evaluation run once after the warm-up."""
+    import pygen.samplers as PS
+
+    calls = []
+
+    def model(x, sigma):
+        if _FakeCapture.active:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        calls.append(1)
+        return x / (1 + sigma.view(-1, 1) ** 2)
+
+    eps = pygen.randn((6, 3), 0)
+    kw = dict(sampler=sampler, steps=7, prediction_type="denoiser", seed=1, progress=False)
+    eager = pygen.sample(model, eps, **kw)
+    n_eager = len(calls)
+    calls.clear()
+    monkeypatch.setattr(PS, "_graph_device", lambda x: True)
+    for name in ("Stream", "CUDAGraph", "graph", "stream", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCapture, name))
+    seen = []
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        graphed = pygen.sample(model, eps, cuda_graph=True, callback=lambda k, x: seen.append(k), **kw)
+    assert len(rec) == 1, [str(w.message) for w in rec]
+    msg = str(rec[0].message)
+    assert rec[0].category is UserWarning
+    assert "cuda_graph=True" in msg and "could not be captured" in msg and "running eagerly" in msg
+    assert "operation not permitted when stream is capturing" in msg  # the cause is named
+    assert rec[0].filename == __file__  # stacklevel: the user's call of pygen.sample
+    assert len(calls) == n_eager and seen == list(range(n_eager))
+    assert torch.equal(graphed, eager)
+
+
+def _sde_and_mcmc_cases():
+    sde = pygen.schedules.VPSDE()
+    score = MIX.model_fn("score", sde=sde)
+    cases = [(name, score, dict(schedule=sde, prediction_type="score")) for name in SDE_SAMPLERS]
+    cases[SDE_SAMPLERS.index("annealed_langevin")][2]["n_steps_each"] = 3
+    energy = MIX.model_fn("energy")
+    for name in MCMC_SAMPLERS:
+        opts = dict(prediction_type="energy", step_size=0.05)
+        if name == "hmc":
+            opts["n_leapfrog"] = 2
+        if name == "replica_exchange":
+            opts["betas"] = [0.3, 1.0]
+        cases.append((name, energy, opts))
+    return cases
+
+
+@pytest.mark.parametrize("sampler,model,opts", _sde_and_mcmc_cases(), ids=SDE_SAMPLERS + MCMC_SAMPLERS)
+def test_cuda_graph_for_sde_and_mcmc_warns_once_and_runs_eagerly(sampler, model, opts):
+    """cuda_graph=True is implemented for the diffusion samplers only: SDE and MCMC samplers say so in one
+    warning naming the sampler and run the eager loop (the same samples)."""
+    kw = dict(sampler=sampler, steps=20, seed=3, progress=False, **opts)
+    eager = pygen.sample(model, noise(8), **kw)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        graphed = pygen.sample(model, noise(8), cuda_graph=True, **kw)
+    assert len(rec) == 1, [str(w.message) for w in rec]
+    msg = str(rec[0].message)
+    assert "cuda_graph=True" in msg and repr(sampler) in msg and "runs eagerly" in msg
+    assert "diffusion samplers" in msg
+    assert rec[0].filename == __file__
+    assert torch.equal(graphed, eager)
+
+
+BAD_OUTPUTS = {
+    "(1,D)": lambda out: out[:1],
+    "(B,1)": lambda out: out[:, :1],
+    "dtype": lambda out: out.double(),
+}
+
+
+@pytest.mark.parametrize("sampler", SDE_SAMPLERS)
+@pytest.mark.parametrize("pt", ["score", "eps", "x0"])
+@pytest.mark.parametrize("bad", sorted(BAD_OUTPUTS))
+def test_sde_model_output_checked_before_conversion(sampler, pt, bad):
+    """A wrong-shaped or wrong-dtype model output is an error for every prediction type: the eps/x0 -> score
+    conversion broadcasts, so the output must be checked before it (a (1, D) or (B, 1) output ran silently)."""
+    sde = pygen.schedules.VPSDE()
+    score = MIX.model_fn("score", sde=sde)
+
+    def good(x, t):
+        if pt == "score":
+            return score(x, t)
+        std = sde.marginal_std(t).to(x.dtype)[:, None]
+        eps = -score(x, t) * std
+        if pt == "eps":
+            return eps
+        return (x - std * eps) / sde.mean_coeff(t).to(x.dtype)[:, None]
+
+    def model(x, t):
+        return BAD_OUTPUTS[bad](good(x, t))
+
+    kw = dict(sampler=sampler, steps=25, schedule=sde, prediction_type=pt, seed=2, progress=False)
+    if sampler == "annealed_langevin":
+        kw["n_steps_each"] = 2
+    if bad == "dtype":
+        assert torch.isfinite(pygen.sample(good, (4, 2), **kw)).all()  # the well-formed model runs
+    if bad == "dtype":
+        with pytest.raises(TypeError, match=r"model\(x, t\) must have the dtype of x \(torch.float32\), got "
+                                            r"torch.float64"):
+            pygen.sample(model, (4, 2), **kw)
+    else:
+        want = "(1, 2)" if bad == "(1,D)" else "(4, 1)"
+        with pytest.raises(ValueError, match=r"model\(x, t\) must have the shape of x \(4, 2\), got "
+                                             + want.replace("(", r"\(").replace(")", r"\)")):
+            pygen.sample(model, (4, 2), **kw)
+
+
+def test_sde_x0_prediction_matches_score():
+    sde = pygen.schedules.VPSDE()
+    score = MIX.model_fn("score", sde=sde)
+
+    def x0_model(x, t):
+        std = sde.marginal_std(t).to(x.dtype)[:, None]
+        return (x + std * std * score(x, t)) / sde.mean_coeff(t).to(x.dtype)[:, None]
+
+    kw = dict(sampler="pc", steps=30, schedule=sde, seed=4, progress=False, corrector="none")
+    a = pygen.sample(score, noise(), prediction_type="score", **kw)
+    b = pygen.sample(x0_model, noise(), prediction_type="x0", **kw)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "dpmpp_sde", "lms"])

@@ -19,8 +19,8 @@ SMIN, SMAX = 0.01, 10.0
 # score_sde transcription (independent of pygen.schedules)
 # ---------------------------------------------------------------------------
 class Ref:
-    def __init__(self, kind):
-        self.kind, self.N = kind, N
+    def __init__(self, kind, n=N):
+        self.kind, self.N = kind, n
 
     def sde(self, x, t):  # forward drift, diffusion
         if self.kind == "ve":
@@ -41,14 +41,21 @@ class Ref:
             return torch.sqrt(1.0 - torch.exp(2.0 * lmc))
         return 1 - torch.exp(2.0 * lmc)
 
+    def mean(self, t):  # marginal mean coefficient
+        if self.kind == "ve":
+            return torch.ones_like(t)
+        return torch.exp(-0.25 * t**2 * (BMAX - BMIN) - 0.5 * t * BMIN)
+
     def betas(self):
-        return torch.linspace(BMIN / N, BMAX / N, N, dtype=F64)
+        n = self.N
+        return torch.linspace(BMIN / n, BMAX / n, n, dtype=F64)
 
     def sigmas(self):
-        return torch.exp(torch.linspace(math.log(SMIN), math.log(SMAX), N, dtype=F64))
+        return torch.exp(torch.linspace(math.log(SMIN), math.log(SMAX), self.N, dtype=F64))
 
     def discretize(self, x, t):
-        i = (t * (N - 1)).long()
+        n = self.N
+        i = (t * (n - 1)).long()
         if self.kind == "vp":
             beta = self.betas()[i]
             return torch.sqrt(1 - beta)[:, None] * x - x, torch.sqrt(beta)
@@ -57,20 +64,20 @@ class Ref:
             adj = torch.where(i == 0, torch.zeros_like(t), sig[(i - 1).clamp(min=0)])
             return torch.zeros_like(x), torch.sqrt(sig[i] ** 2 - adj**2)
         drift, g = self.sde(x, t)
-        return drift / N, g * math.sqrt(1.0 / N)
+        return drift / n, g * math.sqrt(1.0 / n)
 
     def alpha(self, t):
         if self.kind == "ve":
             return torch.ones_like(t)
-        return 1 - self.betas()[(t * (N - 1)).long()]
+        return 1 - self.betas()[(t * (self.N - 1)).long()]
 
 
-def make_sde(kind):
+def make_sde(kind, n=N):
     if kind == "vp":
-        return schedules.VPSDE(BMIN, BMAX, N)
+        return schedules.VPSDE(BMIN, BMAX, n)
     if kind == "subvp":
-        return schedules.SubVPSDE(BMIN, BMAX, N)
-    return schedules.VESDE(SMIN, SMAX, N)
+        return schedules.SubVPSDE(BMIN, BMAX, n)
+    return schedules.VESDE(SMIN, SMAX, n)
 
 
 def ref_em(score, ref, x, t, z, dt):
@@ -86,7 +93,7 @@ def ref_rd(score, ref, x, t, z):
 
 
 def ref_anc(score, ref, x, t, z):
-    i = (t * (N - 1)).long()
+    i = (t * (ref.N - 1)).long()
     s = score(x, t)
     if ref.kind == "vp":
         beta = ref.betas()[i][:, None]
@@ -139,8 +146,8 @@ def _inputs(seed, b=7, d=3, scale=1.0):
     return torch.randn(b, d, generator=g, dtype=F64) * scale, torch.randn(b, d, generator=g, dtype=F64)
 
 
-def _score(kind, dim=3):
-    m = models.ring(k=5, radius=1.5, std=0.5, dim=dim, dtype=F64)
+def _score(kind, dim=3, dtype=F64):
+    m = models.ring(k=5, radius=1.5, std=0.5, dim=dim, dtype=dtype)
     return m.model_fn("score", sde=make_sde(kind))
 
 
@@ -259,6 +266,145 @@ def test_pc_loop_matches_transcription(kind):
         x = ref_langevin(score, ref, x, t, zs, snr)
         x, x_mean = ref_em(score, ref, x, t, pygen.randn((b, 2), seed, st + 1 + i, dtype=F64), -1.0 / n)
     torch.testing.assert_close(got, x_mean, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# whole loops vs score_sde / NCSN transcriptions, with pygen's documented noise streams:
+# prior z = randn(seed, s), predictor step i: s + 1 + i, corrector iteration j of step i:
+# s + 1 + n + i·n_corr + j; annealed Langevin level i, step m: s + 1 + i·M + m
+# ---------------------------------------------------------------------------
+LOOP_N = 25  # VP: beta_max/N = 0.8 <= 1 (discrete betas), alpha = 1 - beta_i >= 0 (corrector)
+
+
+def _z(shape, seed, stream, dtype=F64):
+    return pygen.randn(shape, seed, stream, dtype=dtype).to(F64)
+
+
+def _prior(kind, shape, seed, stream, dtype=F64):
+    return _z(shape, seed, stream, dtype) * (SMAX if kind == "ve" else 1.0)
+
+
+def ref_pc_loop(score, ref, predictor, x, n, seed, st, snr, n_corr, denoise, eps=1e-3):
+    """score_sde's pc_sampler: t = linspace(T, eps, N); corrector then predictor at each t."""
+    b, shape = x.shape[0], tuple(x.shape)
+    times = torch.linspace(1.0, eps, n, dtype=F64)
+    step = {"reverse_diffusion": ref_rd, "ancestral": ref_anc}[predictor]
+    for i in range(n):
+        t = times[i].expand(b)
+        zs = [_z(shape, seed, st + 1 + n + i * n_corr + j) for j in range(n_corr)]
+        x = ref_langevin(score, ref, x, t, zs, snr)
+        x, x_mean = step(score, ref, x, t, _z(shape, seed, st + 1 + i))
+    return x_mean if denoise else x
+
+
+def _fp32_tol(got, want):
+    # fp32 storage and kernels vs the fp64 transcription: 1e-5 relative (plus an fp32-rounding floor)
+    torch.testing.assert_close(got.to(F64), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+PC_LOOPS = [("vp", "reverse_diffusion"), ("subvp", "reverse_diffusion"), ("ve", "reverse_diffusion"),
+            ("vp", "ancestral"), ("ve", "ancestral")]
+
+
+@pytest.mark.parametrize("kind,predictor", PC_LOOPS)
+@pytest.mark.parametrize("denoise", [True, False])
+def test_pc_loop_rd_ancestral_matches_transcription(kind, predictor, denoise):
+    """Whole PC loop (reverse-diffusion / ancestral predictor + Langevin corrector, sde.N = n) vs
+    score_sde's loop: x <- x - f + G²·score + G·z with (f, G) the discretized SDE; ancestral VP
+    x <- (x + beta_i·score)/sqrt(1 - beta_i) + sqrt(beta_i)·z, VE x <- x + (sigma_i² - sigma_{i-1}²)·score
+    + sqrt(sigma_{i-1}²(sigma_i² - sigma_{i-1}²)/sigma_i²)·z."""
+    n, b, snr, seed, st = LOOP_N, 5, 0.16, 321, 77
+    sde, ref, score = make_sde(kind, n), Ref(kind, n), _score(kind, dim=2)
+    got = S.pc_sample(score, sde, (b, 2), predictor=predictor, corrector="langevin", n_steps=n, snr=snr, seed=seed,
+                      stream=st, denoise=denoise, dtype=F64)
+    want = ref_pc_loop(score, ref, predictor, _prior(kind, (b, 2), seed, st), n, seed, st, snr, 1, denoise)
+    assert torch.isfinite(want).all() and want.abs().max() < 20
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    if kind != "subvp":
+        got32 = S.pc_sample(_score(kind, dim=2, dtype=torch.float32), sde, (b, 2), predictor=predictor,
+                            corrector="langevin", n_steps=n, snr=snr, seed=seed, stream=st, denoise=denoise,
+                            dtype=torch.float32)
+        assert got32.dtype == torch.float32
+        want32 = ref_pc_loop(score, ref, predictor, _prior(kind, (b, 2), seed, st, torch.float32), n, seed, st, snr,
+                             1, denoise)
+        _fp32_tol(got32, want32)
+
+
+def test_pc_loop_rd_two_corrector_steps_matches_transcription():
+    n, b, snr, seed, st = LOOP_N, 4, 0.2, 5, 0
+    sde, ref, score = make_sde("vp", n), Ref("vp", n), _score("vp", dim=3)
+    got = S.pc_sample(score, sde, (b, 3), predictor="reverse_diffusion", corrector="langevin", n_steps=n, snr=snr,
+                      n_corrector_steps=2, seed=seed, stream=st, dtype=F64)
+    want = ref_pc_loop(score, ref, "reverse_diffusion", _prior("vp", (b, 3), seed, st), n, seed, st, snr, 2, True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def ref_annealed_langevin(score, ref, x, n_levels, m, step_lr, seed, st, denoise, eps=1e-3):
+    """NCSN's anneal_Langevin_dynamics: step_i = step_lr·(sigma_i/sigma_L)², x <- x + step_i·score
+    + sqrt(2·step_i)·z; optional final denoising x <- (x + sigma_L²·score(x, sigma_L)) / mean(t_L)."""
+    b, shape = x.shape[0], tuple(x.shape)
+    times = torch.linspace(1.0, eps, n_levels, dtype=F64)
+    sigmas = ref.std(times)
+    for i in range(n_levels):
+        t = times[i].expand(b)
+        step_size = step_lr * (sigmas[i] / sigmas[-1]) ** 2
+        for k in range(m):
+            z = _z(shape, seed, st + 1 + i * m + k)
+            x = x + step_size * score(x, t) + torch.sqrt(step_size * 2) * z
+    if denoise:
+        t = times[-1].expand(b)
+        x = (x + sigmas[-1] ** 2 * score(x, t)) / ref.mean(times[-1])
+    return x
+
+
+@pytest.mark.parametrize("kind", ["ve", "vp"])
+@pytest.mark.parametrize("denoise", [False, True])
+def test_annealed_langevin_matches_transcription(kind, denoise):
+    # step_1 = step_lr·(sigma_1/sigma_L)² must stay stable: VE sigma 10 -> 0.01 (NCSN's step_lr 2e-5);
+    # VP stops at eps = 0.2 (sigma_L ~ 0.6; at eps = 1e-3 it would be ~0.01)
+    eps, lr = (1e-3, 2e-5) if kind == "ve" else (0.2, 3e-3)
+    n_levels, m, b, seed, st = 6, 3, 5, 17, 400
+    sde, ref, score = make_sde(kind), Ref(kind), _score(kind, dim=2)
+    kw = dict(n_levels=n_levels, n_steps_each=m, step_lr=lr, seed=seed, stream=st, denoise=denoise, eps=eps)
+    got = S.annealed_langevin(score, sde, (b, 2), dtype=F64, **kw)
+    want = ref_annealed_langevin(score, ref, _prior(kind, (b, 2), seed, st), n_levels, m, lr, seed, st, denoise, eps)
+    assert torch.isfinite(want).all() and want.abs().max() < 20  # a sane trajectory, not a blow-up
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    got32 = S.annealed_langevin(_score(kind, dim=2, dtype=torch.float32), sde, (b, 2), dtype=torch.float32, **kw)
+    want32 = ref_annealed_langevin(score, ref, _prior(kind, (b, 2), seed, st, torch.float32), n_levels, m, lr, seed,
+                                   st, denoise, eps)
+    _fp32_tol(got32, want32)
+
+
+def ref_ode_loop(score, ref, method, x, n, eps=1e-3):
+    """Probability-flow ODE dx/dt = f·x - g²·score/2 on linspace(T, eps, n + 1): Euler, or Heun
+    x <- x + dt/2·(d(x, t) + d(x + dt·d(x, t), t + dt))."""
+    b = x.shape[0]
+    levels = torch.linspace(1.0, eps, n + 1, dtype=F64)
+    for i in range(n):
+        t, t2 = levels[i].expand(b), levels[i + 1].expand(b)
+        dt = levels[i + 1] - levels[i]
+        d1 = ref_pf_drift(score, ref, x, t)
+        if method == "euler":
+            x = x + dt * d1
+        else:
+            d2 = ref_pf_drift(score, ref, x + dt * d1, t2)
+            x = x + 0.5 * dt * (d1 + d2)
+    return x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_ode_loop_matches_transcription(kind, method):
+    n, b, seed, st = 12, 6, 8, 3
+    sde, ref, score = make_sde(kind), Ref(kind), _score(kind, dim=2)
+    got = S.ode_sample(score, sde, (b, 2), method=method, n_steps=n, seed=seed, stream=st, dtype=F64)
+    want = ref_ode_loop(score, ref, method, _prior(kind, (b, 2), seed, st), n)
+    assert torch.isfinite(want).all() and want.abs().max() < 20
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    got32 = S.ode_sample(_score(kind, dim=2, dtype=torch.float32), sde, (b, 2), method=method, n_steps=n, seed=seed,
+                         stream=st, dtype=torch.float32)
+    _fp32_tol(got32, ref_ode_loop(score, ref, method, _prior(kind, (b, 2), seed, st, torch.float32), n))
 
 
 def test_time_grid():
@@ -420,6 +566,137 @@ def test_nan_propagates():
     x[1, 0] = float("nan")
     out = S.reverse_diffusion_step(score, sde, x, 0.5, seed=1)
     assert torch.isnan(out[1]).any() and torch.isfinite(out[0]).all()
+
+
+# ---------------------------------------------------------------------------
+# no host syncs in the loops (as tests/test_mcmc.py checks the MCMC loops)
+# ---------------------------------------------------------------------------
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+class HostReadGuard:
+    """Records (and raises on) every Tensor -> host read while armed.
+
+    Armed from the loop's first score evaluation to its last callback, so the one-off host-side setup
+    (float64 coefficient tables on the CPU) is allowed and every per-step read is not. Reads made on
+    behalf of the Triton interpreter (which runs kernels on the host, under TRITON_INTERPRET=1) are not
+    the loop's and pass.
+    """
+
+    def __init__(self, monkeypatch=None):
+        self.armed, self.calls = False, []
+        for name in HOST_READS if monkeypatch is not None else ():  # (None: a plain, unguarded run)
+            monkeypatch.setattr(torch.Tensor, name, self._forbid(name, getattr(torch.Tensor, name)))
+
+    @staticmethod
+    def _from_triton():
+        import sys
+
+        f = sys._getframe(2)
+        while f is not None:
+            if "triton" in f.f_code.co_filename.replace("\\", "/").split("/"):
+                return True
+            f = f.f_back
+        return False
+
+    def _forbid(self, name, orig):
+        guard = self
+
+        def f(self, *a, **k):
+            if guard.armed and not guard._from_triton():
+                guard.calls.append(name)
+                raise AssertionError(f"host sync: Tensor.{name} in the sampling loop")
+            return orig(self, *a, **k)
+        return f
+
+    def score(self, score_fn):
+        started = []
+
+        def s(x, t):
+            if not started:  # the loop's first evaluation (a later one may follow its last callback)
+                started.append(True)
+                self.armed = True
+            return score_fn(x, t)
+        return s
+
+    def callback(self, last):
+        def cb(i, x):
+            if i == last:
+                self.armed = False
+        return cb
+
+
+def _run_loop(loop, score, sde, guard, seed=3, n=LOOP_N):
+    shape = (6, 3)
+    kw = dict(seed=seed, dtype=torch.float32)
+    if loop == "annealed_langevin":
+        return S.annealed_langevin(guard.score(score), sde, shape, n_levels=4, n_steps_each=2, denoise=True,
+                                   callback=guard.callback(3), **kw)
+    if loop.startswith("ode_"):
+        return S.ode_sample(guard.score(score), sde, shape, method=loop[4:], n_steps=4, callback=guard.callback(3),
+                            **kw)
+    predictor, corrector = loop.split("+")
+    return S.pc_sample(guard.score(score), sde, shape, predictor=predictor, corrector=corrector, n_steps=n,
+                       n_corrector_steps=2, callback=guard.callback(n - 1), **kw)
+
+
+SYNC_LOOPS = [("vp", "euler_maruyama+langevin"), ("subvp", "euler_maruyama+langevin"),
+              ("vp", "reverse_diffusion+langevin"), ("vp", "ancestral+langevin"), ("ve", "ancestral+langevin"),
+              ("vp", "none+langevin"), ("vp", "reverse_diffusion+ald"), ("ve", "annealed_langevin"),
+              ("vp", "ode_euler"), ("ve", "ode_heun")]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("kind,loop", SYNC_LOOPS)
+def test_no_host_sync_in_loops(kind, loop, backend, monkeypatch):
+    """The PC loop (each predictor with the SNR Langevin corrector, and ALD), annealed Langevin and the
+    probability-flow ODE never pull a tensor value to the host per step (.item(), .tolist(), .cpu(),
+    .numpy(), bool/float/int of a tensor), with an int or per-row seeds."""
+    from conftest import require_backend
+
+    require_backend(backend)
+    n = LOOP_N
+    if backend == "triton":
+        if (kind, loop) not in (("vp", "euler_maruyama+langevin"), ("ve", "ode_heun")):
+            pytest.skip("the interpreter is slow: two loops cover the Triton launchers")
+        n = 3  # (Euler–Maruyama takes any number of steps)
+    sde, score = make_sde(kind, LOOP_N), _score(kind, dim=3, dtype=torch.float32)
+    with pygen.use_backend(backend):
+        want = _run_loop(loop, score, sde, HostReadGuard(), n=n)
+        guard = HostReadGuard(monkeypatch)
+        got = _run_loop(loop, score, sde, guard, n=n)
+        assert not guard.armed  # the loop ran to its last callback
+        rows = torch.arange(6, dtype=torch.int64) + 50
+        _run_loop(loop, score, sde, guard, seed=rows, n=n)
+    monkeypatch.undo()
+    assert not guard.calls
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("target", ["sampler_step", "run_langevin_snr_step", "_ald_iter"])
+def test_host_sync_check_can_fail(target, monkeypatch):
+    """The guard above catches a per-step host read inside the loop (here injected next to the fused ops)."""
+    real = getattr(S, target)
+
+    def with_sync(*a, **k):
+        out = real(*a, **k)
+        x = next(v for v in a if isinstance(v, torch.Tensor))
+        float(x.sum())  # a per-step host read
+        return out
+
+    monkeypatch.setattr(S, target, with_sync)
+    guard = HostReadGuard(monkeypatch)
+    loop = {"sampler_step": "ode_heun", "run_langevin_snr_step": "none+langevin",
+            "_ald_iter": "annealed_langevin"}[target]
+    kind = "ve" if loop == "annealed_langevin" else "vp"
+    from conftest import require_backend
+
+    require_backend("cpu")
+    with pygen.use_backend("cpu"):
+        with pytest.raises(AssertionError, match="host sync: Tensor.__float__"):
+            _run_loop(loop, _score(kind, dim=3, dtype=torch.float32), make_sde(kind, LOOP_N), guard)
+    monkeypatch.undo()
+    assert guard.calls == ["__float__"]
 
 
 # ---------------------------------------------------------------------------

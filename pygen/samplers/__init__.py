@@ -51,6 +51,7 @@ import torch
 
 from pygen import kdiffusion as _K
 from pygen import schedules as _schedules
+from pygen.ops._common import check_like
 from pygen.ops.random import randn
 from pygen.ops.schedule import COL_CM, COL_CX
 from pygen.samplers.program import StepProgram, check_model_out
@@ -295,22 +296,28 @@ def _capture(model, x, prog, c_in_dev, t_dev, launch):
 # score-SDE samplers and MCMC: thin adapters over pygen.sde and pygen.mcmc
 # ---------------------------------------------------------------------------
 def _score_fn(model, prediction_type, sde):
-    if prediction_type == "score":
-        return model
-    if prediction_type not in ("eps", "x0"):
+    if prediction_type not in ("score", "eps", "x0"):
         raise ValueError(f"prediction_type {prediction_type!r} is not valid for the score-SDE samplers; use "
                          "'score', 'eps' or 'x0'")
+
+    def call(x, t):
+        # the model output is checked as it comes, before any conversion to a score, whose
+        # broadcasting would hide a (1, ...) or (B, 1) output (a metadata check: no sync)
+        return check_like("model(x, t)", model(x, t), "x", x)
+
+    if prediction_type == "score":
+        return call
 
     def view(v, x):
         return v.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
 
     if prediction_type == "eps":
         def score(x, t):
-            return -model(x, t) / view(sde.marginal_std(t), x)
+            return -call(x, t) / view(sde.marginal_std(t), x)
     else:
         def score(x, t):
             std = view(sde.marginal_std(t), x)
-            return (view(sde.mean_coeff(t), x) * model(x, t) - x) / (std * std)
+            return (view(sde.mean_coeff(t), x) * call(x, t) - x) / (std * std)
     return score
 
 
