@@ -7,7 +7,8 @@ time per model evaluation (total / NFE). Implementations:
 * ``kdiffusion``  k-diffusion's ``sampling.sample_<name>`` (noise: its default ``torch.randn_like``),
 * ``pygen``       ``pygen.kdiffusion.sample_<name>`` on the device's default backend (noise: in-kernel Philox),
 * ``torch``       the same under ``pygen.use_backend("torch")`` (pygen's plain-PyTorch reference loop),
-* ``pygen+ns``    pygen with ``noise_sampler=default_noise_sampler(x)`` (k-diffusion's noise), euler_ancestral only,
+* ``pygen+ns``    pygen with ``noise_sampler=default_noise_sampler(x)`` (k-diffusion's noise), for the samplers
+  whose k-diffusion default noise is ``torch.randn_like`` (euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral),
 * ``pygen-loop``  the bare coefficient program (``StepProgram``: model call + fused step, no sampler API
   around it), the floor of pygen's loop; ``noop`` model cases only,
 * ``pygen-graph`` (CUDA only) one model call + one fused step captured in a CUDA graph; a sampler run
@@ -47,12 +48,14 @@ import pygen  # noqa: E402
 from pygen import bench  # noqa: E402
 from pygen import kdiffusion as PK  # noqa: E402
 
-SAMPLERS = ["euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_ancestral", "lms"]
+SAMPLERS = ["euler", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_ancestral", "dpm_2_ancestral",
+            "dpmpp_2s_ancestral", "dpmpp_sde", "lms"]  # all 11 of k-diffusion's that pygen.kdiffusion provides
 SHAPES = {1 << 14: (1, 4, 64, 64), 1 << 20: (16, 4, 128, 128), 1 << 22: (16, 4, 256, 256)}
 DEFAULT_SIZES = (1 << 14, 1 << 20, 1 << 22)
 STEPS = 20  # sigmas: Karras, 20 steps (+ the final 0)
 SIGMA_MIN, SIGMA_MAX = 0.0292, 14.6146  # SD-like range
-NS_SAMPLERS = ("euler_ancestral",)  # where pygen+ns (k-diffusion's noise sampler) is also timed
+# where pygen+ns (k-diffusion's default noise sampler, torch.randn_like) is also timed
+NS_SAMPLERS = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")
 NOOP_NUMEL = 1 << 14
 
 
@@ -133,6 +136,10 @@ def _plan(name, sig):
     return {
         "euler": lambda: PK._plan_euler(sig, 0.0, 0.0, inf, 1.0),
         "heun": lambda: PK._plan_heun(sig, 0.0, 0.0, inf, 1.0),
+        "dpm_2": lambda: PK._plan_dpm_2(sig, 0.0, 0.0, inf, 1.0),
+        "dpm_2_ancestral": lambda: PK._plan_dpm_2_ancestral(sig, 1.0, 1.0),
+        "dpmpp_2s_ancestral": lambda: PK._plan_dpmpp_2s_ancestral(sig, 1.0, 1.0),
+        "dpmpp_sde": lambda: PK._plan_dpmpp_sde(sig, 1.0, 1.0, 0.5, True),
         "dpmpp_2m": lambda: PK._plan_dpmpp_2m(sig),
         "dpmpp_2m_sde": lambda: PK._plan_dpmpp_2m_sde(sig, 1.0, 1.0, "midpoint"),
         "dpmpp_3m_sde": lambda: PK._plan_dpmpp_3m_sde(sig, 1.0, 1.0),
@@ -434,7 +441,7 @@ def format_markdown(report):
              "- ms/step = median time of a whole sampler run / NFE (model evaluations); implementations "
              f"interleaved in rounds ({report['settings']['repeats']} at most), medians",
              "- noise: pygen draws it in the kernel (Philox); k-diffusion uses its defaults: torch.randn_like, and a "
-             "torchsde Brownian tree (BrownianTreeNoiseSampler) in dpmpp_2m_sde / dpmpp_3m_sde; "
+             "torchsde Brownian tree (BrownianTreeNoiseSampler) in dpmpp_sde / dpmpp_2m_sde / dpmpp_3m_sde; "
              "`pygen+ns` = pygen with noise_sampler=default_noise_sampler(x) (k-diffusion's noise)",
              "- `pygen-loop`: the bare coefficient program (model + StepProgram.step), no sampler API around it; "
              "`pygen-graph`: one model call + step captured once, replayed per step from Python; "
