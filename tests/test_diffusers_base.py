@@ -2,6 +2,7 @@
 config round-trips with the stock class, sync-free step index, per-row timesteps, threads."""
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,143 @@ def test_fast_output_equals_the_dataclass(pred):
         back = pickle.loads(pickle.dumps(got))
         assert type(back) is cls and list(back.keys()) == list(want.keys())
         torch.testing.assert_close(back.prev_sample, a)
+
+
+ALL = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+       "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
+       "FlowMatchEulerDiscreteScheduler")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_set_timesteps_signature_and_optional_methods_as_stock(name):
+    """diffusers' pipelines read set_timesteps' signature to decide whether timesteps= / sigmas= may be
+    passed (retrieve_timesteps); hasattr(scheduler, "add_noise") is what stock answers."""
+    import inspect
+
+    fused, stock = getattr(PD, name), getattr(diffusers, name)
+    assert inspect.signature(fused.set_timesteps) == inspect.signature(stock.set_timesteps)
+    assert fused.set_timesteps.__doc__ == stock.set_timesteps.__doc__
+    for attr in ("add_noise", "scale_noise", "set_begin_index"):
+        assert hasattr(fused(), attr) == hasattr(stock(), attr), attr
+
+
+FLOW_SIGMAS = [1.0, 0.8, 0.5, 0.25, 0.1]
+
+
+@pytest.mark.parametrize("name,cfg,kw", [
+    ("EulerDiscreteScheduler", {}, dict(sigmas=[14.6, 7.0, 3.0, 1.0, 0.3])),
+    ("EulerDiscreteScheduler", {}, dict(timesteps=[999, 800, 500, 200, 10])),
+    ("DPMSolverMultistepScheduler", {}, dict(timesteps=[999, 800, 500, 200, 10])),
+    ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction"),
+     dict(sigmas=np.array(FLOW_SIGMAS))),  # (stock UniPC multiplies them: a list fails there too)
+    ("FlowMatchEulerDiscreteScheduler", {}, dict(sigmas=FLOW_SIGMAS))])
+def test_pipeline_retrieve_timesteps_accepts_custom_schedules(name, cfg, kw):
+    """What a pipeline does with pipe(sigmas=...) / pipe(timesteps=...): stock's retrieve_timesteps
+    refused the fused classes when set_timesteps hid its parameters behind *args, **kwargs."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    got = retrieve_timesteps(getattr(PD, name)(**cfg), device="cpu", **kw)
+    want = retrieve_timesteps(getattr(diffusers, name)(**cfg), device="cpu", **kw)
+    assert got[1] == want[1]
+    torch.testing.assert_close(got[0], want[0])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_noise_free_run_leaves_torch_rng_as_stock(name):
+    """set_timesteps and a noise-free loop draw nothing from torch's global RNG (stock draws nothing
+    either), so a pipeline seeded with torch.manual_seed alone gets stock's latents and result.
+    Schedules with in-kernel noise draw their Philox key at set_timesteps (one default_seed())."""
+    kw = {"eta": 0.0} if name == "DDIMScheduler" else {}
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    s = getattr(PD, name)()
+    state = torch.get_rng_state()
+    s.set_timesteps(4)
+    if name in ("DDPMScheduler", "EulerAncestralDiscreteScheduler"):  # noise at every step
+        from pygen.kdiffusion import default_seed
+
+        torch.set_rng_state(state)
+        assert s._pygen_seed == default_seed()  # drawn at set_timesteps, outside the loop
+        generator_mode = getattr(PD, name).from_config(s.config, pygen_noise="generator")
+        torch.set_rng_state(state)
+        generator_mode.set_timesteps(4)
+        assert torch.equal(torch.get_rng_state(), state), "pygen_noise='generator' drew a Philox key"
+        return
+    assert torch.equal(torch.get_rng_state(), state), "set_timesteps drew from torch's RNG"
+    for t in s.timesteps:
+        x_in = s.scale_model_input(x, t) if hasattr(s, "scale_model_input") else x
+        x = s.step(model(x_in, t), t, x, **kw).prev_sample
+    assert torch.equal(torch.get_rng_state(), state), "a noise-free step drew from torch's RNG"
+
+
+def test_ddim_eta_key_drawn_at_first_noisy_step_from_torch_rng():
+    """DDIM's set_timesteps table is eta = 0 (noise-free): the Philox key is drawn from torch's RNG
+    at the first step with eta > 0 (in-kernel noise), the same key after the same torch.manual_seed."""
+    from pygen.kdiffusion import default_seed
+
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for _ in range(2):
+        s = PD.DDIMScheduler()
+        torch.manual_seed(11)
+        s.set_timesteps(5)
+        assert s._pygen_seed is None
+        y = x.clone()
+        for t in s.timesteps:
+            y = s.step(model(y, t), t, y, eta=1.0).prev_sample
+        runs.append((y, s._pygen_seed))
+    torch.manual_seed(11)
+    assert runs[0][1] == runs[1][1] == default_seed()  # one draw, at the first eta > 0 step
+    assert torch.equal(runs[0][0], runs[1][0])
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                  "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"])
+def test_timestep_not_in_schedule_raises(name):
+    """Stock raises IndexError (an empty nonzero()); the fused class raises a ValueError that is also an
+    IndexError, with a message, when the timestep is known on the host (no device read needed)."""
+    s = getattr(PD, name)()
+    s.set_timesteps(5)
+    x = torch.randn(1, 2, 3, 3)
+    for t in (12345.0, torch.tensor(12345.0)):
+        with pytest.raises(ValueError, match="not in .*timesteps") as info:
+            s.step(x, t, x)
+        assert isinstance(info.value, IndexError)
+        with pytest.raises(IndexError):
+            stock = getattr(diffusers, name)()
+            stock.set_timesteps(5)
+            stock.step(x, t, x)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("how", ["number", "cpu_tensor", "per_row"])
+def test_timestep_not_in_schedule_is_last_step_as_stock(name, how):
+    """Stock DPM-Solver / UniPC take a timestep missing from self.timesteps as the last step."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    m = model(x, 0.5)
+    stock = getattr(diffusers, name)()
+    stock.set_timesteps(6)
+    want = stock.step(m, 7, x).prev_sample
+    fused = getattr(PD, name)()
+    fused.set_timesteps(6)
+    t = {"number": 7, "cpu_tensor": torch.tensor(7), "per_row": torch.tensor([7, 7])}[how]
+    got = fused.step(m, t, x).prev_sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_noise_mode_from_config_and_reload(tmp_path, caplog):
+    stock = diffusers.EulerAncestralDiscreteScheduler()
+    s = PD.EulerAncestralDiscreteScheduler.from_config(stock.config, pygen_noise="philox")
+    assert s.config.pygen_noise == "philox" and s._pygen_noise_mode() == "philox"
+    with pytest.raises(ValueError, match="pygen_noise"):
+        PD.EulerAncestralDiscreteScheduler.from_config(stock.config, pygen_noise="bogus")
+    s.save_pretrained(tmp_path)
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        again = PD.EulerAncestralDiscreteScheduler.from_pretrained(tmp_path)
+    assert again.config.pygen_noise == "philox"
+    assert "not expected" not in caplog.text
+    assert diffusers.EulerAncestralDiscreteScheduler.from_pretrained(tmp_path).config.num_train_timesteps == 1000
+    # from_config of the pygen config without the keyword keeps it; the keyword overrides it
+    assert PD.DDPMScheduler.from_config(again.config).config.pygen_noise == "philox"
+    assert PD.DDPMScheduler.from_config(again.config, pygen_noise="generator").config.pygen_noise == "generator"

@@ -31,7 +31,21 @@ What the mixin keeps, all on the sample's device and built once per ``set_timest
   devices and float64 on first use;
 - the history buffer of multistep methods (allocated at the first step, from the
   sample's shape);
-- the Philox key of in-kernel noise (drawn from torch's global RNG at ``set_timesteps``).
+- the Philox key of in-kernel noise, drawn from torch's global RNG (``default_seed()``): at
+  ``set_timesteps`` when the schedule's table draws in-kernel noise (EulerAncestral, DDPM, the SDE
+  variants; not with ``pygen_noise="generator"``), else at the first step that asks for it (DDIM with
+  ``eta > 0``; one CPU read, no device involved). A noise-free schedule (Euler, Heun, LMS, DDIM's
+  default eta = 0, DPM-Solver's ODE variants, UniPC, FlowMatch) never touches torch's RNG, as stock
+  diffusers does not, so ``torch.manual_seed`` alone reproduces a stock pipeline's latents and result.
+
+``set_timesteps`` shows the stock signature (``inspect.signature`` is what diffusers' pipelines
+read to decide whether ``timesteps=`` / ``sigmas=`` may be passed): each class's ``set_timesteps``
+is a wrapper of its stock twin's, made in ``FusedSchedulerMixin.__init_subclass__``.
+
+A timestep that is not in ``self.timesteps``: DPM-Solver and UniPC use the last step, as stock
+does; the other classes raise ``ValueError`` (an ``IndexError`` too, which stock raises) when the
+timestep is known on the host, and give NaN outputs when it is a device tensor (checking it there
+would sync).
 
 torch.compile(fullgraph=True): under compilation the fused step goes through the custom op
 ``pygen_diffusers::keyed_step_out`` (wrapping ``pygen::sampler_step_out`` or its ``_triton``
@@ -46,13 +60,16 @@ the host (a sync only when user code asks for it; the loop never does).
 Noise: with a ``generator`` (or ``variance_noise``) the noise is drawn exactly as diffusers
 draws it (``randn_tensor(model_output.shape, generator=generator, ...)`` per step) and passed
 to the fused step, so seeded results reproduce stock diffusers; without one it is drawn in
-the kernel (Philox, stream = step index). ``scheduler.register_to_config(pygen_noise=...)``
+the kernel (Philox, stream = step index). The config key ``pygen_noise``
 forces either: ``"generator"`` (always ``randn_tensor``, from torch's global RNG when no
 generator is given) or ``"philox"`` (in-kernel even when a generator is given); the default
-``"auto"`` is the rule above. The key is stored in the config, so it survives
-``save_pretrained``; stock diffusers ignores it.
+``"auto"`` is the rule above. Set it with ``Class.from_config(config, pygen_noise="philox")``
+or ``scheduler.register_to_config(pygen_noise=...)`` (the constructor takes exactly the stock
+arguments). It is stored in the config, so it survives ``save_pretrained`` / ``from_pretrained``;
+stock diffusers ignores it.
 """
 import dataclasses
+import functools
 from collections import OrderedDict
 from typing import Optional
 
@@ -106,16 +123,33 @@ def _traced_backend(device_type):
     return _backend.resolve(torch.device(device_type))
 
 
-@torch.library.custom_op("pygen_diffusers::keyed_step_out", mutates_args=("step_index", "history", "out", "pred_x0"))
+# the value of a scheduler's key tensor before its Philox key is drawn (default_seed() is never negative)
+UNDRAWN_KEY = -1
+
+
+def draw_key(key_t):
+    """The Philox key held by the 0-d int64 CPU tensor ``key_t``, drawn from torch's global RNG
+    (``default_seed()``) and stored there the first time it is needed."""
+    key = int(key_t)
+    if key == UNDRAWN_KEY:
+        key = default_seed()
+        key_t.fill_(key)
+    return key
+
+
+@torch.library.custom_op("pygen_diffusers::keyed_step_out",
+                         mutates_args=("step_index", "history", "out", "pred_x0", "key"))
 def _keyed_step_out(x: torch.Tensor, model_out: torch.Tensor, coeffs: torch.Tensor, step_index: torch.Tensor,
                     history: Optional[torch.Tensor], noise: Optional[torch.Tensor], out: torch.Tensor,
                     pred_x0: Optional[torch.Tensor], key: torch.Tensor, stream: int, row_seeds: Optional[torch.Tensor],
                     clamp: float, advance: bool, triton: bool) -> None:
     """``pygen::sampler_step_out`` with the Philox key as a 0-d int64 CPU tensor (read on the host,
     no device sync). Used under torch.compile only: an int key would be specialized by dynamo, and
-    every ``set_timesteps`` (a new key) would compile the loop again."""
+    every ``set_timesteps`` (a new key) would compile the loop again. A key not drawn yet
+    (``UNDRAWN_KEY``) is drawn here, at run time, and written back to the scheduler's key tensor."""
     op = torch.ops.pygen.sampler_step_out_triton.default if triton else torch.ops.pygen.sampler_step_out.default
-    op(x, model_out, coeffs, step_index, history, noise, out, pred_x0, int(key), stream, row_seeds, clamp, advance)
+    op(x, model_out, coeffs, step_index, history, noise, out, pred_x0, draw_key(key), stream, row_seeds, clamp,
+       advance)
 
 
 @_keyed_step_out.register_fake
@@ -145,8 +179,56 @@ def step_launcher(cache, device):
     return launch
 
 
+class MissingTimestepError(ValueError, IndexError):
+    """A timestep that is not in ``scheduler.timesteps`` (an IndexError too: what stock raises)."""
+
+
+def _absent(name):
+    """A class attribute that reads as missing (``hasattr`` False), for a method the stock class lacks."""
+    def get(self):
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r} (nor has its diffusers namesake)")
+
+    return property(get)
+
+
 class FusedSchedulerMixin:
     """Device coefficient table + device step index + one fused launch per ``step()``."""
+
+    # what a timestep missing from self.timesteps means: "raise" (stock: IndexError) or "last"
+    # (stock DPM-Solver / UniPC: the last step)
+    _pygen_missing_timestep = "raise"
+
+    def __init_subclass__(cls, **kwargs):
+        """A class with a stock diffusers base gets that base's ``set_timesteps`` signature and doc
+        (diffusers' ``retrieve_timesteps`` reads the signature), and no ``add_noise`` where the stock
+        class has none."""
+        super().__init_subclass__(**kwargs)
+        stock = next((c for c in cls.__mro__ if c.__module__.startswith("diffusers.")), None)
+        if stock is None:
+            return
+        if "set_timesteps" not in cls.__dict__:
+            @functools.wraps(stock.set_timesteps)
+            def set_timesteps(self, *args, **kwargs):
+                return FusedSchedulerMixin._pygen_set_timesteps(self, stock, *args, **kwargs)
+
+            cls.set_timesteps = set_timesteps
+        if not hasattr(stock, "add_noise") and "add_noise" not in cls.__dict__:
+            cls.add_noise = _absent("add_noise")
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' ``extract_init_dict`` with the ``pygen_noise`` key (a keyword of ``from_config``,
+        or saved in the config) kept as a config entry instead of an unexpected constructor argument."""
+        config_dict = dict(config_dict)
+        mode = kwargs.pop("pygen_noise", None)
+        saved = config_dict.pop("pygen_noise", None)
+        init_dict, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
+        mode = saved if mode is None else mode
+        if mode is not None:
+            if mode not in NOISE_MODES:
+                raise ValueError(f"pygen_noise must be one of {NOISE_MODES}, got {mode!r}")
+            hidden["pygen_noise"] = mode  # from_config registers these to the config
+        return init_dict, unused, hidden
 
     # --- to implement in the subclass -------------------------------------
     def _pygen_rows(self):
@@ -154,9 +236,11 @@ class FusedSchedulerMixin:
         raise NotImplementedError
 
     # --- set-up ------------------------------------------------------------
-    def set_timesteps(self, *args, **kwargs):
-        out = super().set_timesteps(*args, **kwargs)
+    def _pygen_set_timesteps(self, stock, *args, **kwargs):
+        out = stock.set_timesteps(self, *args, **kwargs)
         self._pygen_prepare()
+        if self._pygen_noisy and getattr(self.config, "pygen_noise", None) != "generator":
+            self._pygen_key()  # the key of this schedule's in-kernel noise, drawn now (outside the loop)
         if self._pygen_index0 is not None:  # the tables the loop reads, on the timesteps' device now
             self._pygen_warm(self._pygen_index0.device)
         return out
@@ -169,11 +253,14 @@ class FusedSchedulerMixin:
         self._pygen_tables = {}      # (device, dtype) -> table on that device
         self._pygen_index = None     # device step index, set at the first step()
         self._pygen_history = None
-        self._pygen_seed = default_seed()
-        # whether a row draws in-kernel noise (NaN counts): tables without noise launch with key 0,
-        # so torch.compile (which specializes on the int key) reuses its graphs across set_timesteps
-        self._pygen_noisy = bool((self._pygen_table64[:, COL_S] != 0).any())
-        self._pygen_key_t = torch.tensor(self._pygen_seed, dtype=torch.int64)  # the key for torch.compile
+        self._pygen_seed = None      # the Philox key, drawn at the first in-kernel noise (_pygen_key)
+        # whether a row draws in-kernel noise: tables without noise launch with key 0, so torch.compile
+        # (which specializes on the int key) reuses its graphs across set_timesteps. A NaN noise
+        # coefficient (a row that must come out NaN, e.g. Heun's padding row) gives NaN whatever the key.
+        s_col = self._pygen_table64[:, COL_S]
+        self._pygen_noisy = bool(((s_col != 0) & ~s_col.isnan()).any())
+        # the key for torch.compile: drawn in the compiled step when still UNDRAWN_KEY (draw_key)
+        self._pygen_key_t = torch.full((), UNDRAWN_KEY, dtype=torch.int64)
         self._pygen_launchers = {}
         self._pygen_ts = {}          # device -> self.timesteps there (for the sync-free lookup)
         ts = getattr(self, "timesteps", None)
@@ -232,6 +319,8 @@ class FusedSchedulerMixin:
         first = torch.where(match, pos, ts.shape[0]).amin(dim=1)
         second = torch.where(match & (pos > first[:, None]), pos, ts.shape[0]).amin(dim=1)
         idx = torch.where(count > 1, second, first)
+        if self._pygen_missing_timestep == "last":
+            idx = torch.where(idx >= ts.shape[0], ts.shape[0] - 1, idx)
         return idx.to(torch.int64)  # K (out of range -> NaN rows in the kernel) when not found
 
     def _pygen_host_first(self, timestep):
@@ -253,6 +342,24 @@ class FusedSchedulerMixin:
             return self._pygen_first_index.get(timestep.item())  # a host tensor: no device involved
         return None
 
+    @staticmethod
+    def _pygen_host_known(timestep):
+        """Whether ``timestep``'s value is on the host (a number or a one-element CPU tensor)."""
+        if torch.compiler.is_compiling():
+            return False
+        if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+            return True
+        return isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and timestep.device.type == "cpu"
+
+    def _pygen_missing(self, timestep):
+        """The step index of a host-known timestep that is not in ``self.timesteps``: the last step
+        (``_pygen_missing_timestep = "last"``, stock DPM-Solver / UniPC) or a clear error."""
+        if self._pygen_missing_timestep == "last":
+            return len(self.timesteps) - 1
+        value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+        raise MissingTimestepError(f"timestep {value!r} is not in {type(self).__name__}.timesteps (set by set_timesteps); "
+                               "pass one of scheduler.timesteps")
+
     def _pygen_step_index(self, timestep, sample):
         """The device step index for this step(): (1,) or one per batch row."""
         if getattr(self, "_pygen_table64", None) is None:
@@ -268,6 +375,8 @@ class FusedSchedulerMixin:
             return self._pygen_index
         if self._pygen_index is None:
             first = int(self.begin_index) if self.begin_index is not None else self._pygen_host_first(timestep)
+            if first is None and self._pygen_host_known(timestep):
+                first = self._pygen_missing(timestep)
             index0 = self._pygen_index0
             if first == 0 and index0 is not None and index0.device == sample.device:
                 self._pygen_index, self._pygen_index0 = index0, None  # made at set_timesteps: no launch
@@ -298,11 +407,8 @@ class FusedSchedulerMixin:
         if sig is None:
             sig = self._pygen_tables[key] = self.sigmas.to(device=dev, dtype=dtype)
         num = timesteps.reshape(-1).shape[0]
-        k = len(self.timesteps)
         if self.begin_index is None:  # training / no begin index: look each timestep up
-            idx = self._pygen_lookup(timesteps, dev)
-            if kind == "alpha_sigma":  # DPM-Solver/UniPC: an unknown timestep means the last step
-                idx = torch.where(idx >= k, k - 1, idx)
+            idx = self._pygen_lookup(timesteps, dev)  # (DPM-Solver/UniPC: an unknown timestep is the last step)
         elif self._pygen_index is not None:  # inpainting: after the first step
             idx = self._pygen_index.expand(num) if self._pygen_index.numel() == 1 else self._pygen_index
         else:  # img2img: before the first step
@@ -341,12 +447,18 @@ class FusedSchedulerMixin:
     def _pygen_key(self, noisy=None):
         """The Philox key passed to the fused step: 0 when no row draws in-kernel noise (``noisy``:
         default, whether this schedule's table does); under torch.compile a 0-d int64 CPU tensor
-        (see ``_keyed_step_out``)."""
+        (see ``_keyed_step_out``). The key is drawn from torch's global RNG the first time a
+        noisy launch asks for it (one CPU draw, no device involved)."""
         if noisy is None:
             noisy = getattr(self, "_pygen_noisy", True)
         if torch.compiler.is_compiling():  # (never reads the int key: no guard on its value)
             return self._pygen_key_t if noisy else torch.zeros((), dtype=torch.int64)
-        return self._pygen_seed if noisy else 0
+        if not noisy:
+            return 0
+        seed = self._pygen_seed
+        if seed is None:
+            seed = self._pygen_seed = draw_key(self._pygen_key_t)
+        return seed
 
     def _pygen_history_for(self, x, num_hist, dtype=None):
         """The history ring (num_hist, *x.shape) in ``dtype`` (default x's), zeroed when first needed or

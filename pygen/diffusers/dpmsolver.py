@@ -160,6 +160,7 @@ class DPMSolverMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffuse
     """diffusers' DPMSolverMultistepScheduler with a fused, sync-free ``step()`` (same config and API)."""
 
     _pygen_add_noise_kind = "alpha_sigma"
+    _pygen_missing_timestep = "last"  # stock: a timestep not in self.timesteps is the last step
 
     # --- tables ------------------------------------------------------------------
     def _pygen_order_at(self, i, lower_order_nums):
