@@ -21,12 +21,15 @@ pytest.importorskip("scipy")
 
 import pygen  # noqa: E402
 from pygen.diffusers import SCHEDULERS  # noqa: E402
+from pygen.diffusers.ddim import DDIMScheduler  # noqa: E402
+from pygen.diffusers.ddpm import DDPMScheduler  # noqa: E402
 from pygen.diffusers.dpmsolver import DPMSolverMultistepScheduler  # noqa: E402
 from pygen.diffusers.euler import EulerDiscreteScheduler  # noqa: E402
 from pygen.diffusers.euler_ancestral import EulerAncestralDiscreteScheduler  # noqa: E402
 from pygen.diffusers.flow_match import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from pygen.diffusers.heun import HeunDiscreteScheduler  # noqa: E402
 from pygen.diffusers.lms import LMSDiscreteScheduler  # noqa: E402
+from pygen.diffusers.unipc import UniPCMultistepScheduler  # noqa: E402
 
 SHAPE = (2, 3, 5)
 STEPS = 8
@@ -51,7 +54,9 @@ def make_denoise(s, **stepkw):
 
 def fresh(cls, cfg, steps=STEPS, **set_kw):
     torch.manual_seed(0)  # the in-kernel Philox key is drawn from torch's RNG at set_timesteps
-    s = cls(**cfg)
+    cfg = dict(cfg)
+    noise = cfg.pop("pygen_noise", None)  # (a from_config keyword, not a constructor argument)
+    s = cls(**cfg) if noise is None else cls.from_config(cls(**cfg).config, pygen_noise=noise)
     s.set_timesteps(steps, **set_kw)
     return s
 
@@ -67,10 +72,20 @@ def run_loop(fn, s, x):
     return x
 
 
+def seeded_loop(fn, s, seed):
+    """``run_loop`` from ``start(s)`` with torch's RNG seeded first: a Philox key drawn at the first
+    noisy step (DDIM with eta > 0) or noise drawn from torch's RNG is then the same in both loops."""
+    torch.manual_seed(seed)
+    return run_loop(fn, s, start(s))
+
+
 # ---------------------------------------------------------------------------
 # torch.compile(fullgraph=True)
 # ---------------------------------------------------------------------------
-# (id, class, config, backend, most graphs one loop may compile)
+# (id, class, config, backend, most graphs one loop may compile[, options]); options: "step" (step()
+# keyword arguments), "regraphs" (graphs the loop after the first set_timesteps may add: UniPC's
+# stock ``timestep_list`` is not reset by set_timesteps, and the first loop's graphs guard on its
+# entries being None; the loops after that add none)
 COMPILE_CASES = [
     ("euler", EulerDiscreteScheduler, {}, "aot_eager", 2),
     ("euler-karras-v", EulerDiscreteScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction"),
@@ -86,6 +101,22 @@ COMPILE_CASES = [
     ("flow-stochastic-philox", FlowMatchEulerDiscreteScheduler, dict(stochastic_sampling=True), "aot_eager", 2),
     ("heun", HeunDiscreteScheduler, {}, "aot_eager", 3),
     ("lms", LMSDiscreteScheduler, {}, "aot_eager", 2),
+    # DDPM / DDIM: tables indexed by the timestep value (the step index is computed from t)
+    ("ddpm-philox", DDPMScheduler, {}, "aot_eager", 1),
+    ("ddpm-philox-inductor", DDPMScheduler, {}, "inductor", 1),
+    ("ddpm-threshold-v", DDPMScheduler, dict(thresholding=True, prediction_type="v_prediction"), "aot_eager", 1),
+    # explicit noise (torch.randn from the global RNG, traced): launches with the noise-free key 0
+    ("ddpm-generator-noise", DDPMScheduler, dict(pygen_noise="generator", clip_sample=False), "aot_eager", 1),
+    ("ddim", DDIMScheduler, dict(clip_sample=False), "aot_eager", 1),
+    ("ddim-clip", DDIMScheduler, {}, "aot_eager", 1),  # default: the raw-eps term through history
+    ("ddim-threshold", DDIMScheduler, dict(thresholding=True), "aot_eager", 1),
+    # a new eta: its table is built in the first graph and cached, the second graph reads it
+    ("ddim-eta-philox", DDIMScheduler, {}, "aot_eager", 2, dict(step=dict(eta=0.5))),
+    ("ddim-threshold-eta-philox", DDIMScheduler, dict(thresholding=True, prediction_type="v_prediction"),
+     "aot_eager", 2, dict(step=dict(eta=1.0, use_clipped_model_output=True))),
+    ("unipc", UniPCMultistepScheduler, {}, "aot_eager", 3, dict(regraphs=1)),
+    ("unipc3-threshold", UniPCMultistepScheduler, dict(solver_order=3, thresholding=True), "aot_eager", 4,
+     dict(regraphs=2)),
 ]
 
 
@@ -100,28 +131,31 @@ def dynamo_reset():
 def test_compiled_loop_matches_eager(case, dynamo_reset):
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    _, cls, cfg, backend, max_graphs = case
+    _, cls, cfg, backend, max_graphs, *opts = case
+    opts = opts[0] if opts else {}
+    stepkw = opts.get("step", {})
     eager_s = fresh(cls, cfg)
-    want = run_loop(make_denoise(eager_s), eager_s, start(eager_s))
+    want = seeded_loop(make_denoise(eager_s, **stepkw), eager_s, 10)
 
     s = fresh(cls, cfg)
     counter = CompileCounterWithBackend(backend)
-    fn = torch.compile(make_denoise(s), backend=counter, fullgraph=True, dynamic=False)
-    got = run_loop(fn, s, start(s))
+    fn = torch.compile(make_denoise(s, **stepkw), backend=counter, fullgraph=True, dynamic=False)
+    got = seeded_loop(fn, s, 10)
     assert torch.isfinite(want).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # bounded: no recompilation per step (STEPS > max_graphs), whatever the step index
     assert 1 <= counter.frame_count <= max_graphs < STEPS
-    # a second loop after set_timesteps (new tables, new Philox key) reuses the graphs, equal to eager
+    # loops after set_timesteps (new tables, new Philox key) reuse the graphs, equal to eager
     compiled = counter.frame_count
-    torch.manual_seed(1)
-    s.set_timesteps(STEPS)
-    torch.manual_seed(1)
-    eager_s.set_timesteps(STEPS)
-    want2 = run_loop(make_denoise(eager_s), eager_s, start(eager_s))
-    got2 = run_loop(fn, s, start(s))
-    torch.testing.assert_close(got2, want2, rtol=1e-5, atol=1e-5)
-    assert counter.frame_count == compiled
+    for k in (1, 2):
+        torch.manual_seed(k)
+        s.set_timesteps(STEPS)
+        torch.manual_seed(k)
+        eager_s.set_timesteps(STEPS)
+        want2 = seeded_loop(make_denoise(eager_s, **stepkw), eager_s, 10 + k)
+        got2 = seeded_loop(fn, s, 10 + k)
+        torch.testing.assert_close(got2, want2, rtol=1e-5, atol=1e-5)
+        assert counter.frame_count == compiled + opts.get("regraphs", 0), k
 
 
 def test_compiled_loop_honours_begin_index(dynamo_reset):
@@ -151,6 +185,56 @@ def test_compiled_step_per_row_timesteps(dynamo_reset):
         x = start(s)
         for k in range(4):
             x = fn(x, torch.stack([s.timesteps[k], s.timesteps[k + 2]]))
+        res.append(x)
+    torch.testing.assert_close(res[1], res[0], rtol=1e-5, atol=1e-5)
+
+
+# (class, config, step kwargs, backend): eager steps first, then the compiled step traced at a later
+# timestep. The step index of DDPM/DDIM comes from the timestep tensor, ``self.timesteps[k]`` (a
+# view at storage offset k); the op declares its index and history mutated, and a mutated view of a
+# graph input is regenerated with the trace-time offset (aot_eager; Inductor even through a clone).
+WARMUP_CASES = [
+    (DDIMScheduler, {}, {}, "aot_eager"),
+    (DDIMScheduler, {}, {}, "inductor"),
+    (DDIMScheduler, dict(thresholding=True), dict(eta=0.7), "aot_eager"),
+    (DDPMScheduler, {}, {}, "aot_eager"),
+]
+
+
+@pytest.mark.parametrize("cls,cfg,stepkw,backend", WARMUP_CASES,
+                         ids=[f"{c.__name__}-{cfg}-{kw}-{b}" for c, cfg, kw, b in WARMUP_CASES])
+def test_compiled_timestep_tables_after_eager_steps(cls, cfg, stepkw, backend, dynamo_reset):
+    res = []
+    for compiled in (False, True):
+        s = fresh(cls, cfg)
+        torch.manual_seed(4)
+        eager = make_denoise(s, **stepkw)
+        fn = torch.compile(eager, backend=backend, fullgraph=True, dynamic=False) if compiled else eager
+        x = start(s)
+        for k, t in enumerate(s.timesteps):
+            x = (eager if k < 2 else fn)(x, t)
+        res.append(x)
+    assert torch.isfinite(res[0]).all()
+    torch.testing.assert_close(res[1], res[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_ddim_step_with_model_output_views(dynamo_reset):
+    """The step alone compiled, model_output a view of a graph input at a new storage offset each call
+    (DDIM passes it as the raw-eps history too): the compiled step reads this call's data."""
+    res = []
+    for compiled in (False, True):
+        s = fresh(DDIMScheduler, {})
+
+        def step(mo, t, x):
+            return s.step(mo, t, x, return_dict=False)[0]
+
+        fn = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False) if compiled else step
+        x = start(s)
+        for k, t in enumerate(s.timesteps):
+            mo = model(x, t)
+            outs = [mo + 9.0, mo - 5.0]
+            outs.insert(k % 3, mo)
+            x = fn(torch.stack(outs)[k % 3], t, x)
         res.append(x)
     torch.testing.assert_close(res[1], res[0], rtol=1e-5, atol=1e-5)
 

@@ -38,7 +38,23 @@ only when ``t > 0``. When the timestep is a Python number or a CPU tensor the fu
 applies the same rule (a host comparison, no device sync), so a seeded generator advances
 exactly as in diffusers. When the timestep is a device tensor, testing it would sync, so
 the noise is drawn at every step: outputs are identical (the ``t = 0`` row has no noise),
-only the generator has advanced once more after a ``t = 0`` step.
+only the generator has advanced once more after a ``t = 0`` step. Under torch.compile a tensor
+timestep (CPU or not) takes that device path too: the host test would be a data-dependent
+branch; the outputs are the same.
+
+torch.compile(fullgraph=True) (see pygen/diffusers/_base.py): the fused step goes through
+``step_launcher`` (the traceable custom op), with the Philox key from ``_pygen_key(noisy=...)``
+(a tensor under compile, 0 when the launch draws no in-kernel noise), so a new
+``set_timesteps`` does not compile again. The tables a compiled step reads must be cached
+before tracing (a host build does not trace): the variants the default step()
+arguments read (DDPM: all of them) are built at ``set_timesteps`` on the device of
+``self.timesteps``, and every (variant, device, dtype) a run used is rebuilt by the next
+``set_timesteps``, so a compiled loop's guards on the caches keep holding. Under compile the
+step index and the history passed to the op are fresh tensors computed from the timestep /
+model output (``+ 0``, ``* 1``), never views of a graph input: the op declares them mutated,
+and PyTorch regenerates a mutated view of an input from the storage offset seen at trace
+time (the element ``self.timesteps[k]`` sits at offset k), so a view, or even a copy of one
+(Inductor folds the copy into that view), would read another timestep's row.
 """
 import math
 
@@ -47,9 +63,8 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin, as_dtype
+from pygen.diffusers._base import FusedSchedulerMixin, as_dtype, step_launcher
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_S, COL_SLOT
-from pygen.samplers.program import resolve_step_launcher
 
 __all__ = ["DDPMScheduler", "TimestepTableMixin", "threshold_sample", "prediction_columns"]
 
@@ -90,6 +105,13 @@ def threshold_sample(x0, ratio, max_value):
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
 
 
+def _host64(a):
+    """A float64 contiguous CPU tensor from a numpy array or a tensor."""
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+    return a.detach().to("cpu", torch.float64).contiguous()
+
+
 def _to_device(t, device, dtype):
     t = t.to(dtype)
     if device.type == "cuda":  # pinned + non_blocking: the upload does not block the host
@@ -115,16 +137,20 @@ class TimestepTableMixin(FusedSchedulerMixin):
         return self._pygen_host(self._pygen_default_key())[0]
 
     def _pygen_prepare(self):
+        # tables used before (any variant, device, dtype) are rebuilt for the new schedule, so a
+        # compiled loop finds them cached again (its guards hold: no recompilation per set_timesteps)
+        used = tuple(getattr(self, "_pygen_dev_cache", None) or ())
         self._pygen_host_cache = {}
         self._pygen_dev_cache = {}
         super()._pygen_prepare()
+        for key, device, acc in used:
+            self._pygen_dev(key, device, acc)
 
     def _pygen_host(self, key):
         got = self._pygen_host_cache.get(key)
         if got is None:
-            rows, aux = self._pygen_variant(key)  # float64 numpy arrays (filled element by element)
-            got = self._pygen_host_cache[key] = (torch.from_numpy(np.ascontiguousarray(rows)),
-                                                 torch.from_numpy(np.ascontiguousarray(aux)))
+            rows, aux = self._pygen_variant(key)  # float64: numpy arrays (filled element by element) or tensors
+            got = self._pygen_host_cache[key] = (_host64(rows), _host64(aux))
         return got
 
     def _pygen_dev(self, key, device, dtype):
@@ -132,12 +158,26 @@ class TimestepTableMixin(FusedSchedulerMixin):
         k = (key, device, acc)
         got = self._pygen_dev_cache.get(k)
         if got is None:
-            rows, aux = self._pygen_host(key)
-            got = self._pygen_dev_cache[k] = (_to_device(rows, device, acc), _to_device(aux, device, acc))
+            if torch.compiler.is_compiling():
+                # built while tracing: from the host copy, else by the traceable builder (DDIM's is
+                # torch ops); cached, so the next call compiles once more and reads it
+                host = self._pygen_host_cache.get(key)
+                if host is None:
+                    host = self._pygen_variant(key)
+                got = tuple(h.to(device=device, dtype=acc) for h in host)
+            else:
+                rows, aux = self._pygen_host(key)
+                got = (_to_device(rows, device, acc), _to_device(aux, device, acc))
+            self._pygen_dev_cache[k] = got
         return got
 
+    def _pygen_warm_keys(self):
+        """The variants a loop with the default step() arguments reads (built at set_timesteps)."""
+        return (self._pygen_default_key(),)
+
     def _pygen_warm(self, device):
-        self._pygen_dev(self._pygen_default_key(), device, torch.float32)
+        for key in self._pygen_warm_keys():
+            self._pygen_dev(key, device, torch.float32)
         self._pygen_host_index(0, device)  # makes the per-device arange of row indices
 
     @staticmethod
@@ -208,12 +248,22 @@ class TimestepTableMixin(FusedSchedulerMixin):
             ar = cache[device] = torch.arange(rows, dtype=torch.int64, device=device)
         return ar[t:t + 1]
 
-    def _pygen_run(self, table, model_output, sample, index, noise=None, clamp=0.0, history=None):
+    def _pygen_run(self, table, model_output, sample, index, noise=None, clamp=0.0, history=None, noisy=False):
         """One fused launch: (prev, pred) in sample's dtype; the index is not advanced. ``history``
-        (H, *sample.shape), read only, adds Σ_j table[:, 8 + j]·history[j] to prev."""
-        launch = self._pygen_launchers.get(sample.device)
-        if launch is None:
-            launch = self._pygen_launchers[sample.device] = resolve_step_launcher(sample.device)
+        (H, *sample.shape), read only, adds Σ_j table[:, 8 + j]·history[j] to prev. ``noisy``: whether
+        ``table`` has a nonzero noise column (then the step draws in-kernel noise when ``noise`` is None).
+
+        Under torch.compile the index and ``history`` are fresh tensors computed by pointwise ops
+        (``+ 0``, ``* 1``): the traced op declares them mutated (it writes neither here), and a
+        mutated argument that is a view of a graph input is regenerated with the storage offset
+        seen at trace time. The index of a tensor timestep is a view of it (``self.timesteps[k]``
+        sits at offset k), DDIM's history a view of ``model_output`` (possibly an input): passed as
+        is (and with Inductor even through ``clone()``), the compiled step reads them at the
+        trace-time offset at every call: another timestep's row, another tensor's data."""
+        launch = step_launcher(self._pygen_launchers, sample.device)
+        if torch.compiler.is_compiling():
+            index = index + 0
+            history = history * 1 if history is not None else None
         sample = sample.contiguous()
         model_output = model_output.contiguous()
         if noise is not None:
@@ -222,8 +272,8 @@ class TimestepTableMixin(FusedSchedulerMixin):
             noise = noise.to(device=sample.device, dtype=sample.dtype).contiguous()
         prev = torch.empty_like(sample)
         pred = torch.empty_like(sample)
-        launch(sample, model_output, table, index, history, noise, prev, pred, self._pygen_seed, 0, None,
-               float(clamp), False)
+        launch(sample, model_output, table, index, history, noise, prev, pred,
+               self._pygen_key(noisy=bool(noisy and noise is None)), 0, None, float(clamp), False)
         return prev, pred
 
     @staticmethod
@@ -267,6 +317,12 @@ class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
 
     def _pygen_default_key(self):
         return (False, self.variance_type, self.config.prediction_type)
+
+    def _pygen_warm_keys(self):
+        cfg = self.config
+        if cfg.thresholding or (cfg.clip_sample and not float(cfg.clip_sample_range) > 0):  # pred_x0 on the device
+            return (self._pygen_default_key(), (True, self.variance_type, cfg.prediction_type))
+        return (self._pygen_default_key(),)
 
     def _pygen_variant(self, key):
         thr, variance_type, prediction_type = key
@@ -320,8 +376,9 @@ class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
         index = self._pygen_timestep_index(timestep, sample)
 
-        # the t > 0 rule, decided on the host when that costs no device sync
-        if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+        # the t > 0 rule, decided on the host when that costs no device sync (under torch.compile a
+        # tensor timestep is data: it takes the device path, no data-dependent branch)
+        if isinstance(timestep, torch.Tensor) and (timestep.device.type != "cpu" or torch.compiler.is_compiling()):
             draw = True
         elif isinstance(timestep, (int, float)):
             draw = timestep > 0
@@ -352,6 +409,7 @@ class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
         kernel_noise = None if learned else noise
 
         vt, pt = self.variance_type, self.config.prediction_type
+        noisy = draw and not learned  # the table's noise column (learned kinds: 0, noise added outside)
         rows, aux = self._pygen_dev((False, vt, pt), x.device, x.dtype)
         if device_x0:
             x0 = self._pygen_pred_x0(rows, m, x, index)
@@ -360,9 +418,9 @@ class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
             else:
                 x0 = x0.clamp(-r, r)
             rows_f, _ = self._pygen_dev((True, vt, pt), x.device, x.dtype)
-            prev, pred = self._pygen_run(rows_f, x0.contiguous(), x, index, kernel_noise)
+            prev, pred = self._pygen_run(rows_f, x0.contiguous(), x, index, kernel_noise, noisy=noisy)
         else:
-            prev, pred = self._pygen_run(rows, m, x, index, kernel_noise, clamp=r if clip else 0.0)
+            prev, pred = self._pygen_run(rows, m, x, index, kernel_noise, clamp=r if clip else 0.0, noisy=noisy)
 
         if learned and noise is not None:
             pv = predicted_variance.to(compute)
