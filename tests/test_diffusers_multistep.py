@@ -139,6 +139,78 @@ def test_dpm_half_precision(dtype, algo):
     assert_close_to_stock(ref, got, rtol=tol)
 
 
+HALF_ULP = 2.0 ** -10
+
+
+def rel_err(ref, got):
+    return (ref.double() - got.double()).abs().max().item() / max(ref.double().abs().max().item(), 1.0)
+
+
+def assert_half_close(ref16, got16, ref64, ulps=3):
+    """float16 vs stock run in float16 on the same inputs. Stock computes some terms in float16, the
+    fused step in float32, so the two differ by stock's own rounding: both are compared to a float64
+    run of stock (the sde variants draw their noise in float32 in every dtype, so the float64 run
+    sees the same normals), and the fused error may be at most 1.5x stock's plus ``ulps`` float16
+    ulps (relative to max(|ref|, 1))."""
+    assert got16.dtype == ref16.dtype == torch.float16 and got16.shape == ref16.shape
+    assert torch.isfinite(ref16).all() and torch.isfinite(got16).all()
+    e_stock, e_fused = rel_err(ref64, ref16), rel_err(ref64, got16)
+    assert e_fused <= 1.5 * e_stock + ulps * HALF_ULP, (e_fused, e_stock)
+
+
+_CUSTOM_TS = dict(timesteps=[999, 850, 700, 500, 320, 200, 90, 10])
+DPM_HALF_CASES = (
+    [(algo, o, {}, None) for algo, o in [("dpmsolver++", 1), ("dpmsolver++", 2), ("dpmsolver++", 3), ("dpmsolver", 2),
+                                         ("dpmsolver", 3), ("sde-dpmsolver++", 2), ("sde-dpmsolver++", 3),
+                                         ("sde-dpmsolver", 1), ("sde-dpmsolver", 2)]]
+    + [(algo, o, {sig: True}, None) for sig in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+       for algo, o in [("dpmsolver++", 3), ("sde-dpmsolver++", 2), ("dpmsolver", 2)]]
+    + [(algo, 2, sp, None) for sp in (dict(timestep_spacing="linspace"), dict(timestep_spacing="leading", steps_offset=1),
+                                      dict(timestep_spacing="trailing"))
+       for algo in ("dpmsolver++", "sde-dpmsolver")]
+    + [(algo, o, dict(final_sigmas_type=f, **extra), None) for f in ("zero", "sigma_min")
+       for algo, o, extra in [("dpmsolver++", 2, {}), ("sde-dpmsolver++", 2, {}),
+                              ("dpmsolver++", 3, {"use_karras_sigmas": True})]]
+    + [("dpmsolver++", 3, {}, _CUSTOM_TS), ("sde-dpmsolver++", 2, {}, _CUSTOM_TS),
+       ("dpmsolver++", 2, {"thresholding": True, "sample_max_value": 1.5}, None),
+       ("dpmsolver++", 2, {"prediction_type": "v_prediction"}, None),
+       ("dpmsolver", 2, {"prediction_type": "sample"}, None)]
+)
+
+
+@pytest.mark.parametrize("algo,order,opts,set_kw", DPM_HALF_CASES,
+                         ids=[f"{a}-{o}-{c}-{'custom' if k else ''}" for a, o, c, k in DPM_HALF_CASES])
+def test_dpm_fp16_config_space(algo, order, opts, set_kw):
+    cfg = dpm_cfg(algo, solver_order=order, **opts)
+    steps = None if set_kw else 8
+    seed = 3 if algo.startswith("sde") else None
+    (ref, got), _ = side_by_side(diffusers.DPMSolverMultistepScheduler, FusedDPM, cfg, steps=steps,
+                                 dtype=torch.float16, generator_seed=seed, set_kw=set_kw)
+    (ref64, _), _ = side_by_side(diffusers.DPMSolverMultistepScheduler, FusedDPM, cfg, steps=steps,
+                                 dtype=torch.float64, generator_seed=seed, set_kw=set_kw)
+    assert_half_close(ref, got, ref64)
+
+
+@pytest.mark.parametrize("algo", ["sde-dpmsolver++", "sde-dpmsolver"])
+def test_dpm_fp16_variance_noise(algo):
+    """The sde variants in float16 with the noise given as variance_noise (float16, as a pipeline
+    would pass it), against stock float16 and float64 with the same noise."""
+    cfg = dpm_cfg(algo, solver_order=2, use_karras_sigmas=True)
+    g = torch.Generator().manual_seed(11)
+    noise = [torch.randn((2, 3, 4, 5), generator=g).half() for _ in range(8)]
+    outs = {}
+    for cls, dtype in ((diffusers.DPMSolverMultistepScheduler, torch.float16), (FusedDPM, torch.float16),
+                       (diffusers.DPMSolverMultistepScheduler, torch.float64)):
+        s = cls(**cfg)
+        s.set_timesteps(8)
+        x = x0(dtype=dtype)
+        for t, z in zip(s.timesteps, noise):
+            x = s.step(model(x, t), t, x, variance_noise=z.to(dtype)).prev_sample
+        outs[(cls, dtype)] = x
+    assert_half_close(outs[(diffusers.DPMSolverMultistepScheduler, torch.float16)], outs[(FusedDPM, torch.float16)],
+                      outs[(diffusers.DPMSolverMultistepScheduler, torch.float64)])
+
+
 def test_dpm_custom_timesteps():
     ts = [999, 850, 700, 500, 320, 200, 90, 10]
     outs = []

@@ -213,6 +213,144 @@ def test_dtypes(dtype, rtol, order):
         assert (got.double() - ref64).abs().max() <= (ref.double() - ref64).abs().max() * 1.5 + 1e-3
 
 
+HALF_ULP = 2.0 ** -10
+
+
+def rel_err(ref, got):
+    return (ref.double() - got.double()).abs().max().item() / max(ref.double().abs().max().item(), 1.0)
+
+
+def assert_half_close(ref16, got16, ref64, ulps=3):
+    """float16 vs stock run in float16 on the same inputs. Stock computes some terms in float16, the
+    fused step in float32, so the two differ by stock's own rounding: both are compared to a float64
+    run of stock, and the fused error may be at most 1.5x stock's plus ``ulps`` float16 ulps
+    (relative to max(|ref|, 1))."""
+    assert got16.dtype == ref16.dtype == torch.float16 and got16.shape == ref16.shape
+    assert torch.isfinite(ref16).all() and torch.isfinite(got16).all()
+    e_stock, e_fused = rel_err(ref64, ref16), rel_err(ref64, got16)
+    assert e_fused <= 1.5 * e_stock + ulps * HALF_ULP, (e_fused, e_stock)
+
+
+HALF_SIGMAS = np.array([1.0, 0.8, 0.55, 0.3, 0.2, 0.1])
+HALF_CASES = (
+    [(base_cfg(st, o, px), None) for st in ("bh1", "bh2") for o in (1, 2, 3) for px in (True, False)]
+    + [(base_cfg(order=3, final_sigmas_type=f, **{sig: True}), None)
+       for sig in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") for f in ("zero", "sigma_min")]
+    + [(base_cfg("bh1", 2, False, "v_prediction", **{sig: True}), None)
+       for sig in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")]
+    + [(base_cfg(order=3, **sp), None) for sp in (dict(timestep_spacing="linspace"),
+                                                   dict(timestep_spacing="leading", steps_offset=1),
+                                                   dict(timestep_spacing="trailing"))]
+    + [(base_cfg("bh1", 2, False, timestep_spacing=sp), None) for sp in ("leading", "trailing")]
+    + [(base_cfg(order=2, pred="flow_prediction", use_flow_sigmas=True), dict(sigmas=HALF_SIGMAS)),
+       (base_cfg(order=3, pred="flow_prediction", use_flow_sigmas=True, flow_shift=3.0), None),
+       (base_cfg(order=2, pred="v_prediction", thresholding=True, sample_max_value=1.5), None),
+       (base_cfg(order=2, pred="sample"), None)]
+)
+
+
+@pytest.mark.parametrize("cfg,set_kw", HALF_CASES,
+                         ids=[",".join(f"{k}={v}" for k, v in c.items()) + (",sigmas=" if k else "") for c, k in HALF_CASES])
+def test_fp16_config_space(cfg, set_kw):
+    steps = None if set_kw else 8
+    (ref, got), _ = pair(cfg, steps=steps, dtype=torch.float16, set_kw=set_kw)
+    (ref64, _), _ = pair(cfg, steps=steps, dtype=torch.float64, set_kw=set_kw)
+    assert_half_close(ref, got, ref64)
+
+
+MO_CASES = [base_cfg("bh2", 1), base_cfg("bh1", 2), base_cfg("bh2", 3), base_cfg("bh1", 3, False, "v_prediction"),
+            base_cfg("bh2", 2, False, "sample"), base_cfg("bh2", 2, pred="v_prediction", thresholding=True,
+                                                         sample_max_value=1.5),
+            base_cfg("bh2", 3, pred="sample", thresholding=True, sample_max_value=1.5)]
+
+
+def _run_with_state(cls, cfg, dtype, steps=8):
+    s = cls(**cfg)
+    s.set_timesteps(steps)
+    x, states = x0(dtype=dtype), []
+    for t in s.timesteps:
+        x = s.step(model(x, t), t, x).prev_sample
+        states.append((list(s.model_outputs), s.this_order))
+    return states
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("cfg", MO_CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in MO_CASES])
+def test_model_outputs_and_this_order_follow_stock(cfg, dtype):
+    """After every step: model_outputs (converted outputs, oldest first, thresholded x0 when
+    thresholding) with stock's dtype and values, and this_order, as stock."""
+    stock, fused = _run_with_state(Stock, cfg, dtype), _run_with_state(Fused, cfg, dtype)
+    ref64 = _run_with_state(Stock, cfg, torch.float64) if dtype == torch.float16 else stock
+    e_stock = e_fused = 0.0
+    for (ms, os_), (mf, of), (m64, _) in zip(stock, fused, ref64):
+        assert of == os_
+        assert len(mf) == len(ms) == cfg["solver_order"]
+        for a, b, r in zip(ms, mf, m64):
+            assert (a is None) == (b is None)
+            if a is None:
+                continue
+            assert b.dtype == a.dtype and b.shape == a.shape
+            if dtype == torch.float32:
+                assert_close(a, b, tol_for(cfg))
+            else:
+                e_stock, e_fused = max(e_stock, rel_err(r, a)), max(e_fused, rel_err(r, b))
+    assert e_fused <= 1.5 * e_stock + 3 * HALF_ULP, (e_fused, e_stock)
+    assert fused[-1][0][-1] is not None
+
+
+def test_model_outputs_read_only_and_reset():
+    cfg = base_cfg(order=3)
+    s = _fused(cfg, 6)
+    assert s.model_outputs == [None] * 3
+    x = x0()
+    t = s.timesteps[0]
+    x = s.step(model(x, t), t, x).prev_sample
+    assert s.model_outputs[:2] == [None, None] and s.model_outputs[2] is not None
+    s.model_outputs[2] = torch.zeros_like(x)  # read-only: later steps use what the fused step keeps
+    for t in s.timesteps[1:]:
+        x = s.step(model(x, t), t, x).prev_sample
+    assert_close(loop(_stock(cfg, 6), x0()), x)
+    s.set_timesteps(6)
+    assert s.model_outputs == [None] * 3
+
+
+@pytest.mark.parametrize("how", ["begin_index", "timestep", "lower_order_final=False"])
+def test_this_order_host_known(how):
+    cfg = base_cfg(order=3, lower_order_final=how != "lower_order_final=False", final_sigmas_type="sigma_min")
+    orders = []
+    for cls in (Stock, Fused):
+        s = cls(**cfg)
+        s.set_timesteps(10)
+        ts = s.timesteps
+        if how == "begin_index":
+            s.set_begin_index(4)
+            ts = ts[4:]
+        elif how == "timestep":
+            ts = ts[5:]  # first index found from the timestep (on the host: an element of s.timesteps)
+        x, seen = x0(), []
+        for t in ts:
+            x = s.step(model(x, t), t, x).prev_sample
+            seen.append(s.this_order)
+        orders.append(seen)
+    assert orders[0] == orders[1]
+    assert min(orders[1]) == 1 and (how == "lower_order_final=False" or orders[1][-1] == 1)
+
+
+def test_this_order_unknown_on_the_host_is_none():
+    # per-row timesteps: the order may differ per row and the step indices live on the device
+    s = _fused(base_cfg(order=2, timestep_spacing="trailing"), 10)
+    x = x0((2, 3, 4))
+    t = s.timesteps[torch.tensor([0, 3])]
+    s.step(model(x, t), t, x)
+    assert s.this_order is None
+    # ... unless it does not depend on the step index
+    s = _fused(base_cfg(order=2, lower_order_final=False, final_sigmas_type="sigma_min"), 10)
+    s.step(model(x, t), t, x)
+    assert s.this_order == 1
+    s.step(model(x, t + 0), t, x)
+    assert s.this_order == 2
+
+
 def test_mixed_dtypes():
     cfg = base_cfg(order=2)
     for cls_out in (Stock, Fused):
@@ -481,6 +619,10 @@ def test_cuda_loop_has_no_host_sync(cfg):
     stock.set_timesteps(10, device="cuda")
     xs = loop(stock, x)
     assert_close(xs, xf, 1e-4)
+    assert s.this_order == stock.this_order  # (timesteps iterated from s.timesteps: known on the host)
+    for a, b in zip(stock.model_outputs, s.model_outputs):
+        assert b.dtype == a.dtype and b.device == a.device
+        assert_close(a, b, 1e-4)
 
 
 @pytest.mark.cuda

@@ -47,11 +47,25 @@ table on the host and the row on the device (no sync). Whether the corrector run
 index > 0, ``i - 1`` not in ``disable_corrector``) is baked into the row; "a previous step
 exists" is the host counter.
 
-State exposed as in diffusers: ``lower_order_nums`` (same counter), ``timestep_list``, and
-``last_sample`` (not None after the first step, as stock; it holds the sample given to the
-last step, not the corrected sample, which this class never materialises). Not maintained:
-``model_outputs`` (stays ``[None] * solver_order``; the converted outputs live in the fused
-step's history ring) and ``this_order`` (depends on the device step index).
+State exposed as in diffusers:
+- ``lower_order_nums`` (same counter) and ``timestep_list``.
+- ``last_sample``: not None after the first step, as stock; it holds the sample given to the
+  last step, not the corrected sample, which this class never materialises.
+- ``model_outputs``: ``solver_order`` entries, oldest first, ``None`` until filled: the converted
+  model outputs D_k (x0 when ``predict_x0``, thresholded when ``thresholding``; eps otherwise)
+  in the dtype stock gives them (the model output's for ``sample``-to-x0 and eps-to-eps, else
+  the promotion of sample and model output). The fused step writes D_i as its ``pred_x0``
+  output (float32 for float16/bfloat16 samples, cast to stock's dtype when ``model_outputs`` is
+  read, so the loop launches nothing more). The list mirrors the step's history ring and is
+  read-only: assigning to it or to its entries does not change what later steps use, as
+  DPM-Solver's.
+- ``this_order``: the order of the last predictor step, as stock, whenever the host knows it
+  without a device read: always with ``lower_order_final=False`` (it depends on
+  ``lower_order_nums`` only), else when the run's first step index is known on the host
+  (``begin_index``, or a first ``timestep`` that is a Python number, a CPU tensor or an element
+  of ``self.timesteps``: what pipelines pass) and every step since took one scalar timestep in
+  eager mode. Otherwise (first index found on the device, per-row timesteps, steps under
+  torch.compile) it is ``None``: it would need the device step index.
 
 Per-row timesteps (a 1-D ``timestep``, one entry per batch row) are supported with the rule of
 the other multistep classes: every row must have gone through the same number of ``step()``
@@ -72,7 +86,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin, fast_output
+from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin, as_dtype, fast_output
 from pygen.diffusers.dpmsolver import _alpha_sigma_lambda
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_S, COL_SLOT
 from pygen.samplers.program import check_model_out
@@ -175,6 +189,24 @@ class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.U
     """diffusers' UniPCMultistepScheduler with a fused, sync-free ``step()`` (same config and API)."""
 
     _pygen_add_noise_kind = "alpha_sigma"
+    _pygen_missing_timestep = "last"  # stock: a timestep not in self.timesteps is the last step
+
+    # --- model_outputs: the converted outputs D_k, cast to stock's dtype when read ------
+    @property
+    def model_outputs(self):
+        """The converted model outputs of the last ``solver_order`` steps, oldest first (as stock's)."""
+        outs = self.__dict__.get("_pygen_mo")
+        if outs is not None and self.__dict__.get("_pygen_mo_lazy"):
+            for k, v in enumerate(outs):
+                if type(v) is tuple:  # (float32 tensor the fused step wrote, stock's dtype)
+                    outs[k] = as_dtype(*v)
+            self._pygen_mo_lazy = False
+        return outs
+
+    @model_outputs.setter
+    def model_outputs(self, value):  # (stock's __init__ and set_timesteps assign [None] * solver_order)
+        self._pygen_mo = value
+        self._pygen_mo_lazy = False
 
     # --- tables ------------------------------------------------------------------
     def _pygen_order_at(self, i, lower_order_nums):
@@ -247,6 +279,29 @@ class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.U
     def _pygen_prepare(self):
         super()._pygen_prepare()
         self._pygen_last_out = None
+        # column S carries z = the previous prev_sample, always passed explicitly (a row with S != 0
+        # runs only after a first step): no in-kernel noise, so no Philox key is ever drawn
+        self._pygen_noisy = False
+        self._pygen_host_i = None  # the step index as the host knows it (None: only the device does)
+
+    def _pygen_track_order(self, timestep, first, per_row, lon):
+        """Set ``this_order`` as stock does when the host knows it (no device read); keeps the host's
+        copy of the step index (``first``: whether this step found the device index afresh)."""
+        if torch.compiler.is_compiling():  # a host counter read here would recompile at every step
+            i = self._pygen_host_i = None
+        elif per_row:
+            i = self._pygen_host_i = None
+        else:
+            if first:
+                self._pygen_host_i = (int(self.begin_index) if self.begin_index is not None
+                                      else self._pygen_host_first(timestep))
+            i = self._pygen_host_i
+            if i is not None:
+                self._pygen_host_i = i + 1
+        if i is not None or not self.config.lower_order_final:
+            self.this_order = self._pygen_order_at(0 if i is None else i, lon)
+        else:
+            self.this_order = None
 
 
     # --- step ----------------------------------------------------------------------
@@ -269,6 +324,7 @@ class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.U
             raise TypeError(f"sample must be a floating-point tensor, got {sample.dtype}")
         order = int(cfg.solver_order)
         lon = min(int(self.lower_order_nums), order)
+        first = self._pygen_index is None
         idx = self._pygen_step_index(timestep, sample)
         compute = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x = sample.to(compute)
@@ -280,10 +336,24 @@ class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.U
         if z is not None and (z.shape != x.shape or z.dtype != x.dtype or z.device != x.device):
             raise ValueError(f"sample changed shape/dtype/device between steps ({tuple(z.shape)} {z.dtype} {z.device} "
                              f"-> {tuple(x.shape)} {x.dtype} {x.device}); call set_timesteps() to start a new run")
-        out = self._pygen_fused(m, x, idx, z, lon)
+        out, pred = self._pygen_fused(m, x, idx, z, lon)
         self._pygen_last_out = out
         self.last_sample = sample
-        self.timestep_list = list(self.timestep_list[1:]) + [timestep] if order > 1 else [timestep]
+        self._pygen_track_order(timestep, first, idx.numel() > 1, lon)
+        # model_outputs in the dtype of stock's convert_model_output
+        same = "sample" if self.predict_x0 else "epsilon"  # D is the model output itself
+        if cfg.prediction_type == same:
+            pred_dtype = model_output.dtype
+        else:
+            pred_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        if pred.dtype != pred_dtype:  # cast when model_outputs is read: no launch in the loop
+            pred = (pred, pred_dtype)
+            self._pygen_mo_lazy = True
+        if order > 1:
+            self._pygen_mo = list(self._pygen_mo[1:]) + [pred]
+            self.timestep_list = list(self.timestep_list[1:]) + [timestep]
+        else:
+            self._pygen_mo, self.timestep_list = [pred], [timestep]
         if self.lower_order_nums < order:
             self.lower_order_nums += 1
         # prev_sample must not alias the kept tensor (callers may edit it in place)
@@ -294,4 +364,4 @@ class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.U
 
     def _pygen_fused(self, m, x, idx, z, lon):
         table = self._pygen_dev_table(lon, x.device, x.dtype)
-        return self._pygen_launch(m, x, idx, z, table=table, want_pred=False)[0]
+        return self._pygen_launch(m, x, idx, z, table=table)  # (prev_sample, D_i)
