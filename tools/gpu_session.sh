@@ -8,6 +8,8 @@
 #   tools/gpu_session.sh bench1     # samplers, diffusers schedulers, pygen bench (issues 3, 4)
 #   tools/gpu_session.sh bench2     # attention, blocks, losses, norm (issues 5, 6)
 #   tools/gpu_session.sh all        # build test sanitize (bench is long: its own call)
+#   tools/gpu_session.sh priority   # one call (<= ~9 min) for a 15-minute device budget: build, the
+#                                   # cuda-marked tests, and the headline figure of each issue (3-6)
 #   tools/gpu_session.sh suite      # the whole test suite on the GPU (Triton compiled, not interpreted)
 #   tools/gpu_session.sh prebuilt   # use .gpubuild/_C*.so (a build an earlier call sent back) instead of building
 #
@@ -132,6 +134,25 @@ bench2() {  # issue 5 + 6 figures: attention, DiT / U-Net blocks, norm ops, loss
 
 bench() { bench1; bench2; }
 
+priority() {  # the most a single device call can show when the whole budget is ~15 minutes
+  local d
+  d=$(date -u +%Y-%m-%d)
+  build
+  echo "== cuda-marked tests"
+  timeout 150 "$PY" -m pytest -m cuda tests -q -x -p no:cacheprovider > "$OUT/test-cuda.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/test-cuda.log" | cut -c1-200 | tail -20
+  mkdir -p "$OUT/results"
+  BENCH_TAIL=8 bench_one samplers 45 "$PY" benchmarks/bench_samplers.py --device cuda --repeats 3 --max-time 0.5 \
+    --sizes 16k --samplers euler,dpmpp_2m --out "$OUT/results/samplers-cuda-$d-priority"
+  BENCH_TAIL=12 bench_one diffusers 50 "$PY" benchmarks/bench_diffusers.py --device cuda --rounds 3 --max-time 2 \
+    --shapes 1x4x64x64 --no-pipeline --out "$OUT/results/diffusers-cuda-$d-priority"
+  BENCH_TAIL=6 bench_one blocks 40 "$PY" benchmarks/bench_blocks.py --device cuda --cases dit_block,unet_attention \
+    --dtypes bf16 --modes fwd --repeats 3 --out "$OUT/results/blocks-cuda-$d-priority"
+  BENCH_TAIL=6 bench_one losses 30 "$PY" benchmarks/bench_losses.py --device cuda --dtypes fp32 --repeats 5 \
+    --max-time 2 --out "$OUT/results/losses-cuda-$d-priority"
+  bench_pack priority
+}
+
 info
 for stage in "${@:-all}"; do
   case $stage in
@@ -144,7 +165,8 @@ for stage in "${@:-all}"; do
     prebuilt) prebuilt ;;
     suite) suite ;;
     all) build; run_tests; sanitize ;;
-    *) echo "gpu_session: unknown stage $stage (build|test|sanitize|bench|all)"; exit 2 ;;
+    priority) priority ;;
+    *) echo "gpu_session: unknown stage $stage (build|test|sanitize|bench|bench1|bench2|suite|prebuilt|all|priority)"; exit 2 ;;
   esac
 done
 echo "gpu_session: exit $status; logs and reports in $OUT"
