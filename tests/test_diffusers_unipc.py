@@ -375,6 +375,21 @@ def test_backends(backend, cfg):
     assert_close(ref, got)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cfg", [base_cfg(order=3), base_cfg("bh1", 2, False, "v_prediction", disable_corrector=[1])],
+                         ids=["x0-o3", "eps-bh1"])
+def test_backends_fp16_one_launch_path(backend, cfg):
+    """float16 sample and model output on every backend: the kernel reads/writes half with the float32
+    ring (the kept previous output in float16), as close to a float64 run as stock fp16 is."""
+    require_backend(backend)
+    shape = (2, 3, 7) if backend == "triton" else SHAPE
+    with pygen.use_backend(backend):
+        (ref, got), (_, fused) = pair(cfg, steps=6, dtype=torch.float16, shape=shape)
+    (ref64, _), _ = pair(cfg, steps=6, dtype=torch.float64, shape=shape)
+    assert fused._pygen_history.dtype == torch.float32 and fused._pygen_last_out.dtype == torch.float16
+    assert_half_close(ref, got, ref64)
+
+
 # ---------------------------------------------------------------------------
 # API, state, begin_index, per-row timesteps
 # ---------------------------------------------------------------------------

@@ -77,7 +77,11 @@ Not fused:
 - ``solver_p`` (another scheduler as predictor): the stock ``step()`` is used for the whole run.
 
 Numerics: computed in float32 (float64 for float64 samples); coefficients in float64 from
-diffusers' float32 lambdas. ``prev_sample`` has the sample's dtype, as stock.
+diffusers' float32 lambdas. ``prev_sample`` has the sample's dtype, as stock. A float16/bfloat16
+sample with a model output of the same dtype (no thresholding) is read and written by the kernel
+directly, with the history ring and D_i in float32 and the kept previous output in the sample's
+dtype (stock computes the whole step in that dtype): one launch plus the copy of ``prev_sample``
+(four device ops when upcasting first).
 """
 import math
 
@@ -86,7 +90,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin, as_dtype, fast_output
+from pygen.diffusers._base import FusedSchedulerMixin, OrderTablesMixin, as_dtype, fast_output, half_io
 from pygen.diffusers.dpmsolver import _alpha_sigma_lambda
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_S, COL_SLOT
 from pygen.samplers.program import check_model_out
@@ -327,16 +331,32 @@ class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.U
         first = self._pygen_index is None
         idx = self._pygen_step_index(timestep, sample)
         compute = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        x = sample.to(compute)
-        m = model_output.to(compute) if model_output.is_floating_point() else model_output
-        m = check_model_out(m, x, "model_output")
-        if cfg.thresholding and self.predict_x0:
-            m = self._pygen_threshold_x0(m, x, idx)
+        thresholded = cfg.thresholding and self.predict_x0
+        # float16/bfloat16 sample and model output: the kernel reads and writes them directly (float32
+        # arithmetic, history ring and D_i), one launch + the copy of prev_sample; the kept previous
+        # output is then in the sample's dtype, as stock's whole fp16 computation is
+        half = half_io(sample, model_output) and not thresholded
+        if half:
+            x = m = None
+        else:
+            x = sample.to(compute)
+            m = model_output.to(compute) if model_output.is_floating_point() else model_output
+            m = check_model_out(m, x, "model_output")
+            if thresholded:
+                m = self._pygen_threshold_x0(m, x, idx)
+        like = sample if half else x
         z = self._pygen_last_out if self.last_sample is not None else None
-        if z is not None and (z.shape != x.shape or z.dtype != x.dtype or z.device != x.device):
-            raise ValueError(f"sample changed shape/dtype/device between steps ({tuple(z.shape)} {z.dtype} {z.device} "
-                             f"-> {tuple(x.shape)} {x.dtype} {x.device}); call set_timesteps() to start a new run")
-        out, pred = self._pygen_fused(m, x, idx, z, lon)
+        if z is not None and (z.shape != like.shape or z.device != like.device):
+            raise ValueError(f"sample changed shape/device between steps ({tuple(z.shape)} {z.device} -> "
+                             f"{tuple(like.shape)} {like.device}); call set_timesteps() to start a new run")
+        if z is not None and z.dtype != like.dtype:  # the run switched between half and float32 inputs
+            z = z.to(like.dtype)
+        if half:
+            out, pred = self._pygen_launch(model_output, sample, idx, z, pred_dtype=torch.float32,
+                                           hist_dtype=torch.float32,
+                                           table=self._pygen_dev_table(lon, sample.device, torch.float32))
+        else:
+            out, pred = self._pygen_fused(m, x, idx, z, lon)
         self._pygen_last_out = out
         self.last_sample = sample
         self._pygen_track_order(timestep, first, idx.numel() > 1, lon)
@@ -357,7 +377,7 @@ class UniPCMultistepScheduler(OrderTablesMixin, FusedSchedulerMixin, diffusers.U
         if self.lower_order_nums < order:
             self.lower_order_nums += 1
         # prev_sample must not alias the kept tensor (callers may edit it in place)
-        prev = out.to(sample.dtype) if sample.dtype != compute else out.clone()
+        prev = out.to(sample.dtype) if out.dtype != sample.dtype else out.clone()
         if not return_dict:
             return (prev,)
         return fast_output(SchedulerOutput, prev_sample=prev)
