@@ -508,7 +508,7 @@ def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corre
     _check_sde(sde)
     _check_predictor(predictor, sde)
     _check_choice("corrector", corrector, CORRECTORS)
-    n_steps = sde.N if n_steps is None else n_steps
+    n_steps = sde.N if n_steps is None else _check_int("n_steps", n_steps, 1)
     if predictor in ("reverse_diffusion", "ancestral") and _is_vp(sde) and sde.beta_max / sde.N > 1.0:
         raise ValueError(f"predictor {predictor!r} needs the discrete betas beta_max/N <= 1, got "
                          f"{sde.beta_max}/{sde.N}: build the SDE with a larger N (and as many loop steps)")

@@ -2,6 +2,7 @@
 (given noise), the loops on the analytic mixture against calibrated MMD / mode-weight thresholds,
 reproducibility and bad input."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -526,8 +527,10 @@ def test_callback_and_x_T():
 def test_bad_input():
     sde, score = make_sde("vp"), _score("vp", dim=2)
     x = torch.zeros(3, 2, dtype=F64)
-    with pytest.raises(ValueError, match="n_steps"):
-        S.pc_sample(score, sde, (3, 2), n_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error comes first, not the n_steps != sde.N warning
+        with pytest.raises(ValueError, match="n_steps"):
+            S.pc_sample(score, sde, (3, 2), n_steps=0)
     with pytest.raises(ValueError, match="n_steps"):
         S.ode_sample(score, sde, (3, 2), n_steps=0)
     with pytest.raises(ValueError, match="n_steps"):
