@@ -30,9 +30,10 @@ derivatives in a ring of slots. So every model evaluation is followed by
 exactly one fused launch; the row index lives on the device, nothing is read
 back to the host inside the loop. As in k-diffusion, no tensor is written once
 it has been handed out: a launch writes into an earlier ``x`` only when nothing
-refers to it any more (no Python reference, view or autograd node besides the
-loop's own; else into a fresh tensor), so the caller's ``x`` and every ``x`` a
-model, wrapper or callback received and kept stay as they were.
+refers to it any more (no Python or weak reference, view, kept storage or
+autograd node besides the loop's own; else into a fresh tensor), so the caller's
+``x`` and every ``x`` a model, wrapper or callback received and kept stay as they
+were.
 
 The model's sigma is ``sigma_k * s_in`` exactly as k-diffusion passes it: x's
 dtype (type promotion of a 0-d sigmas element times the 1-D x-dtype ``s_in``),
@@ -72,6 +73,7 @@ import functools
 import math
 import numbers
 import sys
+import weakref
 
 import torch
 
@@ -799,14 +801,50 @@ def _run(plan, model, x, sigmas, extra_args, callback, disable, noise_sampler):
 
 def _unobserved(t):
     """Whether nothing but the caller's one variable refers to ``t`` or its memory: no other Python
-    reference (a kept input, a callback's list, a view's base), no view or autograd node sharing its
-    TensorImpl or storage. Writing into ``t`` then cannot be seen by anyone."""
-    try:
-        return (sys.getrefcount(t) == 3  # the caller's variable, this parameter, getrefcount's argument
-                and t._use_count() == 1
-                and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2)  # (+ the query's own)
-    except (AttributeError, RuntimeError):  # another interpreter or torch build: never reuse
+    reference (a kept input, a callback's list, a view's base), no weak reference, no view or autograd
+    node sharing its TensorImpl or storage, no kept storage object. Writing into ``t`` then cannot be
+    seen by anyone. False whenever the interpreter's reference counts do not follow the rule the
+    checks assume (``_REUSE_OK``, probed once)."""
+    if not _REUSE_OK:
         return False
+    try:
+        if sys.getrefcount(t) != 3 or weakref.getweakrefcount(t) or t._use_count() != 1:
+            return False  # (3: the caller's variable, this parameter, getrefcount's argument)
+        # one Python object per storage (a kept one is this same object): this variable, getrefcount's
+        # argument and the reference torch keeps while the object exists
+        storage = t.untyped_storage()
+        return sys.getrefcount(storage) == 3 and torch._C._storage_Use_Count(storage._cdata) == 2
+    except (AttributeError, RuntimeError, TypeError):  # another torch build: never reuse
+        return False
+
+
+def _probe_reuse_rule():
+    """Whether ``_unobserved`` tells a free tensor from a referenced one on this interpreter (CPython's
+    reference counting as of 3.11-3.13; an interpreter that counts borrowed references differently
+    turns buffer reuse off instead of risking a write into a kept tensor)."""
+    global _REUSE_OK
+    _REUSE_OK = True
+    try:
+        free = torch.empty(4)
+        ok = _unobserved(free)
+        kept = [free]
+        ok = ok and not _unobserved(free)
+        del kept
+        view = free[1:]
+        ok = ok and not _unobserved(free)
+        del view
+        storage = free.untyped_storage()
+        ok = ok and not _unobserved(free)
+        del storage
+        ok = ok and _unobserved(free)
+    except Exception:  # noqa: BLE001 - any surprise: no reuse
+        ok = False
+    _REUSE_OK = ok
+    return ok
+
+
+_REUSE_OK = True
+_probe_reuse_rule()
 
 
 def _sample(plan_fn, model, x, sigmas, extra_args, callback, disable, noise_sampler, *plan_args):

@@ -7,6 +7,8 @@ pygen.randn streams; callbacks, extra_args, disable and bad input behave as in k
 import inspect
 import math
 
+import weakref
+
 import pytest
 import torch
 
@@ -542,7 +544,7 @@ def test_model_inputs_are_never_modified(KS, name, with_callback, backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("keep", ["nothing", "view", "list", "callback_view"])
+@pytest.mark.parametrize("keep", ["nothing", "view", "list", "storage", "weakref", "callback_view"])
 @pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "euler_ancestral"])
 def test_buffers_reused_only_when_unobserved(name, keep, backend):
     """The loop writes into an earlier x only when nothing else refers to it: with nothing kept it
@@ -550,7 +552,7 @@ def test_buffers_reused_only_when_unobserved(name, keep, backend):
     kept reference or a callback's view of x forces fresh outputs, and what was kept never changes."""
     sigmas = K.get_sigmas_karras(5 if backend == "triton" else 8, 0.05, 14.0)
     x = start(n=4)
-    seen, kept = [], []
+    seen, kept, refs, snapshots = [], [], [], []
 
     def model(v, s):
         seen.append(v.data_ptr())
@@ -558,19 +560,44 @@ def test_buffers_reused_only_when_unobserved(name, keep, backend):
             kept.append((v[:2], v[:2].clone()))
         elif keep == "list":
             kept.append((v, v.clone()))
+        elif keep in ("storage", "weakref"):
+            snapshots.append(v.clone())
+            # the storage object alone (as torch.save / shared-memory code keep it), or a weak reference
+            refs.append(v.untyped_storage() if keep == "storage" else weakref.ref(v))
         return v * (1.0 / (1.0 + s * s)).view(-1, 1)
 
     cb = (lambda d: kept.append((d["x"][1:], d["x"][1:].clone()))) if keep == "callback_view" else None
     with pygen.use_backend(backend):
         out = getattr(K, "sample_" + name)(model, x.clone(), sigmas, callback=cb, disable=True)
     assert all(torch.equal(a, b) for a, b in kept)
+    if keep == "storage":  # the kept storages hold what the model was given
+        for st, snap in zip(refs, snapshots):
+            assert torch.equal(torch.empty(0, dtype=snap.dtype).set_(st).view(snap.shape), snap)
+    if keep == "weakref":  # the weakly held inputs that are still alive were not written
+        alive = [(r(), snap) for r, snap in zip(refs, snapshots) if r() is not None]
+        assert all(torch.equal(t, snap) for t, snap in alive)
     if keep == "nothing":
         assert len(set(seen)) <= 2, f"{len(set(seen))} buffers for {len(seen)} model calls"
     else:
-        assert len(set(seen)) == len(seen) or keep == "callback_view"
-        assert all(out.data_ptr() != p for p in seen[1:])
+        assert len(set(seen)) == len(seen) or keep in ("callback_view", "weakref")  # (freed memory recurs)
+        assert keep == "weakref" or all(out.data_ptr() != p for p in seen[1:])
     with pygen.use_backend(backend):
         again = getattr(K, "sample_" + name)(lambda v, s: v * (1.0 / (1.0 + s * s)).view(-1, 1), x.clone(), sigmas,
                                              disable=True)
     if name != "euler_ancestral":  # (a new Philox key per call)
         assert torch.equal(out, again)
+
+
+def test_buffer_reuse_rule_probed_on_this_interpreter(monkeypatch):
+    """The reference-count rule _unobserved relies on is checked at import (True on CPython 3.11-3.13);
+    when it does not hold, every launch writes a fresh tensor."""
+    assert K._REUSE_OK and K._probe_reuse_rule()
+    monkeypatch.setattr(K, "_REUSE_OK", False)
+    seen = []
+
+    def model(v, s):
+        seen.append(v.data_ptr())
+        return v * 0.5
+
+    K.sample_euler(model, start(n=4), K.get_sigmas_karras(6, 0.05, 14.0), disable=True)
+    assert len(set(seen)) == len(seen)
