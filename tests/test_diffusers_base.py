@@ -280,14 +280,15 @@ def test_ddim_eta_key_drawn_at_first_noisy_step_from_torch_rng():
 
 
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-                                  "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"])
+                                  "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "DDPMScheduler"])
 def test_timestep_not_in_schedule_raises(name):
     """Stock raises IndexError (an empty nonzero()); the fused class raises a ValueError that is also an
     IndexError, with a message, when the timestep is known on the host (no device read needed)."""
     s = getattr(PD, name)()
     s.set_timesteps(5)
     x = torch.randn(1, 2, 3, 3)
-    for t in (12345.0, torch.tensor(12345.0)):
+    missing = 501 if name == "DDPMScheduler" else 12345.0  # (DDPM: a training timestep off the schedule)
+    for t in (missing, torch.tensor(missing)):
         with pytest.raises(ValueError, match="not in .*timesteps") as info:
             s.step(x, t, x)
         assert isinstance(info.value, IndexError)
@@ -330,3 +331,58 @@ def test_noise_mode_from_config_and_reload(tmp_path, caplog):
     # from_config of the pygen config without the keyword keeps it; the keyword overrides it
     assert PD.DDPMScheduler.from_config(again.config).config.pygen_noise == "philox"
     assert PD.DDPMScheduler.from_config(again.config, pygen_noise="generator").config.pygen_noise == "generator"
+
+
+@pytest.mark.parametrize("name,offset", [("EulerDiscreteScheduler", 1e-5), ("DPMSolverMultistepScheduler", 1e-5),
+                                         ("UniPCMultistepScheduler", 0.25)])
+def test_first_timestep_matched_with_stocks_type_promotion(name, offset):
+    """A first timestep equal to one of self.timesteps only after stock's type promotion (a float a hair
+    off a float32 timestep; a float against int64 timesteps) is found where stock finds it."""
+    x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(9))
+    m = model(x, 0.3)
+    stock, fused = getattr(diffusers, name)(), getattr(PD, name)()
+    for s in (stock, fused):
+        s.set_timesteps(5)
+    t = float(stock.timesteps[1]) + offset
+    want = stock.step(m, t, x).prev_sample
+    got = fused.step(m, t, x).prev_sample
+    assert fused.step_index == stock.step_index
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_user_subclass_overriding_set_timesteps_is_kept():
+    """A user subclass's set_timesteps override (calling super()) stays in force for its own
+    subclasses; the fused tables are still built."""
+    import inspect
+
+    calls = []
+
+    class Mine(PD.EulerDiscreteScheduler):
+        def set_timesteps(self, *args, **kwargs):
+            calls.append("mine")
+            return super().set_timesteps(*args, **kwargs)
+
+    class Below(Mine):
+        pass
+
+    class Plain(PD.EulerDiscreteScheduler):
+        pass
+
+    s = Below()
+    s.set_timesteps(5)
+    assert calls == ["mine"] and s._pygen_table64 is not None
+    assert inspect.signature(Plain.set_timesteps) == inspect.signature(diffusers.EulerDiscreteScheduler.set_timesteps)
+    p = Plain()
+    p.set_timesteps(5)
+    assert p._pygen_table64 is not None
+
+
+def test_ddim_takes_any_timestep_as_stock():
+    """DDIM's step depends on the timestep value only: stock takes one that is not in self.timesteps."""
+    x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(2))
+    m = model(x, 0.1)
+    stock, fused = diffusers.DDIMScheduler(), PD.DDIMScheduler()
+    for s in (stock, fused):
+        s.set_timesteps(5)
+    torch.testing.assert_close(fused.step(m, 501, x).prev_sample, stock.step(m, 501, x).prev_sample,
+                               rtol=1e-5, atol=1e-5)

@@ -538,7 +538,10 @@ def test_out_of_schedule_timestep_gives_nan(backend):
         x = torch.randn(SHAPE)
         d = DDPMScheduler()
         d.set_timesteps(5)
-        assert d.step(x, 123, x).prev_sample.isnan().all()  # not in the schedule (diffusers: IndexError)
+        with pytest.raises(IndexError, match="not in DDPMScheduler.timesteps"):  # known on the host: as stock
+            d.step(x, 123, x)
+        rows = torch.full((SHAPE[0],), 123)  # per-row timesteps (looked up on the device): NaN rows
+        assert d.step(x, rows, x).prev_sample.isnan().all()
         s = DDIMScheduler()
         s.set_timesteps(5)
         assert s.step(x, 5000, x).prev_sample.isnan().all()

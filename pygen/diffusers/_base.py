@@ -42,10 +42,11 @@ What the mixin keeps, all on the sample's device and built once per ``set_timest
 read to decide whether ``timesteps=`` / ``sigmas=`` may be passed): each class's ``set_timesteps``
 is a wrapper of its stock twin's, made in ``FusedSchedulerMixin.__init_subclass__``.
 
-A timestep that is not in ``self.timesteps``: DPM-Solver and UniPC use the last step, as stock
-does; the other classes raise ``ValueError`` (an ``IndexError`` too, which stock raises) when the
-timestep is known on the host, and give NaN outputs when it is a device tensor (checking it there
-would sync).
+A timestep that is not in ``self.timesteps`` (compared as stock compares, with its type promotion):
+DPM-Solver and UniPC use the last step, as stock does; DDIM takes any timestep, as stock; the
+other classes raise ``MissingTimestepError`` (a ``ValueError`` and an ``IndexError``, which stock
+raises) when the timestep is known on the host, and give NaN outputs when it is a device tensor
+(checking it there would sync).
 
 torch.compile(fullgraph=True): under compilation the fused step goes through the custom op
 ``pygen_diffusers::keyed_step_out`` (wrapping ``pygen::sampler_step_out`` or its ``_triton``
@@ -80,7 +81,8 @@ from pygen.kdiffusion import default_seed
 from pygen.ops.schedule import COL_HIST, COL_S
 from pygen.samplers.program import check_model_out, resolve_step_launcher
 
-__all__ = ["FusedSchedulerMixin", "OrderTablesMixin", "NOISE_MODES", "step_launcher", "fast_output", "as_dtype", "half_io"]
+__all__ = ["FusedSchedulerMixin", "OrderTablesMixin", "MissingTimestepError", "NOISE_MODES", "step_launcher", "fast_output",
+           "as_dtype", "half_io"]
 
 NOISE_MODES = ("auto", "generator", "philox")
 
@@ -206,13 +208,13 @@ class FusedSchedulerMixin:
         stock = next((c for c in cls.__mro__ if c.__module__.startswith("diffusers.")), None)
         if stock is None:
             return
-        if "set_timesteps" not in cls.__dict__:
+        if cls.set_timesteps is stock.set_timesteps:  # (not when a class on the way overrides it)
             @functools.wraps(stock.set_timesteps)
             def set_timesteps(self, *args, **kwargs):
                 return FusedSchedulerMixin._pygen_set_timesteps(self, stock, *args, **kwargs)
 
             cls.set_timesteps = set_timesteps
-        if not hasattr(stock, "add_noise") and "add_noise" not in cls.__dict__:
+        if not hasattr(stock, "add_noise") and getattr(cls, "add_noise", None) is FusedSchedulerMixin.add_noise:
             cls.add_noise = _absent("add_noise")
 
     @classmethod
@@ -265,10 +267,12 @@ class FusedSchedulerMixin:
         self._pygen_ts = {}          # device -> self.timesteps there (for the sync-free lookup)
         ts = getattr(self, "timesteps", None)
         self._pygen_first_index = {}  # timestep value -> the step index diffusers' rule gives it
+        self._pygen_ts_host = None   # self.timesteps on the CPU (stock's lookup rule, _pygen_host_match)
         self._pygen_by_pos = []      # position in self.timesteps -> the same
         self._pygen_index0 = None    # the loop's step index, made here at 0
         if isinstance(ts, torch.Tensor) and ts.dim() == 1:
-            values = ts.detach().to("cpu").tolist()  # one host read, at set-up
+            self._pygen_ts_host = ts.detach().to("cpu")  # one host read, at set-up
+            values = self._pygen_ts_host.tolist()
             where = {}
             for k, v in enumerate(values):
                 where.setdefault(v, []).append(k)
@@ -330,7 +334,8 @@ class FusedSchedulerMixin:
         if isinstance(timestep, bool) or torch.compiler.is_compiling():
             return None
         if isinstance(timestep, (int, float)):
-            return self._pygen_first_index.get(timestep)
+            first = self._pygen_first_index.get(timestep)
+            return self._pygen_host_match(timestep) if first is None else first
         if not isinstance(timestep, torch.Tensor) or timestep.numel() != 1:
             return None
         ts = self.timesteps
@@ -339,8 +344,22 @@ class FusedSchedulerMixin:
             if not rem and 0 <= k < len(self._pygen_by_pos):  # an element of self.timesteps: no read at all
                 return self._pygen_by_pos[k]
         if timestep.device.type == "cpu":
-            return self._pygen_first_index.get(timestep.item())  # a host tensor: no device involved
+            first = self._pygen_first_index.get(timestep.item())  # a host tensor: no device involved
+            return self._pygen_host_match(timestep) if first is None else first
         return None
+
+    def _pygen_host_match(self, timestep):
+        """Stock's lookup on the host copy of ``self.timesteps``: ``(timesteps == timestep).nonzero()``
+        with its type promotion (a float close to a float32 timestep, or a float against int64
+        timesteps, matches as it does there), the second match when there are several; None if none.
+        Only for a first step whose value missed the exact-value table (no device involved)."""
+        ts = getattr(self, "_pygen_ts_host", None)
+        if ts is None:
+            return None
+        hits = (ts == timestep).nonzero()
+        if len(hits) == 0:
+            return None
+        return int(hits[1] if len(hits) > 1 else hits[0])
 
     @staticmethod
     def _pygen_host_known(timestep):

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
-from pygen.diffusers._base import FusedSchedulerMixin, as_dtype, step_launcher
+from pygen.diffusers._base import FusedSchedulerMixin, MissingTimestepError, as_dtype, step_launcher
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_S, COL_SLOT
 
 __all__ = ["DDPMScheduler", "TimestepTableMixin", "threshold_sample", "prediction_columns"]
@@ -127,6 +127,8 @@ class TimestepTableMixin(FusedSchedulerMixin):
     (device, accumulation dtype) on first use.
     """
 
+    _PYGEN_KEEP_TABLES = 8  # table variants carried over to the next set_timesteps (see _pygen_prepare)
+
     def _pygen_variant(self, key):
         raise NotImplementedError
 
@@ -137,9 +139,10 @@ class TimestepTableMixin(FusedSchedulerMixin):
         return self._pygen_host(self._pygen_default_key())[0]
 
     def _pygen_prepare(self):
-        # tables used before (any variant, device, dtype) are rebuilt for the new schedule, so a
-        # compiled loop finds them cached again (its guards hold: no recompilation per set_timesteps)
-        used = tuple(getattr(self, "_pygen_dev_cache", None) or ())
+        # tables used before (variant, device, dtype) are rebuilt for the new schedule, so a compiled
+        # loop finds them cached again (its guards hold: no recompilation per set_timesteps); the
+        # _PYGEN_KEEP_TABLES most recently built only (an eta sweep does not grow set-up without end)
+        used = tuple(getattr(self, "_pygen_dev_cache", None) or ())[-self._PYGEN_KEEP_TABLES:]
         self._pygen_host_cache = {}
         self._pygen_dev_cache = {}
         super()._pygen_prepare()
@@ -375,6 +378,11 @@ class DDPMScheduler(TimestepTableMixin, diffusers.DDPMScheduler):
         if learned and model_output.shape[1] == 2 * sample.shape[1]:
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
         index = self._pygen_timestep_index(timestep, sample)
+        if ((self.custom_timesteps or self.num_inference_steps) and self._pygen_host_known(timestep)
+                and (timestep.item() if isinstance(timestep, torch.Tensor) else timestep) not in self._pygen_first_index
+                and self._pygen_host_match(timestep) is None):  # stock: IndexError in previous_timestep
+            raise MissingTimestepError(f"timestep {float(timestep):g} is not in DDPMScheduler.timesteps (set by "
+                                       "set_timesteps); pass one of scheduler.timesteps")
 
         # the t > 0 rule, decided on the host when that costs no device sync (under torch.compile a
         # tensor timestep is data: it takes the device path, no data-dependent branch)
