@@ -83,6 +83,24 @@ def make(shape, dtype, device="cpu", seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype=dtype, device=device)
 
+HALF_ULP = 2.0 ** -10  # one float16 ulp at 1
+
+
+def rel_err(ref, got):
+    """max |ref - got| relative to max(|ref|, 1), in float64."""
+    return (ref.double() - got.double()).abs().max().item() / max(ref.double().abs().max().item(), 1.0)
+
+
+def assert_half_close(ref16, got16, ref64, ulps=3):
+    """A fused float16 run vs stock diffusers run in float16 on the same inputs. Stock computes some
+    terms in float16, the fused step in float32, so the two differ by stock's own rounding: both are
+    compared to a float64 run of stock, and the fused error may be at most 1.5x stock's plus ``ulps``
+    float16 ulps (relative to max(|ref|, 1))."""
+    assert got16.dtype == ref16.dtype == torch.float16 and got16.shape == ref16.shape
+    assert torch.isfinite(ref16).all() and torch.isfinite(got16).all()
+    e_stock, e_fused = rel_err(ref64, ref16), rel_err(ref64, got16)
+    assert e_fused <= 1.5 * e_stock + ulps * HALF_ULP, (e_fused, e_stock)
+
 
 def load_kdiffusion_sampling():
     """k-diffusion's ``sampling`` module, loaded without its package ``__init__``.

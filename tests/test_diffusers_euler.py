@@ -3,7 +3,6 @@
 Each test runs the stock class and pygen's fused class in one loop with the same synthetic
 model on the same inputs and compares every step's prev_sample and pred_original_sample.
 """
-import os
 import threading
 
 import pytest

@@ -1,7 +1,6 @@
 """pygen.diffusers multistep schedulers vs the stock diffusers classes, side by side:
 DPMSolverMultistepScheduler (pygen/diffusers/dpmsolver.py) and FlowMatchEulerDiscreteScheduler
 (pygen/diffusers/flow_match.py); UniPC is in test_diffusers_unipc.py."""
-import itertools
 import threading
 import warnings
 
@@ -12,7 +11,7 @@ diffusers = pytest.importorskip("diffusers")
 import pygen  # noqa: E402
 from pygen.diffusers.dpmsolver import DPMSolverMultistepScheduler as FusedDPM  # noqa: E402
 
-from conftest import cpu_backends, require_backend  # noqa: E402
+from conftest import assert_half_close, cpu_backends, require_backend  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*deprecated.*")
 
@@ -139,25 +138,8 @@ def test_dpm_half_precision(dtype, algo):
     assert_close_to_stock(ref, got, rtol=tol)
 
 
-HALF_ULP = 2.0 ** -10
-
-
-def rel_err(ref, got):
-    return (ref.double() - got.double()).abs().max().item() / max(ref.double().abs().max().item(), 1.0)
-
-
-def assert_half_close(ref16, got16, ref64, ulps=3):
-    """float16 vs stock run in float16 on the same inputs. Stock computes some terms in float16, the
-    fused step in float32, so the two differ by stock's own rounding: both are compared to a float64
-    run of stock (the sde variants draw their noise in float32 in every dtype, so the float64 run
-    sees the same normals), and the fused error may be at most 1.5x stock's plus ``ulps`` float16
-    ulps (relative to max(|ref|, 1))."""
-    assert got16.dtype == ref16.dtype == torch.float16 and got16.shape == ref16.shape
-    assert torch.isfinite(ref16).all() and torch.isfinite(got16).all()
-    e_stock, e_fused = rel_err(ref64, ref16), rel_err(ref64, got16)
-    assert e_fused <= 1.5 * e_stock + ulps * HALF_ULP, (e_fused, e_stock)
-
-
+# (assert_half_close, conftest: the sde variants draw their noise in float32 in every dtype, so the
+# float64 run of stock sees the same normals)
 _CUSTOM_TS = dict(timesteps=[999, 850, 700, 500, 320, 200, 90, 10])
 DPM_HALF_CASES = (
     [(algo, o, {}, None) for algo, o in [("dpmsolver++", 1), ("dpmsolver++", 2), ("dpmsolver++", 3), ("dpmsolver", 2),
