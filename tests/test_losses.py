@@ -647,6 +647,17 @@ def test_vae_reparameterize_matches_reference(backend, dtype, shape):
         torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=rtol, atol=max(atol, 1e-5))
 
 
+def _elbo_reference(xd, rd, md, ld, likelihood):
+    """Per-row negative ELBO with torch.distributions (sigma 0.7, beta 0.5), in float64."""
+    if likelihood == "gaussian":
+        nll = -torch.distributions.Normal(rd, 0.7).log_prob(xd).reshape(xd.shape[0], -1).sum(1)
+    else:
+        nll = -torch.distributions.Bernoulli(logits=rd, validate_args=False).log_prob(xd).reshape(xd.shape[0], -1).sum(1)
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(md, torch.exp(ld / 2)),
+                                           torch.distributions.Normal(0.0, 1.0)).sum(1)
+    return nll + 0.5 * kl
+
+
 @pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
 def test_elbo_matches_reference(likelihood):
     g = gen(62)
@@ -656,13 +667,7 @@ def test_elbo_matches_reference(likelihood):
     lv = (0.3 * torch.randn(5, 6, generator=g)).requires_grad_(True)
     loss = losses.elbo(x, recon, mu, lv, likelihood, sigma=0.7, beta=0.5, reduction="none")
     xd, rd, md, ld = (v.detach().double().requires_grad_(True) for v in (x, recon, mu, lv))
-    if likelihood == "gaussian":
-        nll = -torch.distributions.Normal(rd, 0.7).log_prob(xd).reshape(5, -1).sum(1)
-    else:
-        nll = -torch.distributions.Bernoulli(logits=rd, validate_args=False).log_prob(xd).reshape(5, -1).sum(1)
-    kl = torch.distributions.kl_divergence(torch.distributions.Normal(md, torch.exp(ld / 2)),
-                                           torch.distributions.Normal(0.0, 1.0)).sum(1)
-    ref = nll + 0.5 * kl
+    ref = _elbo_reference(xd, rd, md, ld, likelihood)
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
     loss.sum().backward()
     ref.sum().backward()
@@ -694,13 +699,7 @@ def test_elbo_half_matches_reference(backend, dtype, likelihood):
     mu = torch.randn(5, 6, generator=g).to(dtype).requires_grad_(True)
     lv = (0.3 * torch.randn(5, 6, generator=g)).to(dtype).requires_grad_(True)
     xd, rd, md, ld = (v.detach().double().requires_grad_(True) for v in (x, recon, mu, lv))
-    if likelihood == "gaussian":
-        nll = -torch.distributions.Normal(rd, 0.7).log_prob(xd).reshape(5, -1).sum(1)
-    else:
-        nll = -torch.distributions.Bernoulli(logits=rd, validate_args=False).log_prob(xd).reshape(5, -1).sum(1)
-    kl_ref = torch.distributions.kl_divergence(torch.distributions.Normal(md, torch.exp(ld / 2)),
-                                               torch.distributions.Normal(0.0, 1.0)).sum(1)
-    ref = nll + 0.5 * kl_ref
+    ref = _elbo_reference(xd, rd, md, ld, likelihood)
     gr = torch.randn(5, generator=g, dtype=torch.float64)
     want = torch.autograd.grad((ref * gr).sum(), (xd, rd, md, ld))
     rtol, atol = grad_tol(dtype)

@@ -130,6 +130,20 @@ def test_cuda_graph_on_cpu_warns_and_matches_eager():
     assert torch.equal(eager, graphed)
 
 
+def _eager_then_graph_device(model, calls, sampler, monkeypatch):
+    """The eager run of a 7-step ``sampler`` (its result and model-call count; ``calls`` cleared after),
+    then every tensor counts as a CUDA-graph device: (eps, sample kwargs, eager result, eager calls)."""
+    import pygen.samplers as PS
+
+    eps = pygen.randn((6, 3), 0)
+    kw = dict(sampler=sampler, steps=7, prediction_type="denoiser", seed=1, progress=False)
+    eager = pygen.sample(model, eps, **kw)
+    n_eager = len(calls)
+    calls.clear()
+    monkeypatch.setattr(PS, "_graph_device", lambda x: True)
+    return eps, kw, eager, n_eager
+
+
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
 def test_graph_loop_runs_each_evaluation_once(sampler, monkeypatch):
     """The cuda_graph=True loop logic on the CPU: _capture runs evaluation 0 (its warm-up) and hands
@@ -152,12 +166,7 @@ def test_graph_loop_runs_each_evaluation_once(sampler, monkeypatch):
         launch(0)
         return FakeGraph(lambda: launch(int(prog.index)))
 
-    eps = pygen.randn((6, 3), 0)
-    kw = dict(sampler=sampler, steps=7, prediction_type="denoiser", seed=1, progress=False)
-    eager = pygen.sample(model, eps, **kw)
-    n_eager = len(calls)
-    calls.clear()
-    monkeypatch.setattr(PS, "_graph_device", lambda x: True)
+    eps, kw, eager, n_eager = _eager_then_graph_device(model, calls, sampler, monkeypatch)
     monkeypatch.setattr(PS, "_capture", fake_capture)
     seen = []
     graphed = pygen.sample(model, eps, cuda_graph=True, callback=lambda k, x: seen.append(k), **kw)
@@ -205,8 +214,6 @@ def test_graph_capture_failure_falls_back_with_one_warning(sampler, monkeypatch)
     """The real _capture path on the CPU (torch.cuda objects faked): a model that cannot be captured
     (here it raises as a host sync does under stream capture) gives exactly one clear warning, pointing
     at the caller, and the eager result, each evaluation run once after the warm-up."""
-    import pygen.samplers as PS
-
     calls = []
 
     def model(x, sigma):
@@ -215,12 +222,7 @@ def test_graph_capture_failure_falls_back_with_one_warning(sampler, monkeypatch)
         calls.append(1)
         return x / (1 + sigma.view(-1, 1) ** 2)
 
-    eps = pygen.randn((6, 3), 0)
-    kw = dict(sampler=sampler, steps=7, prediction_type="denoiser", seed=1, progress=False)
-    eager = pygen.sample(model, eps, **kw)
-    n_eager = len(calls)
-    calls.clear()
-    monkeypatch.setattr(PS, "_graph_device", lambda x: True)
+    eps, kw, eager, n_eager = _eager_then_graph_device(model, calls, sampler, monkeypatch)
     for name in ("Stream", "CUDAGraph", "graph", "stream", "current_stream"):
         monkeypatch.setattr(torch.cuda, name, getattr(_FakeCapture, name))
     seen = []
