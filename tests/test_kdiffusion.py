@@ -576,7 +576,8 @@ def test_buffers_reused_only_when_unobserved(name, keep, backend):
     if keep == "weakref":  # the weakly held inputs that are still alive were not written
         alive = [(r(), snap) for r, snap in zip(refs, snapshots) if r() is not None]
         assert all(torch.equal(t, snap) for t, snap in alive)
-    if keep == "nothing":
+    if keep == "nothing" and backend != "triton":  # (Triton's CPU interpreter keeps references to the
+        # storage objects it ran on: the loop then, rightly, never reuses them)
         assert len(set(seen)) <= 2, f"{len(set(seen))} buffers for {len(seen)} model calls"
     else:
         assert len(set(seen)) == len(seen) or keep in ("callback_view", "weakref")  # (freed memory recurs)
