@@ -576,12 +576,16 @@ def test_buffers_reused_only_when_unobserved(name, keep, backend):
     if keep == "weakref":  # the weakly held inputs that are still alive were not written
         alive = [(r(), snap) for r, snap in zip(refs, snapshots) if r() is not None]
         assert all(torch.equal(t, snap) for t, snap in alive)
-    if keep == "nothing" and backend != "triton":  # (Triton's CPU interpreter keeps references to the
-        # storage objects it ran on: the loop then, rightly, never reuses them)
+    if keep == "nothing" and backend != "triton":
         assert len(set(seen)) <= 2, f"{len(set(seen))} buffers for {len(seen)} model calls"
+    elif keep == "nothing":  # Triton's CPU interpreter keeps references to some of the storages it ran on
+        pass  # (for a while): the loop then, rightly, takes fresh outputs, and freed ones may recur
     else:
-        assert len(set(seen)) == len(seen) or keep in ("callback_view", "weakref")  # (freed memory recurs)
-        assert keep == "weakref" or all(out.data_ptr() != p for p in seen[1:])
+        # every model input stays alive when the model keeps it (view, list, storage): none is written, so
+        # the addresses are all distinct; a weakref or a callback's view (of the step's first x only, not of
+        # a two-stage sampler's midpoint) lets freed inputs go, and their memory may recur
+        if keep not in ("callback_view", "weakref"):
+            assert len(set(seen)) == len(seen) and all(out.data_ptr() != p for p in seen[1:])
     with pygen.use_backend(backend):
         again = getattr(K, "sample_" + name)(lambda v, s: v * (1.0 / (1.0 + s * s)).view(-1, 1), x.clone(), sigmas,
                                              disable=True)

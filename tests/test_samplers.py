@@ -41,6 +41,109 @@ def test_same_as_kdiffusion_function(sampler):
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
 
 
+def _wrapped_denoiser(pt, model):
+    """k-diffusion's D(x, sigma) for a diffusers-convention (eps/x0/v on SCHED) or flow model, written
+    out directly: D = cx·x + cm·model(c_in·x, t(sigma)) (no pygen.sample code involved)."""
+    table = SCHED.sigmas.double()
+
+    def D(x, sigma):
+        s = sigma.double().view(-1, *([1] * (x.dim() - 1)))
+        if pt == "flow":
+            c_in, tt = 1 / (1 + s), (sigma.double() / (1 + sigma.double())).to(x.dtype)
+        else:
+            c_in, tt = (s * s + 1).rsqrt(), pygen.schedules.sigma_to_t(sigma.double(), table).to(x.dtype)
+        out = model((x * c_in).to(x.dtype), tt).double()
+        xd = x.double()
+        d = {"eps": xd - s * out, "x0": out, "v": c_in * c_in * xd - s * c_in * out,
+             "flow": c_in * xd - s * c_in * out}[pt]
+        return d.to(x.dtype)
+
+    return D
+
+
+@pytest.mark.parametrize("pt", ["eps", "x0", "v", "flow"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "euler_ancestral", "dpmpp_sde",
+                                     "dpmpp_2m_sde", "dpmpp_3m_sde", "dpm_2_ancestral", "dpmpp_2s_ancestral"])
+def test_loop_matches_kdiffusion_with_the_model_wrapped(sampler, pt, monkeypatch):
+    """pygen.sample's loop keeps the model's input c_in·x as its state (the input scale folded into
+    the table, one launch per evaluation). Its result must equal k-diffusion's sampler run on the
+    wrapped denoiser D(x, sigma) = cx·x + cm·model(c_in·x, t): k-diffusion itself for the noise-free
+    samplers, pygen.kdiffusion (k-diffusion's loop with the same in-kernel noise) for the others."""
+    from conftest import load_kdiffusion_sampling
+
+    model = model_for(pt)
+    steps, seed = 9, 7
+    hi = 14.0 if pt != "flow" else 0.999 / 0.001
+    sig = K.get_sigmas_karras(steps, 0.05, hi if pt != "flow" else 30.0)
+    eps = noise(12, seed=3)
+    x = pygen.sample(model, eps, sampler=sampler, steps=steps, prediction_type=pt, seed=seed, progress=False,
+                     sigmas=sig)
+    x_start = eps * float(sig[0]) if pt != "flow" else eps * (1 + float(sig[0]))
+    if sampler in ("euler", "heun", "dpm_2", "lms", "dpmpp_2m"):
+        kd = load_kdiffusion_sampling()
+        ref = getattr(kd, "sample_" + sampler)(_wrapped_denoiser(pt, model), x_start, sig, disable=True)
+    else:
+        monkeypatch.setattr(K, "default_seed", lambda: seed)  # pygen.sample's key: its seed
+        ref = getattr(K, "sample_" + sampler)(_wrapped_denoiser(pt, model), x_start, sig, disable=True)
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("pt", ["eps", "v", "flow"])
+def test_loop_state_in_half_and_double(pt):
+    """The folded table in float64 for float64 samples, float32 for float16 ones: float16 stays within
+    a few half ulps of the float64 run, float64 equals the float32 run to float32 accuracy."""
+    model = model_for(pt)
+    eps = noise(64, seed=4)
+    kw = dict(sampler="dpmpp_2m", steps=10, prediction_type=pt, seed=1, progress=False)
+
+    def cast_model(dtype):
+        return lambda x, t: model(x.float(), t.float()).to(dtype)
+
+    x64 = pygen.sample(cast_model(torch.float64), eps.double(), **kw)
+    x32 = pygen.sample(model, eps, **kw)
+    x16 = pygen.sample(cast_model(torch.float16), eps.half(), **kw)
+    assert x64.dtype == torch.float64 and x16.dtype == torch.float16
+    torch.testing.assert_close(x32.double(), x64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x16.double(), x64, rtol=2e-2, atol=2e-2)
+
+
+def test_loop_never_writes_a_tensor_the_model_kept():
+    """The model gets the loop state itself; a model (or callback) that keeps it must not see it change:
+    the step writes in place only when nothing else refers to the state."""
+    model = model_for("eps")
+    kept, copies = [], []
+
+    def keeping(x, t):
+        kept.append(x)
+        copies.append(x.clone())
+        return model(x, t)
+
+    eps = noise(8)
+    x = pygen.sample(keeping, eps, sampler="heun", steps=5, prediction_type="eps", progress=False)
+    ref = pygen.sample(model, eps, sampler="heun", steps=5, prediction_type="eps", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(kept, copies))
+    torch.testing.assert_close(x, ref, rtol=0, atol=0)
+    seen = []
+    pygen.sample(model, eps, sampler="euler", steps=5, prediction_type="v", progress=False,
+                 callback=lambda k, x: seen.append((x, x.clone())))
+    assert all(torch.equal(a, b) for a, b in seen)
+
+
+def test_callback_gets_the_unscaled_state():
+    """callback(k, x) receives x_{k+1} (not the model's scaled input): for an exact denoiser the last
+    one is the result and each equals the denoiser-convention run's state."""
+    eps = noise(8)
+    lo, hi = float(SCHED.sigmas[0]), float(SCHED.sigmas[-1])
+    kw = dict(sampler="euler", steps=6, progress=False, sigma_min=lo, sigma_max=hi)
+    got, ref = [], []
+    x = pygen.sample(model_for("x0"), eps, prediction_type="x0", callback=lambda k, x: got.append(x.clone()), **kw)
+    pygen.sample(model_for("denoiser"), eps, prediction_type="denoiser", callback=lambda k, x: ref.append(x.clone()),
+                 **kw)
+    assert len(got) == len(ref) == 6 and torch.equal(got[-1], x)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "euler_ancestral", "dpmpp_sde"])
 def test_prediction_types_agree(sampler):
     """eps, x0, v and denoiser models of one mixture give one trajectory: the conversions are exact."""
@@ -162,7 +265,7 @@ def test_graph_loop_runs_each_evaluation_once(sampler, monkeypatch):
         def __init__(self, replay):
             self.replay = replay
 
-    def fake_capture(model_, x, prog, c_in_dev, t_dev, launch):
+    def fake_capture(model_, state, prog, t_dev, launch):
         launch(0)
         return FakeGraph(lambda: launch(int(prog.index)))
 

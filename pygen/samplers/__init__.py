@@ -24,10 +24,13 @@ Families (``SAMPLERS``):
   - ``"denoiser"``: k-diffusion ``model(x, sigma)`` -> x0.
 
   The conversion of the model output to the denoised x0 is folded into the fused step's
-  (cx, cm) columns, so a model evaluation costs: the input scale, the model, one fused step.
-  ``cuda_graph=True`` captures exactly that once (the step index, the sigma and timestep
-  lookups and the in-kernel noise all read device state) and replays it for every model
-  evaluation; a model that cannot be captured falls back to eager with one warning.
+  (cx, cm) columns, and the input scale c_in into the whole row: the loop's state is the
+  model's input y = c_in·x itself (``_scaled_state_rows``), so a model evaluation costs the
+  model and one fused step (one launch; ``callback`` still gets x). The state is written in
+  place unless the model or a callback kept a reference to it. ``cuda_graph=True`` captures
+  exactly that once (the step index, the timestep lookup and the in-kernel noise all read
+  device state) and replays it for every model evaluation; a model that cannot be captured
+  falls back to eager with one warning.
 - score-SDE samplers (``pygen.sde``; ``schedule`` a VPSDE/SubVPSDE/VESDE, default VPSDE(); for
   the reverse-diffusion and ancestral predictors the SDE is re-discretised with N = ``steps``):
   ``"pc"`` (options predictor=, corrector=, snr=, n_corrector_steps=, ...), ``"ode_euler"``,
@@ -53,7 +56,7 @@ from pygen import kdiffusion as _K
 from pygen import schedules as _schedules
 from pygen.ops._common import check_like
 from pygen.ops.random import randn
-from pygen.ops.schedule import COL_CM, COL_CX
+from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_HX, COL_S
 from pygen.samplers.program import StepProgram, check_model_out
 
 __all__ = ["sample", "SAMPLERS", "DIFFUSION_SAMPLERS", "SDE_SAMPLERS", "MCMC_SAMPLERS", "PREDICTION_TYPES",
@@ -217,6 +220,27 @@ def _conversions(prediction_type, call_sigmas, table):
     return c_in, t, c_in * c_in, -s * c_in  # v
 
 
+def _scaled_state_rows(rows, c_in):
+    """The table rewritten for the loop state y_k = c_k·x_k (the model's input) instead of x_k.
+
+    Row k of ``rows`` maps x_k to x_{k+1}: d = cx·x + cm·out, x_{k+1} = a·x + b·d + Σ hist_j·h_j + s·z,
+    h[slot] = hx·x + hd·d. With x_k = y_k / c_k and y_{k+1} = c_{k+1}·x_{k+1} (c_K = 1 after the last
+    evaluation, so the final state is x itself) every term stays linear: cx and hx are divided by c_k,
+    a is multiplied by c_{k+1}/c_k, and b, s and the history weights by c_{k+1}; the history (slots of x
+    and d) and d itself are unchanged. The loop then hands y_k to the model as it is: no input-scaling
+    launch per model evaluation."""
+    c = c_in.to(torch.float64)
+    c_next = torch.cat([c[1:], c.new_ones(1)])
+    rows = rows.clone()
+    rows[:, COL_CX] /= c
+    rows[:, COL_HX] /= c
+    rows[:, COL_A] *= c_next / c
+    rows[:, COL_B] *= c_next
+    rows[:, COL_S] *= c_next
+    rows[:, COL_HIST:] *= c_next[:, None]
+    return rows
+
+
 def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, seed, cuda_graph, progress, callback,
                       options):
     opts = dict(options)
@@ -227,28 +251,39 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
     c_in, t, cx, cm = _conversions(prediction_type, plan.call_sigmas, table)
     rows = torch.tensor(plan.rows, dtype=torch.float64)
     rows[:, COL_CX], rows[:, COL_CM] = cx, cm
-    prog = StepProgram(rows, eps, seed=seed, stream=1)
+    # The loop state is the model's input y = c_in·x (for a denoiser c_in = 1 and y = x): the input
+    # scale is folded into the table, so a model evaluation costs the model and one fused step.
+    scaled = prediction_type != "denoiser"
+    if scaled:
+        rows = _scaled_state_rows(rows, c_in)
     x = eps * sig[0] if prediction_type != "flow" else eps * (1 + sig[0])
-    x = plan.churn_start(x, seed)
-    x = x.contiguous()
+    x = plan.churn_start(x, seed).contiguous()
+    prog = StepProgram(rows, x, seed=seed, stream=1)
     dev = dict(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    c_in_dev = c_in.to(**dev)
+    y = (x * float(c_in[0])).to(x.dtype) if scaled else x
     t_dev = t.to(**dev)[:, None].expand(-1, x.shape[0]).contiguous()
+    t_rows = list(t_dev.unbind(0))  # per-evaluation model times as views, made once
+    # the callback's x_{k+1} = y_{k+1} / c_{k+1} (1 after the last evaluation)
+    inv_c = (1 / torch.cat([c_in[1:], c_in.new_ones(1)])).to(**dev) if scaled and callback is not None else None
     num = prog.num_rows
     bar = _progress(num, progress)
+    state = [y]
 
-    scale_input = prediction_type != "denoiser"  # (c_in = 1 for a denoiser: no copy per call)
-
-    def launch(k):  # eager: views by host index
-        out = check_model_out(model((x * c_in_dev[k]).to(x.dtype) if scale_input else x, t_dev[k]), x)
-        prog.step(x, out, x)
+    def launch(k):  # eager: the model gets the state itself; the step writes the next state
+        y = state[0]
+        out = check_model_out(model(y, t_rows[k]), y)
+        del y  # (only state[0] refers to it now, unless the model or a callback kept it)
+        # a tensor the model or a callback kept is never written afterwards: the step writes y in
+        # place only when nothing else refers to it (as pygen.kdiffusion's loop), else a new tensor
+        dst = state[0] if _K._unobserved(state[0]) else torch.empty_like(out)
+        state[0] = prog.step(state[0], out, dst)
 
     try:
         if cuda_graph and not _graph_device(x):
             warnings.warn("cuda_graph=True needs CUDA tensors; running eagerly", stacklevel=3)
             cuda_graph = False
         # _capture runs evaluation 0 itself (its warm-up), captured or not: the loop starts at 1 then.
-        graph = _capture(model, x, prog, c_in_dev if scale_input else None, t_dev, launch) if cuda_graph else None
+        graph = _capture(model, state, prog, t_dev, launch) if cuda_graph else None
         for k in range(num):
             if cuda_graph and k == 0:
                 pass
@@ -259,32 +294,33 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
             if bar is not None:
                 bar.update(1)
             if callback is not None:
-                callback(k, x)
+                callback(k, state[0] if inv_c is None else (state[0] * inv_c[k]).to(x.dtype))
     finally:
         if bar is not None:
             bar.close()
-    return x
+    return state[0]
 
 
 def _graph_device(x):
     return x.device.type == "cuda"
 
 
-def _capture(model, x, prog, c_in_dev, t_dev, launch):
+def _capture(model, state, prog, t_dev, launch):
     """Run model evaluation 0 eagerly (warm-up), then capture one evaluation reading the row index
-    from the device; None (with one warning) if the model cannot be captured."""
+    from the device (the state written in place); None (with one warning) if the model cannot be
+    captured."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         launch(0)
     torch.cuda.current_stream().wait_stream(stream)
+    y = state[0]
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
             t = t_dev.index_select(0, prog.index)[0]
-            x_in = x if c_in_dev is None else (x * c_in_dev.index_select(0, prog.index)).to(x.dtype)
-            out = check_model_out(model(x_in, t), x)
-            prog.step(x, out, x)
+            out = check_model_out(model(y, t), y)
+            prog.step(y, out, y)
     except Exception as err:  # the model is not capturable: say so once, finish eagerly
         warnings.warn(f"cuda_graph=True: the model could not be captured in a CUDA graph ({err}); "
                       "running eagerly", stacklevel=4)
