@@ -155,9 +155,52 @@ def _table_rows(table, t, batch, seed_i, row_seeds, stream, device):
     table = _table_on(table, device, torch.float64 if table.dtype == torch.float64 else torch.float32)
     n = table.shape[0]
     if t is None:
-        u, _ = _row_uniforms(batch, seed_i, row_seeds, stream, device)
-        return table, torch.clamp((u * n).to(torch.int64), max=n - 1)
+        return table, _sample_rows(n, batch, seed_i, row_seeds, stream, device)
     return table, _check_t(t, batch, n, device)
+
+
+_THRESHOLDS = {}  # (n, device) -> float32 thresholds of _sample_rows
+
+
+def _t_thresholds(n, device):
+    """float32 (n - 1,) on ``device``: entry k - 1 is the smallest float32 z with ⌊Φ(z)·n⌋ >= k
+    (Φ in float64), so that the number of entries <= z is min(⌊Φ(z)·n⌋, n - 1) for every float32 z.
+    Made once per (n, device) on the host by bisection over the float32 values (in their order as
+    integers: 32 halvings), so the search gives exactly the float64 formula's indices."""
+    key = (n, device)
+    thr = _THRESHOLDS.get(key)
+    if thr is not None:
+        return thr
+    k = torch.arange(1, n, dtype=torch.int64)
+
+    def as_float(m):  # the float32 whose order key is m (int64; negative floats: keys below 0)
+        return torch.where(m >= 0, m, -(m + 1) - (1 << 31)).to(torch.int32).view(torch.float32)
+
+    def reaches(m):
+        return (torch.special.ndtr(as_float(m).to(torch.float64)) * n).to(torch.int64) >= k
+
+    inf_key = int(torch.tensor(math.inf, dtype=torch.float32).view(torch.int32))
+    lo = torch.full_like(k, -inf_key - 1)  # -inf: Φ = 0, below every level k >= 1
+    hi = torch.full_like(k, inf_key)       # +inf: Φ = 1, level n
+    while bool((hi - lo > 1).any()):
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        up = reaches(mid)
+        hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
+    if len(_THRESHOLDS) >= _MEMO_SIZE:
+        _THRESHOLDS.clear()
+    thr = _THRESHOLDS[key] = as_float(hi).to(device)
+    return thr
+
+
+def _sample_rows(n, batch, seed_i, row_seeds, stream, device):
+    """One uniform index in [0, n) per row: ⌊Φ(z)·n⌋ (at most n - 1) for z = pygen.randn((batch,), seed,
+    stream + LANE), as one search of z among the level thresholds of ``_t_thresholds`` (two device ops:
+    the normal and the search; the same indices as computing Φ(z) in float64)."""
+    key = row_seeds if row_seeds is not None else seed_i
+    z = randn((batch,), key, to_signed64(stream + LANE), device=device, dtype=torch.float32)
+    if n == 1:
+        return torch.zeros(batch, dtype=torch.int64, device=device)
+    return torch.searchsorted(_t_thresholds(n, device), z, right=True)
 
 
 def _acc_dtype(dtype):
@@ -416,6 +459,32 @@ def _check_sigma_rows(t, batch, device):
     return t
 
 
+_COEFF_CACHE = {}  # id(table) -> (weakref, key, coefficient table, model-time table)
+
+
+def _coefficient_table(table, qtable, prediction_type, weighting, gamma, sigma_data, acc, model_dtype):
+    """diffusion_loss's (N, 4) coefficient rows of every timestep of ``table`` (``qtable``: the table on
+    the training device in float32/float64) and, for a flow sigma table, the model's time of every
+    timestep (the sigma in the data's dtype); computed once per table version and setting, then only
+    gathered (the same values as computing them per row: the same elementwise ops)."""
+    flow = prediction_type == "flow"
+    key = (qtable.device, table._version, prediction_type, weighting, gamma, sigma_data, acc,
+           model_dtype if flow else None)
+    entry = _memo_get(_COEFF_CACHE, table, key)
+    if entry is not None:
+        return entry[2], entry[3]
+    level = qtable.to(qtable.dtype if qtable.dtype == torch.float64 else torch.float32)
+    if flow:
+        a, s = 1.0 - level, level
+    else:
+        a, s = level.sqrt(), (1.0 - level).sqrt()
+    coeffs = diffusion_loss_coefficients(a, s, prediction_type, weighting, min_snr_gamma=gamma,
+                                         sigma_data=sigma_data).to(acc).contiguous()
+    model_t = level.to(model_dtype) if flow else None
+    _memo_put(_COEFF_CACHE, table, key, coeffs, model_t)
+    return coeffs, model_t
+
+
 def diffusion_loss(model, x0, schedule=None, prediction_type="eps", weighting="uniform", t=None, seed=None, *,
                    stream=0, noise=None, min_snr_gamma=5.0, sigma_data=0.5, flow_time_sampling="uniform",
                    logit_mean=0.0, logit_std=1.0, reduction="mean", check_nan=False, model_kwargs=None):
@@ -528,34 +597,35 @@ def diffusion_loss(model, x0, schedule=None, prediction_type="eps", weighting="u
         table = _check_table("schedule (sigmas)", schedule, 0.0, 1.0, "flow sigmas")
 
     if table is not None:
-        table, t_idx = _table_rows(table, t, batch, seed_i, row_seeds, stream, device)
-        level = table[t_idx]
-        qt, qtable = t_idx, table
-        model_t = t_idx if not flow else level.to(x0.dtype)
-    else:  # continuous flow: a per-row sigma table indexed by the row number
-        if t is None:
-            sig = _flow_sigmas(batch, seed_i, row_seeds, stream, device, flow_time_sampling, logit_mean, logit_std)
-        else:
-            sig = _check_sigma_rows(t, batch, device)
-        level = sig.to(torch.float64 if acc == torch.float64 or sig.dtype == torch.float64 else torch.float32)
-        qt, qtable = torch.arange(batch, device=device), contiguous(level)
-        t_idx = sig
-        model_t = sig.to(x0.dtype)
-    cdt = level.dtype if level.dtype == torch.float64 else torch.float32
-    level = level.to(cdt)
-    if flow:
-        a, s = 1.0 - level, level
+        # per-table set-up, made once (the coefficient rows of every timestep): a call then costs the t
+        # draw and search, one gather of the coefficients, q_sample, the model and the fused loss
+        qtable, t_idx = _table_rows(table, t, batch, seed_i, row_seeds, stream, device)
+        coeff_table, model_t_table = _coefficient_table(table, qtable, prediction_type, weighting, gamma, sigma_data,
+                                                        acc, x0.dtype)
+        coeffs = coeff_table.index_select(0, t_idx)
+        model_t = t_idx if not flow else model_t_table.index_select(0, t_idx)
+        with torch.no_grad():
+            eps = _shared_noise(x0, noise, seed, stream)
+            x_t = _noised(x0, t_idx, qtable, eps, seed_i, row_seeds, stream, "flow" if flow else "vp")
+        out = _model_output("model", model(x_t, model_t, **model_kwargs), x0)
+        rows = _fused_mse(out, x0, coeffs, eps, seed, stream)
+        _check_nan("diffusion_loss", rows, check_nan, t_idx)
+        return _reduce(rows, reduction)
+    # continuous flow: a per-row sigma table indexed by the row number
+    if t is None:
+        sig = _flow_sigmas(batch, seed_i, row_seeds, stream, device, flow_time_sampling, logit_mean, logit_std)
     else:
-        a, s = level.sqrt(), (1.0 - level).sqrt()
-    coeffs = diffusion_loss_coefficients(a, s, prediction_type, weighting, min_snr_gamma=gamma,
+        sig = _check_sigma_rows(t, batch, device)
+    level = sig.to(torch.float64 if acc == torch.float64 or sig.dtype == torch.float64 else torch.float32)
+    coeffs = diffusion_loss_coefficients(1.0 - level, level, prediction_type, weighting, min_snr_gamma=gamma,
                                          sigma_data=sigma_data).to(acc)
-
     with torch.no_grad():
         eps = _shared_noise(x0, noise, seed, stream)
-        x_t = _noised(x0, qt, qtable, eps, seed_i, row_seeds, stream, "flow" if flow else "vp")
-    out = _model_output("model", model(x_t, model_t, **model_kwargs), x0)
+        x_t = _noised(x0, torch.arange(batch, device=device), contiguous(level), eps, seed_i, row_seeds, stream,
+                      "flow")
+    out = _model_output("model", model(x_t, sig.to(x0.dtype), **model_kwargs), x0)
     rows = _fused_mse(out, x0, coeffs, eps, seed, stream)
-    _check_nan("diffusion_loss", rows, check_nan, t_idx)
+    _check_nan("diffusion_loss", rows, check_nan, sig)
     return _reduce(rows, reduction)
 
 

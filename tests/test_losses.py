@@ -357,6 +357,67 @@ def test_sampled_t_is_deterministic_and_per_row(backend):
     assert t_a.unique().numel() > 8  # different t per row
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 1000, 4096])
+def test_sampled_t_search_equals_the_float64_formula(n):
+    """The sampled t is found by searching z among float32 thresholds (two device ops instead of the
+    float64 Φ(z)·n chain): it must equal min(⌊Φ(z)·n⌋, n - 1) with Φ in float64 for every float32 z,
+    including each threshold, its float32 neighbours and the extremes."""
+    from pygen.losses import _t_thresholds
+
+    z = [torch.randn(100000, generator=gen(n)), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 8.5, -8.5, 40.0, -40.0,
+                                                              float("inf"), float("-inf")])]
+    if n > 1:
+        thr = _t_thresholds(n, torch.device("cpu"))
+        assert thr.dtype == torch.float32 and thr.shape == (n - 1,)
+        near = thr
+        for _ in range(3):  # the thresholds and 3 float32 steps either side
+            near = torch.cat([near, torch.nextafter(near, torch.tensor(math.inf)),
+                              torch.nextafter(near, torch.tensor(-math.inf))])
+        z.append(near)
+    z = torch.cat(z).to(torch.float32)
+    want = torch.clamp((torch.special.ndtr(z.double()) * n).long(), max=n - 1)
+    got = torch.searchsorted(thr, z, right=True) if n > 1 else torch.zeros_like(want)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("prediction,weighting", [("eps", "uniform"), ("v", "min_snr"), ("flow", "edm")])
+def test_diffusion_loss_device_ops_per_call(prediction, weighting):
+    """After the first call with a table (its coefficient rows and t thresholds are made once), a call
+    dispatches: the t normal and its search, one gather of the coefficients, q_sample, the model, the fused
+    loss and the mean (plus, on the CPU backend, the one eps draw both ops read). Each is a launch on a
+    GPU: the coefficient arithmetic per call (a, s, weights, stack: 14 more ops) must not come back."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    require("cpu")
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] not in ("empty", "empty_like", "empty_strided", "view", "expand",
+                                                   "as_strided", "detach", "alias", "reshape", "_unsafe_view"):
+                self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x0 = torch.randn(6, 3, generator=gen(2))
+    table = schedule().alphas_cumprod if prediction != "flow" else torch.linspace(0.0, 1.0, 50)
+
+    def model(x, t):
+        return x * 0.5
+
+    with pygen.use_backend("cpu"):
+        kw = dict(prediction_type=prediction, weighting=weighting, seed=3, stream=1)
+        losses.diffusion_loss(model, x0, table, **kw)
+        with Count() as c:
+            losses.diffusion_loss(model, x0, table, **kw)
+    want = (["pygen.randn_fill_", "aten.searchsorted", "aten.index_select"]
+            + (["aten.index_select"] if prediction == "flow" else [])  # (flow: the model's sigma)
+            + ["pygen.randn_fill_", "pygen.q_sample", "aten.mul", "pygen.diffusion_loss", "aten.mean"])
+    assert c.ops == want, c.ops
+
+
 def test_sampled_t_is_uniform():
     x0 = torch.zeros(4000, 1)
     model = Affine((1,))
