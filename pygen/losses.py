@@ -79,7 +79,7 @@ from pygen.ops._common import (
     STORAGE_DTYPES, check_like, check_real, check_stream, check_tensor, contiguous, split_seed, to_signed64,
 )
 from pygen.ops.forward import INTERPOLATIONS, _check_t, q_sample_launch
-from pygen.ops.random import randn
+from pygen.ops.random import randn, randn_checked
 from pygen.schedules import NoiseSchedule
 
 __all__ = [
@@ -196,8 +196,7 @@ def _sample_rows(n, batch, seed_i, row_seeds, stream, device):
     """One uniform index in [0, n) per row: ⌊Φ(z)·n⌋ (at most n - 1) for z = pygen.randn((batch,), seed,
     stream + LANE), as one search of z among the level thresholds of ``_t_thresholds`` (two device ops:
     the normal and the search; the same indices as computing Φ(z) in float64)."""
-    key = row_seeds if row_seeds is not None else seed_i
-    z = randn((batch,), key, to_signed64(stream + LANE), device=device, dtype=torch.float32)
+    z = randn_checked((batch,), seed_i, to_signed64(stream + LANE), row_seeds, device, torch.float32)
     if n == 1:
         return torch.zeros(batch, dtype=torch.int64, device=device)
     return torch.searchsorted(_t_thresholds(n, device), z, right=True)
@@ -280,7 +279,7 @@ def _model_output(name, out, like):
     return contiguous(out)
 
 
-def _shared_noise(x, noise, seed, stream):
+def _shared_noise(x, noise, seed, stream, seed_i=None, row_seeds=None):
     """The noise both ops use: the given one; on the compute-bound backends (torch, cpu) and fp32/fp64
     storage, ``pygen.randn(x.shape, seed, stream)`` drawn once (one Philox pass instead of three: q_sample,
     the loss and its backward; the same numbers the kernels would regenerate); else None (each kernel
@@ -289,6 +288,8 @@ def _shared_noise(x, noise, seed, stream):
         return noise
     if _backend.resolve(x.device) not in ("torch", "cpu"):
         return None
+    if seed_i is not None:  # split_seed(seed, ...) already made by the caller
+        return randn_checked(tuple(x.shape), seed_i, stream, row_seeds, x.device, x.dtype)
     return randn(x.shape, seed, stream, device=x.device, dtype=x.dtype)
 
 
@@ -605,7 +606,7 @@ def diffusion_loss(model, x0, schedule=None, prediction_type="eps", weighting="u
         coeffs = coeff_table.index_select(0, t_idx)
         model_t = t_idx if not flow else model_t_table.index_select(0, t_idx)
         with torch.no_grad():
-            eps = _shared_noise(x0, noise, seed, stream)
+            eps = _shared_noise(x0, noise, seed, stream, seed_i, row_seeds)
             x_t = _noised(x0, t_idx, qtable, eps, seed_i, row_seeds, stream, "flow" if flow else "vp")
         out = _model_output("model", model(x_t, model_t, **model_kwargs), x0)
         rows = _fused_mse(out, x0, coeffs, eps, seed, stream)

@@ -138,7 +138,13 @@ def randn(shape, seed, stream=0, *, device=None, dtype=torch.float32):
     if isinstance(seed, torch.Tensor) and len(shape) == 0:
         raise ValueError("shape must have a batch dimension when seed is a per-row tensor")
     seed_i, row_seeds = split_seed(seed, shape[0] if shape else 1, device)
-    stream = check_stream(stream)
+    return randn_checked(shape, seed_i, check_stream(stream), row_seeds, device, dtype)
+
+
+def randn_checked(shape, seed_i, stream, row_seeds, device, dtype):
+    """``randn`` with its arguments already checked (a tuple shape, ``split_seed``'s int seed and per-row
+    seeds or None, a ``check_stream``-ed stream, a torch.device, a storage dtype): for callers that
+    validated them once per call already (the training losses), without a second pass (~5 µs)."""
     out = torch.empty(shape, device=device, dtype=dtype)
     if out.numel() == 0:
         return out
