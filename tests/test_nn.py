@@ -221,6 +221,30 @@ def test_dit_block_matches_eager(backend, case):
     assert_grads_close(g_pg, g_ref)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dit_block_strided_input_and_dtype_mismatch(backend):
+    """A non-contiguous x (a transposed view) gives the contiguous x's result and gradient (the compiled
+    ops are called directly on the cpu/cuda backends, after making x contiguous); an x whose dtype differs
+    from the block's parameters raises the public ops' TypeError, as before."""
+    gen = torch.Generator().manual_seed(5)
+    block = randomize_(pnn.DiTBlock(64, 2, 2.0), gen)
+    xt = randn(gen, 9, 2, 64).requires_grad_()
+    x = xt.transpose(0, 1)
+    assert not x.is_contiguous()
+    c = randn(gen, 2, 64)
+    gout = randn(gen, 2, 9, 64)
+    with backend_ctx(backend):
+        out = block(x, c)
+        (g,) = torch.autograd.grad(out, xt, gout)
+        xc = x.detach().contiguous().requires_grad_()
+        ref = block(xc, c)
+        (g_ref,) = torch.autograd.grad(ref, xc, gout)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.testing.assert_close(g.transpose(0, 1), g_ref, rtol=0, atol=0)
+        with pytest.raises(TypeError, match="dtype"):
+            block(x.detach().double(), c)
+
+
 @pytest.mark.parametrize("device", LOW_PRECISION_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_dit_block_low_precision(dtype, device):

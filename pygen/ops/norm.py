@@ -342,7 +342,9 @@ _REFERENCES = {
 _COMPILED_OPS = {}  # name -> torch.ops.pygen.<name>.default
 
 
-def _compiled(name):
+def compiled(name):
+    """``torch.ops.pygen.<name>.default`` (looked up once): the compiled op, for callers whose arguments
+    are already checked (pygen.nn's blocks)."""
     op = _COMPILED_OPS.get(name)
     if op is None:
         op = _COMPILED_OPS[name] = getattr(torch.ops.pygen, name).default
@@ -358,7 +360,7 @@ def _run(backend, name, *args):
         from pygen.kernels import norm as tk
 
         return getattr(tk, name)(*args)
-    return _compiled(name)(*args)
+    return compiled(name)(*args)
 
 
 def _autograd_here(backend, *tensors):
