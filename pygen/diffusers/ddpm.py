@@ -246,10 +246,13 @@ class TimestepTableMixin(FusedSchedulerMixin):
         if torch.compiler.is_compiling() or not 0 <= t < rows:  # out of range: a NaN row in the kernel
             return torch.full((1,), t, dtype=torch.int64, device=device)
         cache = self.__dict__.setdefault("_pygen_aranges", {})
-        ar = cache.get(device)
-        if ar is None:
-            ar = cache[device] = torch.arange(rows, dtype=torch.int64, device=device)
-        return ar[t:t + 1]
+        got = cache.get(device)
+        if got is None:  # (the arange, and its one-element views made so far: a view costs ~1 µs to make)
+            got = cache[device] = (torch.arange(rows, dtype=torch.int64, device=device), {})
+        view = got[1].get(t)
+        if view is None:
+            view = got[1][t] = got[0][t:t + 1]
+        return view
 
     def _pygen_run(self, table, model_output, sample, index, noise=None, clamp=0.0, history=None, noisy=False):
         """One fused launch: (prev, pred) in sample's dtype; the index is not advanced. ``history``
