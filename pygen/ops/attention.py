@@ -17,7 +17,9 @@ of each query row. ``causal`` is top-left aligned: key j is visible to query i i
   variable ``PYGEN_ATTENTION`` (auto, triton, cuda, cpu, torch, sdpa_flash, sdpa_cudnn,
   sdpa_efficient, sdpa_math), else ``PYGEN_BACKEND``;
 * otherwise (auto): fp32/fp64 on CUDA, empty inputs, and head dims outside {32, 64, 80, 96, 128, 256}
-  (with a one-time warning per head dim) take the ``torch`` path. Everything else is *measured once*
+  (with a one-time warning per head dim) take the ``torch`` path, except that on CUDA a head dim in
+  [16, 256] stays a candidate for the Triton kernel (padded to a power of two; DiT-XL's 72), with
+  no warning. Everything else is *measured once*
   per (device, dtype, layout, B, H, Sq, Sk, D, causal, grad): on CUDA fp16/bf16 the candidates are
   pygen ``cuda`` and ``triton`` and SDPA's flash, cuDNN and efficient backends (fwd, or fwd+bwd when
   a gradient is needed, timed with CUDA events); on the CPU pygen ``cpu`` (when built) and
@@ -572,7 +574,8 @@ def attention(q, k, v, scale=None, causal=False, layout="bhsd"):
 
     dtypes float16/bfloat16 (pygen kernels, or SDPA's when faster), float32/float64 (torch path on
     CUDA; on the CPU the faster of pygen ``cpu`` and the reference). Head dims 32, 64, 80, 96, 128, 256 on
-    pygen kernels; others fall back to the torch path with a one-time warning. See the module
+    every pygen kernel, any head dim in [16, 256] on the Triton kernel (CUDA); others fall back to the
+    torch path with a one-time warning. See the module
     docstring for the dispatcher and its overrides (``pygen.use_backend``, ``PYGEN_ATTENTION``).
     """
     scale = _validate(q, k, v, scale, causal, layout)
