@@ -199,7 +199,15 @@ def _sample_rows(n, batch, seed_i, row_seeds, stream, device):
     z = randn_checked((batch,), seed_i, to_signed64(stream + LANE), row_seeds, device, torch.float32)
     if n == 1:
         return torch.zeros(batch, dtype=torch.int64, device=device)
+    if (n, device) not in _THRESHOLDS and _capturing(device):  # (no host-to-device copy while capturing)
+        return torch.clamp((torch.special.ndtr(z.to(torch.float64)) * n).to(torch.int64), max=n - 1)
     return torch.searchsorted(_t_thresholds(n, device), z, right=True)
+
+
+def _capturing(device):
+    """Whether a CUDA graph is being captured on ``device``'s current stream: set-up tables are then
+    neither made (a host-to-device copy) nor cached (memory of the graph's pool)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _acc_dtype(dtype):
@@ -467,11 +475,16 @@ def _coefficient_table(table, qtable, prediction_type, weighting, gamma, sigma_d
     """diffusion_loss's (N, 4) coefficient rows of every timestep of ``table`` (``qtable``: the table on
     the training device in float32/float64) and, for a flow sigma table, the model's time of every
     timestep (the sigma in the data's dtype); computed once per table version and setting, then only
-    gathered (the same values as computing them per row: the same elementwise ops)."""
+    gathered (the same values as computing them per row: the same elementwise ops). The cache is per
+    table object and version: change a table with torch's in-place ops (which bump its version), not
+    through ``.data`` or NumPy. Not cached: a table that requires grad while grad is enabled (its rows
+    are then differentiable, made per call as the table's gradient needs), or one first seen while a
+    CUDA graph is being captured."""
     flow = prediction_type == "flow"
     key = (qtable.device, table._version, prediction_type, weighting, gamma, sigma_data, acc,
            model_dtype if flow else None)
-    entry = _memo_get(_COEFF_CACHE, table, key)
+    cache = not ((table.requires_grad and torch.is_grad_enabled()) or _capturing(qtable.device))
+    entry = _memo_get(_COEFF_CACHE, table, key) if cache else None
     if entry is not None:
         return entry[2], entry[3]
     level = qtable.to(qtable.dtype if qtable.dtype == torch.float64 else torch.float32)
@@ -482,7 +495,10 @@ def _coefficient_table(table, qtable, prediction_type, weighting, gamma, sigma_d
     coeffs = diffusion_loss_coefficients(a, s, prediction_type, weighting, min_snr_gamma=gamma,
                                          sigma_data=sigma_data).to(acc).contiguous()
     model_t = level.to(model_dtype) if flow else None
-    _memo_put(_COEFF_CACHE, table, key, coeffs, model_t)
+    if cache:
+        if coeffs.requires_grad:  # (a grad-requiring table under no_grad gives none; never keep a graph)
+            coeffs, model_t = coeffs.detach(), (model_t.detach() if model_t is not None else None)
+        _memo_put(_COEFF_CACHE, table, key, coeffs, model_t)
     return coeffs, model_t
 
 

@@ -418,6 +418,35 @@ def test_diffusion_loss_device_ops_per_call(prediction, weighting):
     assert c.ops == want, c.ops
 
 
+def test_coefficient_cache_and_a_table_that_requires_grad_or_changes():
+    """The per-table coefficient rows are cached, but never for a table that requires grad (each call
+    differentiates into the table, twice in a row too, with the gradient of the uncached computation),
+    and a table changed in place (a new version) gets new rows."""
+    x0 = torch.randn(6, 3, generator=gen(21))
+
+    def model(x, t):
+        return x * 0.5
+
+    tab = torch.linspace(0.99, 0.01, 50, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        tab.grad = None
+        losses.diffusion_loss(model, x0, tab, "v", "snr", seed=4, stream=1).backward()
+        grads.append(tab.grad.clone())
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+    with torch.no_grad():  # cached under no_grad: a later call with grad still reaches the table
+        losses.diffusion_loss(model, x0, tab, "v", "snr", seed=4, stream=1)
+    tab.grad = None
+    losses.diffusion_loss(model, x0, tab, "v", "snr", seed=4, stream=1).backward()
+    assert torch.equal(tab.grad, grads[0])
+    fixed = torch.linspace(0.99, 0.01, 50)
+    a = losses.diffusion_loss(model, x0, fixed, "eps", "min_snr", seed=4, stream=1, reduction="none")
+    fixed.mul_(0.5)  # a new version: new coefficient rows
+    b = losses.diffusion_loss(model, x0, fixed, "eps", "min_snr", seed=4, stream=1, reduction="none")
+    c = losses.diffusion_loss(model, x0, fixed.clone(), "eps", "min_snr", seed=4, stream=1, reduction="none")
+    assert not torch.equal(a, b) and torch.equal(b, c)
+
+
 def test_sampled_t_is_uniform():
     x0 = torch.zeros(4000, 1)
     model = Affine((1,))

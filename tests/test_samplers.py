@@ -123,10 +123,28 @@ def test_loop_never_writes_a_tensor_the_model_kept():
     ref = pygen.sample(model, eps, sampler="heun", steps=5, prediction_type="eps", progress=False)
     assert all(torch.equal(a, b) for a, b in zip(kept, copies))
     torch.testing.assert_close(x, ref, rtol=0, atol=0)
-    seen = []
-    pygen.sample(model, eps, sampler="euler", steps=5, prediction_type="v", progress=False,
+    seen = []  # (denoiser: the callback gets the state itself, not an unscaled copy)
+    pygen.sample(model_for("denoiser"), eps, sampler="euler", steps=5, prediction_type="denoiser", progress=False,
                  callback=lambda k, x: seen.append((x, x.clone())))
-    assert all(torch.equal(a, b) for a, b in seen)
+    assert len(seen) == 5 and all(torch.equal(a, b) for a, b in seen)
+
+
+def test_loop_writes_the_state_in_place_when_nothing_keeps_it():
+    """With nothing kept, every model evaluation sees the same buffer (the first included): no
+    allocation per step. (Triton's CPU interpreter keeps references to the storages it ran on, so the
+    loop rightly allocates there.)"""
+    if not K._REUSE_OK or pygen.backends().get("cpu") != "available":
+        pytest.skip("needs the compiled CPU backend and the reference-count rule of _unobserved")
+    model = model_for("eps")
+    ptrs = []
+
+    def recording(x, t):
+        ptrs.append(x.data_ptr())
+        return model(x, t)
+
+    with pygen.use_backend("cpu"):
+        out = pygen.sample(recording, noise(8), sampler="dpmpp_2m", steps=6, prediction_type="eps", progress=False)
+    assert len(ptrs) == 6 and len(set(ptrs)) == 1 and out.data_ptr() == ptrs[0]
 
 
 def test_callback_gets_the_unscaled_state():

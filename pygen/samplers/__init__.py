@@ -27,10 +27,12 @@ Families (``SAMPLERS``):
   (cx, cm) columns, and the input scale c_in into the whole row: the loop's state is the
   model's input y = c_in·x itself (``_scaled_state_rows``), so a model evaluation costs the
   model and one fused step (one launch; ``callback`` still gets x). The state is written in
-  place unless the model or a callback kept a reference to it. ``cuda_graph=True`` captures
+  place unless the model or a callback kept a reference to it; so a model must not modify its
+  input in place (it is the loop's state, not a temporary). ``cuda_graph=True`` captures
   exactly that once (the step index, the timestep lookup and the in-kernel noise all read
-  device state) and replays it for every model evaluation; a model that cannot be captured
-  falls back to eager with one warning.
+  device state) and replays it for every model evaluation (every replay writes the captured
+  state buffer: the callback gets a copy); a model that cannot be captured falls back to eager
+  with one warning.
 - score-SDE samplers (``pygen.sde``; ``schedule`` a VPSDE/SubVPSDE/VESDE, default VPSDE(); for
   the reverse-diffusion and ancestral predictors the SDE is re-discretised with N = ``steps``):
   ``"pc"`` (options predictor=, corrector=, snr=, n_corrector_steps=, ...), ``"ode_euler"``,
@@ -267,19 +269,22 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
     inv_c = (1 / torch.cat([c_in[1:], c_in.new_ones(1)])).to(**dev) if scaled and callback is not None else None
     num = prog.num_rows
     bar = _progress(num, progress)
+    dtype, on_cuda = x.dtype, _graph_device(x)
     state = [y]
+    del x, y  # only state[0] refers to the loop state now: step 0 can write it in place
 
-    def launch(k):  # eager: the model gets the state itself; the step writes the next state
+    def launch(k, inplace=False):  # eager: the model gets the state itself; the step writes the next one
         y = state[0]
         out = check_model_out(model(y, t_rows[k]), y)
         del y  # (only state[0] refers to it now, unless the model or a callback kept it)
         # a tensor the model or a callback kept is never written afterwards: the step writes y in
         # place only when nothing else refers to it (as pygen.kdiffusion's loop), else a new tensor
-        dst = state[0] if _K._unobserved(state[0]) else torch.empty_like(out)
+        # (``inplace``: the CUDA-graph warm-up, whose buffer the graph then reuses at every replay)
+        dst = state[0] if inplace or _K._unobserved(state[0]) else torch.empty_like(out)
         state[0] = prog.step(state[0], out, dst)
 
     try:
-        if cuda_graph and not _graph_device(x):
+        if cuda_graph and not on_cuda:
             warnings.warn("cuda_graph=True needs CUDA tensors; running eagerly", stacklevel=3)
             cuda_graph = False
         # _capture runs evaluation 0 itself (its warm-up), captured or not: the loop starts at 1 then.
@@ -293,8 +298,15 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
                 launch(k)
             if bar is not None:
                 bar.update(1)
-            if callback is not None:
-                callback(k, state[0] if inv_c is None else (state[0] * inv_c[k]).to(x.dtype))
+            if callback is not None:  # x itself; a copy of the graph's buffer, which the next replay rewrites
+                cur = state[0]
+                if inv_c is not None:
+                    cur = (cur * inv_c[k]).to(dtype)
+                elif graph is not None:
+                    cur = cur.clone()
+                callback(k, cur)
+                del cur  # (a reference here would make the state look observed at the next step)
+
     finally:
         if bar is not None:
             bar.close()
@@ -312,7 +324,7 @@ def _capture(model, state, prog, t_dev, launch):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        launch(0)
+        launch(0, inplace=True)  # (no allocation on the side stream: the graph keeps this buffer)
     torch.cuda.current_stream().wait_stream(stream)
     y = state[0]
     graph = torch.cuda.CUDAGraph()
