@@ -221,6 +221,28 @@ def test_dit_block_matches_eager(backend, case):
     assert_grads_close(g_pg, g_ref)
 
 
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")]), "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_mlp_fused_gelu_matches_linear_then_gelu(dtype, device):
+    """pygen.nn.Mlp without autograd on CUDA: fc1 + GELU(tanh) as one GEMM with a GELU epilogue; it must
+    match fc1 then F.gelu(approximate="tanh") to the dtype's GEMM tolerance (on the CPU, and with
+    autograd, that is the path itself: equal)."""
+    from pygen.nn.dit import Mlp
+
+    gen = torch.Generator().manual_seed(6)
+    mlp = randomize_(Mlp(64, 256), gen).to(device=device, dtype=dtype)
+    x = randn(gen, 3, 17, 64).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        got = mlp(x)
+        want = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype] if device == "cuda" else 0.0
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    y = mlp(x.requires_grad_())  # with autograd: the unfused path, differentiable
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dit_block_strided_input_and_dtype_mismatch(backend):
     """A non-contiguous x (a transposed view) gives the contiguous x's result and gradient (the compiled
