@@ -220,6 +220,42 @@ def test_layer_matches_attn_processor2_0(backend, kind):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("kind", ["spatial_4d", "self_no_bias", "tokens_group_norm", "qk_layer_norm", "cross",
+                                  "cross_norm_layer", "qk_rms_norm", "mask_self"])
+def test_fused_projections_match_fused_attn_processor2_0(kind):
+    """After diffusers' fuse_projections(), the processor runs the fused to_qkv (self-attention) or to_kv
+    (cross-attention) GEMM, never the separate ones, and matches FusedAttnProcessor2_0, forward and
+    backward."""
+    kw, build = _layer(kind)
+    stock = randomize_(ap.Attention(**kw), seed=4)
+    stock.fuse_projections()
+    stock.set_processor(ap.FusedAttnProcessor2_0())
+    ours = copy.deepcopy(stock)
+    ours.set_processor(PD.AttnProcessor())
+    calls = []
+    for name in ("to_q", "to_k", "to_v", "to_qkv", "to_kv"):
+        mod = getattr(ours, name, None)
+        if mod is not None:
+            mod.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    gen = torch.Generator().manual_seed(5)
+    inputs = build(gen)
+    for k, v in inputs.items():
+        if k != "attention_mask":
+            v.requires_grad_()
+    out_ref, _ = _run_layer(stock, inputs)
+    gout = torch.randn(out_ref.shape, generator=gen)
+    out_ref, g_ref = _run_layer(stock, inputs, gout)
+    out, g = _run_layer(ours, inputs, gout)
+    cross = "encoder_hidden_states" in inputs
+    assert calls == (["to_q", "to_kv"] if cross else ["to_qkv"])
+    torch.testing.assert_close(out, out_ref, **FP32)
+    for a, b in zip(g, g_ref):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_mask_falls_back_to_sdpa_and_no_mask_uses_pygen(monkeypatch):
     """pygen.attention runs (bshd) when there is no mask; with a mask it is not called (SDPA is)."""
     calls = []
@@ -392,6 +428,21 @@ def test_model_on_forced_pygen_kernel(name, backend, monkeypatch):
     assert counts["attention"] > 0 and counts["launches"] == counts["attention"], counts
     assert counts["head_dims"] == {32}
     assert _assert_out_and_grads_match(stock, out, out_ref, g, g_ref) > 0
+
+
+def test_install_on_a_model_with_fused_qkv_projections():
+    """UNet2DConditionModel after fuse_qkv_projections() (FusedAttnProcessor2_0 everywhere):
+    install_attn_processor replaces those processors too, and the output is the fused stock one."""
+    stock, inputs = _model_case("unet_cond")
+    stock.fuse_qkv_projections()
+    assert processor_types(stock) == {ap.FusedAttnProcessor2_0}
+    ours = copy.deepcopy(stock)
+    originals = PD.install_attn_processor(ours)
+    assert processor_types(ours) == {PD.AttnProcessor} and len(originals) > 0
+    with torch.no_grad():
+        ref = stock(**inputs).sample
+        out = ours(**inputs).sample
+    torch.testing.assert_close(out, ref, **FP32)
 
 
 def test_unet_attention_head_dims_and_channels_last():

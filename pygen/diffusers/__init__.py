@@ -46,22 +46,24 @@ def fused_scheduler_for(scheduler):
 
 
 def install_attn_processor(model, processor=None):
-    """Give every diffusers ``Attention`` layer of ``model`` that uses ``AttnProcessor2_0`` pygen's
-    ``AttnProcessor`` (``processor``, default a new one); other processors (IP-adapter, added-KV,
+    """Give every diffusers ``Attention`` layer of ``model`` that uses ``AttnProcessor2_0`` (or, after
+    ``fuse_qkv_projections()``, ``FusedAttnProcessor2_0``) pygen's ``AttnProcessor`` (``processor``,
+    default a new one; it uses the fused projections too); other processors (IP-adapter, added-KV,
     joint attention, custom ones) are left as they are. Works on any ``torch.nn.Module`` (also models
     without ``set_attn_processor``, e.g. DiTTransformer2DModel).
 
     Returns ``{module name: original processor}`` of the layers changed (empty if none), what
     ``restore_attn_processors(model, originals)`` puts back.
     """
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a diffusers model), got {type(model).__name__}")
     processor = AttnProcessor() if processor is None else processor
     originals = {}
     for name, module in model.named_modules():
-        if isinstance(module, Attention) and type(getattr(module, "processor", None)) is AttnProcessor2_0:
+        if isinstance(module, Attention) and type(getattr(module, "processor", None)) in (AttnProcessor2_0,
+                                                                                          FusedAttnProcessor2_0):
             originals[name] = module.processor
             module.set_processor(processor)
     return originals

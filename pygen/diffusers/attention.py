@@ -31,6 +31,8 @@ prepares the mask exactly as ``AttnProcessor2_0`` (``attn.prepare_attention_mask
 
 Like ``AttnProcessor2_0`` it ignores ``attn.scale`` / ``scale_qk`` (SDPA's default scale), ``attn.is_causal``
 and the added-KV projections (other diffusers processors handle those; ``patch`` leaves them alone).
+After diffusers' ``fuse_qkv_projections()`` it uses the fused ``to_qkv`` / ``to_kv`` layers as
+``FusedAttnProcessor2_0`` does (one projection GEMM instead of three, or two).
 """
 import torch.nn.functional as F
 from torch import nn
@@ -91,20 +93,33 @@ class AttnProcessor:
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         )
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        # (B, S, H, D) views of the projections: the layout pygen.attention takes as it is
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, attn.heads, head_dim)
-        value = value.view(batch_size, -1, attn.heads, head_dim)
+        # (B, S, H, D) views of the projections: the layout pygen.attention takes as it is. After
+        # diffusers' ``fuse_qkv_projections()`` (``attn.fused_projections``), one GEMM into to_qkv
+        # (self-attention) or to_kv (cross-attention), as FusedAttnProcessor2_0: fewer launches
+        fused = getattr(attn, "fused_projections", False)
+        to_qkv = getattr(attn, "to_qkv", None) if fused and encoder_hidden_states is None else None
+        if to_qkv is not None:
+            qkv = to_qkv(hidden_states)
+            head_dim = qkv.shape[-1] // (3 * attn.heads)
+            query, key, value = qkv.view(batch_size, -1, 3, attn.heads, head_dim).unbind(2)
+        else:
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            to_kv = getattr(attn, "to_kv", None) if fused else None
+            if to_kv is not None and encoder_hidden_states is not hidden_states:
+                kv = to_kv(encoder_hidden_states)
+                head_dim = kv.shape[-1] // (2 * attn.heads)
+                key, value = kv.view(batch_size, -1, 2, attn.heads, head_dim).unbind(2)
+            else:
+                key = attn.to_k(encoder_hidden_states)
+                value = attn.to_v(encoder_hidden_states)
+                head_dim = key.shape[-1] // attn.heads
+                key = key.view(batch_size, -1, attn.heads, head_dim)
+                value = value.view(batch_size, -1, attn.heads, head_dim)
+            query = query.view(batch_size, -1, attn.heads, head_dim)
         if attn.norm_q is not None:  # norms over the last dim (head_dim): layout-independent
             query = attn.norm_q(query)
         if attn.norm_k is not None:
