@@ -14,6 +14,8 @@ Cases (same weights and inputs for every implementation of a case):
     - ``eager``: with diffusers' stock ``AttnProcessor2_0``.
     - ``pygen``: the same module with ``pygen.diffusers.AttnProcessor``.
     - ``pygen.nn``: ``pygen.nn.UNetAttentionBlock.from_diffusers`` of the same module.
+    - ``eager-fused`` / ``pygen-fused``: the module after diffusers' ``fuse_projections()`` (one
+      ``to_qkv`` GEMM) with ``FusedAttnProcessor2_0`` / ``pygen.diffusers.AttnProcessor``.
     Target (GPU): pygen >= 1.3x stock at C 512, 32x32 tokens.
 
 Default sizes: GPU as the targets (bf16 and fp16); CPU smaller (fp32): DiT C 384, 6 heads, N 256, B 2;
@@ -166,7 +168,7 @@ def build_dit(size, dtype, device, mode):
 
 def build_unet(size, dtype, device, mode):
     if DIFFUSERS is not None:
-        return {}, {}, 0.0, {"eager": DIFFUSERS, "pygen": DIFFUSERS, "pygen.nn": DIFFUSERS}
+        return {}, {}, 0.0, {k: DIFFUSERS for k in UNET_IMPLS}
     channels, head_dim, side, batch = size["channels"], size["head_dim"], size["side"], size["batch"]
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -177,12 +179,18 @@ def build_unet(size, dtype, device, mode):
     ours = copy.deepcopy(stock)
     ours.set_processor(PD.AttnProcessor())
     block = pnn.UNetAttentionBlock.from_diffusers(stock)
-    stock, ours, block = (m.to(device, dtype) for m in (stock, ours, block))
+    stock_fused = copy.deepcopy(stock)  # after diffusers' fuse_projections (one to_qkv GEMM)
+    stock_fused.fuse_projections()
+    stock_fused.set_processor(_ap.FusedAttnProcessor2_0())
+    ours_fused = copy.deepcopy(stock_fused)
+    ours_fused.set_processor(PD.AttnProcessor())
+    stock, ours, block, stock_fused, ours_fused = (m.to(device, dtype)
+                                                   for m in (stock, ours, block, stock_fused, ours_fused))
     x = torch.randn(batch, channels, side, side, generator=gen).to(device, dtype)
     gout = torch.randn(x.shape, generator=gen).to(device, dtype)
     if mode == "fwd+bwd":
         x.requires_grad_()
-    impls = {"eager": stock, "pygen": ours, "pygen.nn": block}
+    impls = {"eager": stock, "pygen": ours, "pygen.nn": block, "eager-fused": stock_fused, "pygen-fused": ours_fused}
     fns = {k: _callable(m, (x,), gout, mode) for k, m in impls.items()}
     with torch.no_grad():
         outputs = {k: m(x).float() for k, m in impls.items()}
@@ -191,6 +199,7 @@ def build_unet(size, dtype, device, mode):
 
 
 BUILDERS = {"dit_block": build_dit, "unet_attention": build_unet}
+UNET_IMPLS = ("eager", "pygen", "pygen.nn", "eager-fused", "pygen-fused")
 
 
 def build_case(case, dtype, device, mode, size=None):
@@ -243,7 +252,7 @@ def pytest_generate_tests(metafunc):
     for case in CASES:
         for dtype in dtypes:
             for mode in DEFAULT_MODES[device.type]:
-                impls = ("eager", "pygen") + (("pygen.nn",) if case == "unet_attention" else ())
+                impls = UNET_IMPLS if case == "unet_attention" else ("eager", "pygen")
                 for impl in impls:
                     marks = bench.benchmark_marks(device, f"{case} {bench.DTYPE_NAMES[dtype]} {mode}",
                                                   DIFFUSERS if case == "unet_attention" else None)
@@ -299,7 +308,9 @@ def format_markdown(report):
              "- dit_block: eager = the DiT reference block (LayerNorm, modulate, SDPA on permuted heads, gate*y+x); "
              "pygen = pygen.nn.DiTBlock, same weights",
              "- unet_attention: diffusers Attention(norm_num_groups, residual_connection=True); eager = stock "
-             "AttnProcessor2_0; pygen = pygen.diffusers.AttnProcessor; pygen.nn = pygen.nn.UNetAttentionBlock",
+             "AttnProcessor2_0; pygen = pygen.diffusers.AttnProcessor; pygen.nn = pygen.nn.UNetAttentionBlock; "
+             "eager-fused / pygen-fused: the same layer after diffusers' fuse_projections() (one to_qkv GEMM) with "
+             "FusedAttnProcessor2_0 / pygen.diffusers.AttnProcessor",
              "- time = median per call over interleaved rounds; TFLOP/s = block matmul FLOPs / time (fwd+bwd: 3x fwd); "
              "speedup = eager time / this time; rel. diff = max|out - eager| / max|eager| of one forward",
              "", "| case | size | dtype | mode | impl | ms | TFLOP/s | speedup | rel. diff | other CPU use (cores) |",
