@@ -51,6 +51,11 @@ step_i = step_lr·sigma_i²/sigma_L², and M steps x = x + step_i·score + sqrt(
 t = linspace(T, eps, N+1), by Euler or Heun (Heun: two fused launches per step, the first also
 storing x + dt/2·drift_1 in a history slot; the second adds dt/2·drift_2 to it).
 
+CUDA graphs: ``ode_sample(..., cuda_graph=True)`` and ``pc_sample(..., corrector="none",
+cuda_graph=True)`` capture one score call + fused step (the time read from a per-launch table at
+the device step index) and replay it per evaluation. The correctors and annealed Langevin pass
+their step size and noise stream as host values per step, so they run eagerly.
+
 Noise streams (with ``stream`` = s): the prior uses s, predictor step i uses s + 1 + i,
 corrector iteration j of loop step i uses s + 1 + N + i·n_corrector_steps + j.
 """
@@ -68,6 +73,7 @@ from pygen.ops.langevin import run_langevin_snr_step
 from pygen.ops.random import randn
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_HD, COL_HIST, COL_HX, COL_S, COL_SLOT, step_coefficients
 from pygen.ops.step import sampler_step
+from pygen.samplers.program import _caller_stacklevel, capture_step
 
 __all__ = [
     "PREDICTORS",
@@ -456,26 +462,52 @@ def _ode_step(method, score_fn, sde, x, t, dt):
                     torch.tensor([t], dtype=_F64), torch.tensor([dt], dtype=_F64), None)
 
 
-def _ode_run(method, score_fn, x, table, times, dts, callback):
-    """Run the ODE loop in place on the contiguous ``x``."""
+def _ode_run(method, score_fn, x, table, times, dts, callback, cuda_graph=False):
+    """Run the ODE loop in place on the contiguous ``x`` (one fused launch per score evaluation; Heun:
+    two per step, the model time of launch r read from an interleaved table of t_i and t_i + dt_i)."""
     idx = torch.zeros(1, dtype=torch.int64, device=x.device)
-    t_dev = _row_times(times, x)
-    t2_dev = _row_times(times + dts, x)
-    b = x.shape[0]
+    per = 2 if method == "heun" else 1
+    t_dev = _row_times(times if per == 1 else torch.stack([times, times + dts], 1).reshape(-1), x)
     hist = torch.zeros((1,) + tuple(x.shape), dtype=x.dtype, device=x.device) if method == "heun" else None
-    for i in range(times.shape[0]):
-        s = score_fn(x, t_dev[i].expand(b))
+
+    def launch(t):
+        s = score_fn(x, t)
         check_like("score_fn(x, t)", s, "x", x)
         sampler_step(x, s, table, idx, history=hist, noise=s, advance=True, out=x)
-        if method == "heun":
-            s = score_fn(x, t2_dev[i].expand(b))
-            check_like("score_fn(x, t)", s, "x", x)
-            sampler_step(x, s, table, idx, history=hist, noise=s, advance=True, out=x)
-        if callback is not None:
-            callback(i, x)
+
+    _graph_loop(launch, t_dev, idx, x, times.shape[0], per, callback, cuda_graph)
     return x
 
 
+def _graph_device(x):
+    return x.device.type == "cuda"
+
+
+def _graph_loop(launch, t_dev, idx, x, n, per, callback, cuda_graph):
+    """``n`` loop steps of ``per`` launches each: ``launch(t)`` with the (B,) model time of the launch,
+    a view of ``t_dev[r]`` for launch r (eager), or ``t_dev[idx]`` read on the device
+    (``cuda_graph=True``: one launch captured after the first ran as the warm-up, then replayed;
+    ``idx`` is advanced by each launch's fused step). ``callback(i, x)`` after each step (with a
+    graph, a copy of ``x``: the next replay rewrites it)."""
+    b = x.shape[0]
+    views = list(t_dev.unbind(0))
+    graph, warmed = None, False
+    if cuda_graph and not _graph_device(x):
+        warnings.warn("cuda_graph=True needs CUDA tensors; running eagerly", stacklevel=_caller_stacklevel())
+    elif cuda_graph:
+        graph = capture_step(lambda: launch(views[0].expand(b)),
+                             lambda: launch(t_dev.index_select(0, idx).expand(b)))
+        warmed = True  # (launch 0 ran, captured or not)
+    for i in range(n):
+        for r in range(i * per, (i + 1) * per):
+            if r == 0 and warmed:
+                continue
+            if graph is not None:
+                graph.replay()
+            else:
+                launch(views[r].expand(b))
+        if callback is not None:
+            callback(i, x.clone() if graph is not None else x)
 # ---------------------------------------------------------------------------
 # loops
 # ---------------------------------------------------------------------------
@@ -496,7 +528,7 @@ def _init(sde, shape, x_T, seed, stream, device, dtype):
 
 def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corrector="langevin", n_steps=None,
               snr=0.16, n_corrector_steps=1, eps=1e-3, seed=0, stream=0, denoise=True, x_T=None, grid="score_sde",
-              norm="batch", device=None, dtype=torch.float32, callback=None):
+              norm="batch", device=None, dtype=torch.float32, callback=None, cuda_graph=False):
     """score_sde's predictor-corrector sampler.
 
     Starts from x_T (or sde.prior_std·pygen.randn(shape, seed, stream)); for each loop time
@@ -504,6 +536,11 @@ def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corre
     corrector (``n_corrector_steps`` iterations) and then the predictor. ``callback(i, x)``
     is called after each step. Returns the samples (x_mean of the last predictor step when
     ``denoise``).
+
+    ``cuda_graph=True`` (CUDA tensors, ``corrector="none"``): the score call and the fused predictor
+    step are captured once and replayed per step (the time and the table row read from the device
+    step index); a corrector's step size and noise stream are host values per step, so with one the
+    loop warns once and runs eagerly.
     """
     _check_sde(sde)
     _check_predictor(predictor, sde)
@@ -545,6 +582,22 @@ def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corre
         ks = (4.0 * alpha * snr * snr).tolist()
     elif corrector == "ald":
         ks = _ald_dt(sde, times, snr).tolist()
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    if cuda_graph and corrector != "none":
+        warnings.warn(f"cuda_graph=True: the {corrector!r} corrector's step size and noise stream change per step "
+                      "on the host, so this loop runs eagerly (corrector='none' can be captured)",
+                      stacklevel=_caller_stacklevel())
+        cuda_graph = False
+    if cuda_graph and predictor != "none":
+        def launch(t):
+            s = score_fn(x, t)
+            check_like("score_fn(x, t)", s, "x", x)
+            sampler_step(x, s, table, idx, seed=seed, stream=stream + 1, advance=True, out=x)
+
+        x = x.contiguous()
+        _graph_loop(launch, t_dev, idx, x, n, 1, callback, True)
+        return x
     corr_base = stream + 1 + n
     for i in range(n):
         rows = t_dev[i].expand(b)
@@ -603,10 +656,12 @@ def annealed_langevin(score_fn, sde, shape=None, *, n_levels=10, n_steps_each=10
 
 
 def ode_sample(score_fn, sde, shape=None, *, method="heun", n_steps=100, eps=1e-3, seed=0, stream=0, x_T=None,
-               device=None, dtype=torch.float32, callback=None):
+               device=None, dtype=torch.float32, callback=None, cuda_graph=False):
     """Probability-flow ODE from T to eps on linspace(T, eps, n_steps + 1) by Euler or Heun.
 
     Starts from x_T or sde.prior_std·pygen.randn(shape, seed, stream); deterministic afterwards.
+    ``cuda_graph=True`` (CUDA tensors): one score call + fused step captured once and replayed per
+    evaluation (the time and the table row read from the device step index).
     """
     _check_sde(sde)
     _check_choice("method", method, ODE_METHODS)
@@ -614,4 +669,7 @@ def ode_sample(score_fn, sde, shape=None, *, method="heun", n_steps=100, eps=1e-
     _check_callback(callback)
     stream = check_stream(stream)
     x = _init(sde, shape, x_T, seed, stream, device, dtype)
-    return _ode_run(method, score_fn, x, _to_device(_ode_table(method, sde, times, dts), x), times, dts, callback)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    return _ode_run(method, score_fn, x, _to_device(_ode_table(method, sde, times, dts), x), times, dts, callback,
+                    cuda_graph)

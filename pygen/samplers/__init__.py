@@ -37,7 +37,11 @@ Families (``SAMPLERS``):
   the reverse-diffusion and ancestral predictors the SDE is re-discretised with N = ``steps``):
   ``"pc"`` (options predictor=, corrector=, snr=, n_corrector_steps=, ...), ``"ode_euler"``,
   ``"ode_heun"``, ``"annealed_langevin"``. The model: ``"score"`` ``model(x, t)`` -> grad log
-  p_t, ``"eps"`` -> eps-prediction, ``"x0"`` -> x0-prediction.
+  p_t, ``"eps"`` -> eps-prediction, ``"x0"`` -> x0-prediction. ``cuda_graph=True`` captures one
+  score call + fused step of ``"ode_euler"``, ``"ode_heun"`` and ``"pc"`` with
+  ``corrector="none"`` (time and table row read from the device step index); a corrector and
+  annealed Langevin change their step size and noise stream on the host at every step, so they
+  (and MCMC) run eagerly with one warning.
 - MCMC (``pygen.mcmc``): ``"ula"`` (``"score"`` or ``"energy"`` model), ``"mala"``, ``"hmc"``,
   ``"replica_exchange"`` (``"energy"`` model ``E(x)`` -> (rows,)); ``steps`` = MCMC steps,
   options step_size= (required), n_leapfrog=, betas=, ... as in ``pygen.mcmc``. The chains start
@@ -59,13 +63,14 @@ from pygen import schedules as _schedules
 from pygen.ops._common import check_like
 from pygen.ops.random import randn
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_HX, COL_S
-from pygen.samplers.program import StepProgram, check_model_out
+from pygen.samplers.program import StepProgram, capture_step, check_model_out
 
 __all__ = ["sample", "SAMPLERS", "DIFFUSION_SAMPLERS", "SDE_SAMPLERS", "MCMC_SAMPLERS", "PREDICTION_TYPES",
            "StepProgram"]
 
 DIFFUSION_SAMPLERS = tuple(_K.SAMPLERS) + ("ddim", "ddpm")
 SDE_SAMPLERS = ("pc", "ode_euler", "ode_heun", "annealed_langevin")
+GRAPH_SDE_SAMPLERS = ("pc", "ode_euler", "ode_heun")  # cuda_graph=True (pc: with corrector="none")
 MCMC_SAMPLERS = ("ula", "mala", "hmc", "replica_exchange")
 SAMPLERS = DIFFUSION_SAMPLERS + SDE_SAMPLERS + MCMC_SAMPLERS
 PREDICTION_TYPES = ("eps", "x0", "v", "flow", "denoiser", "score", "energy")
@@ -113,7 +118,9 @@ def sample(model, x_T_or_shape, sampler="dpmpp_2m", steps=25, schedule=None, pre
         schedule: ``pygen.schedules.NoiseSchedule`` (diffusion, eps/x0/v) or a SDE (score-SDE).
         prediction_type: one of ``PREDICTION_TYPES`` valid for the family.
         seed: int or per-row int64 tensor; all noise is pygen's counter-based noise.
-        cuda_graph: capture model + fused step once and replay it (diffusion samplers, CUDA).
+        cuda_graph: capture model + fused step once and replay it (CUDA; the diffusion samplers, the
+            probability-flow ODE samplers and ``"pc"`` with ``corrector="none"``; the others warn once
+            and run eagerly).
         progress: show a tqdm progress bar.
         device, dtype: of the initial noise when a shape is given.
         callback: ``callback(i, x)`` after each step (diffusion: after each model evaluation's step).
@@ -132,12 +139,14 @@ def sample(model, x_T_or_shape, sampler="dpmpp_2m", steps=25, schedule=None, pre
     if sampler in DIFFUSION_SAMPLERS:
         return _sample_diffusion(model, eps, sampler, int(steps), schedule, prediction_type, seed, cuda_graph,
                                  progress, callback, options)
-    if cuda_graph:
-        warnings.warn(f"cuda_graph=True is implemented for the diffusion samplers; {sampler!r} runs eagerly "
-                      "(its loop is already free of host syncs)", stacklevel=2)
+    if cuda_graph and sampler not in GRAPH_SDE_SAMPLERS:
+        warnings.warn(f"cuda_graph=True is implemented for the diffusion samplers, the probability-flow ODE samplers "
+                      f"and 'pc' without a corrector; {sampler!r} runs eagerly (its loop is already free of host "
+                      "syncs)", stacklevel=2)
+        cuda_graph = False
     if sampler in SDE_SAMPLERS:
         return _sample_sde(model, eps, sampler, int(steps), schedule, prediction_type, seed, progress, callback,
-                           options)
+                           options, bool(cuda_graph))
     return _sample_mcmc(model, eps, sampler, int(steps), prediction_type, seed, progress, callback, options)
 
 
@@ -321,23 +330,14 @@ def _capture(model, state, prog, t_dev, launch):
     """Run model evaluation 0 eagerly (warm-up), then capture one evaluation reading the row index
     from the device (the state written in place); None (with one warning) if the model cannot be
     captured."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        launch(0, inplace=True)  # (no allocation on the side stream: the graph keeps this buffer)
-    torch.cuda.current_stream().wait_stream(stream)
-    y = state[0]
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            t = t_dev.index_select(0, prog.index)[0]
-            out = check_model_out(model(y, t), y)
-            prog.step(y, out, y)
-    except Exception as err:  # the model is not capturable: say so once, finish eagerly
-        warnings.warn(f"cuda_graph=True: the model could not be captured in a CUDA graph ({err}); "
-                      "running eagerly", stacklevel=4)
-        return None
-    return graph
+    def step():
+        y = state[0]
+        t = t_dev.index_select(0, prog.index)[0]
+        out = check_model_out(model(y, t), y)
+        prog.step(y, out, y)
+
+    # (the warm-up writes in place: no allocation on the side stream, the graph keeps this buffer)
+    return capture_step(lambda: launch(0, inplace=True), step)
 
 
 # ---------------------------------------------------------------------------
@@ -384,7 +384,8 @@ def _bar_callback(bar, callback):
     return cb
 
 
-def _sample_sde(model, eps, sampler, steps, schedule, prediction_type, seed, progress, callback, options):
+def _sample_sde(model, eps, sampler, steps, schedule, prediction_type, seed, progress, callback, options,
+                cuda_graph=False):
     from pygen import sde as _sde
 
     sde = _schedules.VPSDE() if schedule is None else schedule
@@ -402,11 +403,12 @@ def _sample_sde(model, eps, sampler, steps, schedule, prediction_type, seed, pro
     try:
         cb = _bar_callback(bar, callback)
         if sampler == "pc":
-            return _sde.pc_sample(score, sde, x_T=x_T, n_steps=steps, seed=seed, callback=cb, **options)
+            return _sde.pc_sample(score, sde, x_T=x_T, n_steps=steps, seed=seed, callback=cb, cuda_graph=cuda_graph,
+                                  **options)
         if sampler == "annealed_langevin":
             return _sde.annealed_langevin(score, sde, x_T=x_T, n_levels=steps, seed=seed, callback=cb, **options)
         return _sde.ode_sample(score, sde, x_T=x_T, method=sampler[4:], n_steps=steps, seed=seed, callback=cb,
-                               **options)
+                               cuda_graph=cuda_graph, **options)
     finally:
         if bar is not None:
             bar.close()

@@ -11,13 +11,16 @@ launch of the fused step, which also increments the row index (on CUDA/Triton
 the last block of the launch does), no allocation, no ``.item()``. In-kernel noise of row ``k`` is
 ``pygen.randn(x.shape, seed, stream + k)``.
 """
+import sys
+import warnings
+
 import torch
 
 from pygen import _backend
 from pygen.ops._common import check_stream, split_seed
 from pygen.ops.schedule import COL_HIST
 
-__all__ = ["StepProgram", "check_model_out", "resolve_step_launcher"]
+__all__ = ["StepProgram", "check_model_out", "resolve_step_launcher", "capture_step"]
 
 
 def resolve_step_launcher(device):
@@ -82,3 +85,34 @@ class StepProgram:
         self._launch(x, model_out, self.coeffs, self.index, self.history, noise, out, None, self.seed, self.stream,
                      self.row_seeds, 0.0, True)
         return out
+
+
+def _caller_stacklevel():
+    """The ``stacklevel`` (for a warning raised by this helper's caller) of the first frame outside
+    pygen: the user's call, however deep inside pygen the warning comes from."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("pygen"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def capture_step(warmup, step):
+    """A CUDA graph of ``step()`` (one loop step whose per-step values all come from device state, e.g.
+    the row index of a ``StepProgram``), after ``warmup()`` (the loop's first step, run eagerly) ran on
+    a side stream, so lazy initialisation and allocations stay out of the capture. None, with one
+    warning naming the cause and pointing at the user's call, when ``step`` cannot be captured (a
+    host sync, a CPU tensor, an unsupported op): the caller then finishes eagerly."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        warmup()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as err:  # noqa: BLE001 - whatever stops the capture: say so once, finish eagerly
+        warnings.warn(f"cuda_graph=True: the model could not be captured in a CUDA graph ({err}); "
+                      "running eagerly", stacklevel=_caller_stacklevel())
+        return None
+    return graph
