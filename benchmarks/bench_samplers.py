@@ -178,16 +178,10 @@ def _bare_loop(name, model, x0, sigmas):
 
 def _captured(fn, warmup):
     """A CUDA graph of ``fn``, after ``warmup`` ran on a side stream (allocations and lazy init stay
-    out of the capture). GPU-only code path."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        warmup()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
+    out of the capture); a failed capture raises. GPU-only code path."""
+    from pygen.samplers.program import capture_step
+
+    return capture_step(warmup, fn, fallback=False)
 
 
 def _graph_loop(name, model, x0, sigmas):

@@ -181,6 +181,22 @@ LAYER_KINDS = ["spatial_4d", "spatial_4d_channels_last", "spatial_4d_no_residual
                "qk_rms_norm", "small_head_dim", "mask_self", "mask_cross_short"]
 
 
+def _layer_pair_outputs(stock, ours, build, seed, backend=None):
+    """Inputs from ``build`` (all but the mask requiring grad), then (out, grads) of ``ours`` (under
+    ``backend``) and of ``stock`` for one random output gradient: (out, g, out_ref, g_ref)."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = build(gen)
+    for k, v in inputs.items():
+        if k != "attention_mask":
+            v.requires_grad_()
+    out_ref, _ = _run_layer(stock, inputs)
+    gout = torch.randn(out_ref.shape, generator=gen)
+    out_ref, g_ref = _run_layer(stock, inputs, gout)
+    with backend_ctx(backend) if backend is not None else contextlib.nullcontext():
+        out, g = _run_layer(ours, inputs, gout)
+    return inputs, out, g, out_ref, g_ref
+
+
 def _run_layer(attn, inputs, gout=None):
     """attn(**inputs) (temb reaches the processor through Attention.forward's kwargs); with ``gout``
     also the grads of the inputs that require grad and of every parameter."""
@@ -199,16 +215,7 @@ def test_layer_matches_attn_processor2_0(backend, kind):
     stock.set_processor(ap.AttnProcessor2_0())
     ours = copy.deepcopy(stock)
     ours.set_processor(PD.AttnProcessor())
-    gen = torch.Generator().manual_seed(2)
-    inputs = build(gen)
-    for k, v in inputs.items():
-        if k != "attention_mask":
-            v.requires_grad_()
-    out_ref, _ = _run_layer(stock, inputs)
-    gout = torch.randn(out_ref.shape, generator=gen)
-    out_ref, g_ref = _run_layer(stock, inputs, gout)
-    with backend_ctx(backend):
-        out, g = _run_layer(ours, inputs, gout)
+    inputs, out, g, out_ref, g_ref = _layer_pair_outputs(stock, ours, build, 2, backend)
     assert out.shape == out_ref.shape and out.dtype == out_ref.dtype
     assert out.stride() == out_ref.stride()  # stock's layout (4-D: channels-last strides), so later convs match
     torch.testing.assert_close(out, out_ref, **FP32)
@@ -237,15 +244,7 @@ def test_fused_projections_match_fused_attn_processor2_0(kind):
         mod = getattr(ours, name, None)
         if mod is not None:
             mod.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
-    gen = torch.Generator().manual_seed(5)
-    inputs = build(gen)
-    for k, v in inputs.items():
-        if k != "attention_mask":
-            v.requires_grad_()
-    out_ref, _ = _run_layer(stock, inputs)
-    gout = torch.randn(out_ref.shape, generator=gen)
-    out_ref, g_ref = _run_layer(stock, inputs, gout)
-    out, g = _run_layer(ours, inputs, gout)
+    inputs, out, g, out_ref, g_ref = _layer_pair_outputs(stock, ours, build, 5)
     cross = "encoder_hidden_states" in inputs
     assert calls == (["to_q", "to_kv"] if cross else ["to_qkv"])
     torch.testing.assert_close(out, out_ref, **FP32)

@@ -96,12 +96,13 @@ def _caller_stacklevel():
     return level
 
 
-def capture_step(warmup, step):
+def capture_step(warmup, step, *, fallback=True):
     """A CUDA graph of ``step()`` (one loop step whose per-step values all come from device state, e.g.
     the row index of a ``StepProgram``), after ``warmup()`` (the loop's first step, run eagerly) ran on
     a side stream, so lazy initialisation and allocations stay out of the capture. None, with one
     warning naming the cause and pointing at the user's call, when ``step`` cannot be captured (a
-    host sync, a CPU tensor, an unsupported op): the caller then finishes eagerly."""
+    host sync, a CPU tensor, an unsupported op): the caller then finishes eagerly. ``fallback=False``
+    lets the capture's exception propagate instead (benchmarks)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -112,6 +113,8 @@ def capture_step(warmup, step):
         with torch.cuda.graph(graph):
             step()
     except Exception as err:  # noqa: BLE001 - whatever stops the capture: say so once, finish eagerly
+        if not fallback:
+            raise
         warnings.warn(f"cuda_graph=True: the model could not be captured in a CUDA graph ({err}); "
                       "running eagerly", stacklevel=_caller_stacklevel())
         return None
