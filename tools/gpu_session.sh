@@ -146,7 +146,7 @@ priority() {  # the most a single device call can show when the whole budget is 
     --sizes 16k --samplers euler,dpmpp_2m --out "$OUT/results/samplers-cuda-$d-priority"
   BENCH_TAIL=12 bench_one diffusers 50 "$PY" benchmarks/bench_diffusers.py --device cuda --rounds 3 --max-time 2 \
     --shapes 1x4x64x64 --no-pipeline --out "$OUT/results/diffusers-cuda-$d-priority"
-  BENCH_TAIL=6 bench_one blocks 40 "$PY" benchmarks/bench_blocks.py --device cuda --cases dit_block,unet_attention \
+  BENCH_TAIL=8 bench_one blocks 55 "$PY" benchmarks/bench_blocks.py --device cuda --cases dit_block,unet_attention \
     --dtypes bf16 --modes fwd --repeats 3 --out "$OUT/results/blocks-cuda-$d-priority"
   BENCH_TAIL=6 bench_one losses 30 "$PY" benchmarks/bench_losses.py --device cuda --dtypes fp32 --repeats 5 \
     --max-time 2 --out "$OUT/results/losses-cuda-$d-priority"
