@@ -91,9 +91,13 @@ def _caller_stacklevel():
     """The ``stacklevel`` (for a warning raised by this helper's caller) of the first frame outside
     pygen: the user's call, however deep inside pygen the warning comes from."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("pygen"):
+    while frame is not None and _in_pygen(frame.f_globals.get("__name__", "")):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _in_pygen(module):
+    return module == "pygen" or module.startswith("pygen.")
 
 
 def capture_step(warmup, step, *, fallback=True):
