@@ -532,9 +532,14 @@ def test_sde_x0_prediction_matches_score():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "dpmpp_sde", "lms"])
 def test_cuda_graph_matches_eager(sampler):
-    eps = pygen.randn((64, 2), 0, device="cuda")
     model = pygen.models.clot(device="cuda", dtype=torch.float32).model_fn("denoiser")
-    kw = dict(sampler=sampler, steps=8, prediction_type="denoiser", seed=1, progress=False)
+    _assert_cuda_graph_equals_eager(model, sampler=sampler, steps=8, prediction_type="denoiser")
+
+
+def _assert_cuda_graph_equals_eager(model, **kw):
+    """pygen.sample with cuda_graph=True on CUDA: no fallback warning, the eager loop's samples."""
+    eps = pygen.randn((64, 2), 0, device="cuda")
+    kw.update(seed=1, progress=False)
     eager = pygen.sample(model, eps, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -550,13 +555,7 @@ def test_cuda_graph_matches_eager_scaled_state(pt):
     mix = pygen.models.clot(device="cuda", dtype=torch.float32)
     sched = pygen.schedules.NoiseSchedule()
     model = mix.model_fn(pt, alphas_cumprod=sched.alphas_cumprod.cuda()) if pt != "flow" else mix.model_fn("flow")
-    eps = pygen.randn((64, 2), 0, device="cuda")
-    kw = dict(sampler="dpmpp_2m", steps=8, prediction_type=pt, seed=1, progress=False)
-    eager = pygen.sample(model, eps, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        graphed = pygen.sample(model, eps, cuda_graph=True, **kw)
-    torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
+    _assert_cuda_graph_equals_eager(model, sampler="dpmpp_2m", steps=8, prediction_type=pt)
 
 
 @pytest.mark.cuda
@@ -567,13 +566,7 @@ def test_cuda_graph_matches_eager_sde(sampler, opts):
     same samples as the eager loop."""
     sde = pygen.schedules.VPSDE(N=25)
     score = pygen.models.clot(device="cuda", dtype=torch.float32).model_fn("score", sde=sde)
-    eps = pygen.randn((64, 2), 0, device="cuda")
-    kw = dict(sampler=sampler, steps=25, schedule=sde, prediction_type="score", seed=1, progress=False, **opts)
-    eager = pygen.sample(score, eps, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        graphed = pygen.sample(score, eps, cuda_graph=True, **kw)
-    torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
+    _assert_cuda_graph_equals_eager(score, sampler=sampler, steps=25, schedule=sde, prediction_type="score", **opts)
 
 
 def test_pc_rediscretises_the_sde_with_n_steps():
