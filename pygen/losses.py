@@ -227,8 +227,7 @@ def _rows_view(c, ndim):
 
 def _row_uniforms(batch, seed_i, row_seeds, stream, device):
     """(u, z): one uniform u = Φ(z) in [0, 1] (float64) per row, z = pygen.randn((batch,), seed, stream + LANE)."""
-    key = row_seeds if row_seeds is not None else seed_i
-    z = randn((batch,), key, to_signed64(stream + LANE), device=device, dtype=torch.float32).to(torch.float64)
+    z = randn_checked((batch,), seed_i, to_signed64(stream + LANE), row_seeds, device, torch.float32).to(torch.float64)
     return torch.special.ndtr(z), z
 
 
@@ -287,7 +286,7 @@ def _model_output(name, out, like):
     return contiguous(out)
 
 
-def _shared_noise(x, noise, seed, stream, seed_i=None, row_seeds=None):
+def _shared_noise(x, noise, seed_i, row_seeds, stream):
     """The noise both ops use: the given one; on the compute-bound backends (torch, cpu) and fp32/fp64
     storage, ``pygen.randn(x.shape, seed, stream)`` drawn once (one Philox pass instead of three: q_sample,
     the loss and its backward; the same numbers the kernels would regenerate); else None (each kernel
@@ -296,9 +295,7 @@ def _shared_noise(x, noise, seed, stream, seed_i=None, row_seeds=None):
         return noise
     if _backend.resolve(x.device) not in ("torch", "cpu"):
         return None
-    if seed_i is not None:  # split_seed(seed, ...) already made by the caller
-        return randn_checked(tuple(x.shape), seed_i, stream, row_seeds, x.device, x.dtype)
-    return randn(x.shape, seed, stream, device=x.device, dtype=x.dtype)
+    return randn_checked(tuple(x.shape), seed_i, stream, row_seeds, x.device, x.dtype)  # (seed split by the caller)
 
 
 def _noised(x0, t, table, noise, seed_i, row_seeds, stream, interpolation):
@@ -495,9 +492,7 @@ def _coefficient_table(table, qtable, prediction_type, weighting, gamma, sigma_d
     coeffs = diffusion_loss_coefficients(a, s, prediction_type, weighting, min_snr_gamma=gamma,
                                          sigma_data=sigma_data).to(acc).contiguous()
     model_t = level.to(model_dtype) if flow else None
-    if cache:
-        if coeffs.requires_grad:  # (a grad-requiring table under no_grad gives none; never keep a graph)
-            coeffs, model_t = coeffs.detach(), (model_t.detach() if model_t is not None else None)
+    if cache:  # (no autograd graph here: a table that requires grad is cached only with grad disabled)
         _memo_put(_COEFF_CACHE, table, key, coeffs, model_t)
     return coeffs, model_t
 
@@ -621,28 +616,23 @@ def diffusion_loss(model, x0, schedule=None, prediction_type="eps", weighting="u
                                                         acc, x0.dtype)
         coeffs = coeff_table.index_select(0, t_idx)
         model_t = t_idx if not flow else model_t_table.index_select(0, t_idx)
-        with torch.no_grad():
-            eps = _shared_noise(x0, noise, seed, stream, seed_i, row_seeds)
-            x_t = _noised(x0, t_idx, qtable, eps, seed_i, row_seeds, stream, "flow" if flow else "vp")
-        out = _model_output("model", model(x_t, model_t, **model_kwargs), x0)
-        rows = _fused_mse(out, x0, coeffs, eps, seed, stream)
-        _check_nan("diffusion_loss", rows, check_nan, t_idx)
-        return _reduce(rows, reduction)
-    # continuous flow: a per-row sigma table indexed by the row number
-    if t is None:
-        sig = _flow_sigmas(batch, seed_i, row_seeds, stream, device, flow_time_sampling, logit_mean, logit_std)
-    else:
-        sig = _check_sigma_rows(t, batch, device)
-    level = sig.to(torch.float64 if acc == torch.float64 or sig.dtype == torch.float64 else torch.float32)
-    coeffs = diffusion_loss_coefficients(1.0 - level, level, prediction_type, weighting, min_snr_gamma=gamma,
-                                         sigma_data=sigma_data).to(acc)
+        q_rows = t_idx
+    else:  # continuous flow: a per-row sigma table indexed by the row number
+        if t is None:
+            t_idx = _flow_sigmas(batch, seed_i, row_seeds, stream, device, flow_time_sampling, logit_mean, logit_std)
+        else:
+            t_idx = _check_sigma_rows(t, batch, device)
+        level = t_idx.to(torch.float64 if acc == torch.float64 or t_idx.dtype == torch.float64 else torch.float32)
+        coeffs = diffusion_loss_coefficients(1.0 - level, level, prediction_type, weighting, min_snr_gamma=gamma,
+                                             sigma_data=sigma_data).to(acc)
+        qtable, q_rows, model_t = contiguous(level), torch.arange(batch, device=device), t_idx.to(x0.dtype)
+
     with torch.no_grad():
-        eps = _shared_noise(x0, noise, seed, stream)
-        x_t = _noised(x0, torch.arange(batch, device=device), contiguous(level), eps, seed_i, row_seeds, stream,
-                      "flow")
-    out = _model_output("model", model(x_t, sig.to(x0.dtype), **model_kwargs), x0)
+        eps = _shared_noise(x0, noise, seed_i, row_seeds, stream)
+        x_t = _noised(x0, q_rows, qtable, eps, seed_i, row_seeds, stream, "flow" if flow else "vp")
+    out = _model_output("model", model(x_t, model_t, **model_kwargs), x0)
     rows = _fused_mse(out, x0, coeffs, eps, seed, stream)
-    _check_nan("diffusion_loss", rows, check_nan, sig)
+    _check_nan("diffusion_loss", rows, check_nan, t_idx)
     return _reduce(rows, reduction)
 
 
@@ -694,7 +684,7 @@ def dsm_loss(score_model, x, sigmas, t=None, seed=None, *, stream=0, noise=None,
     tau = sig / (1.0 + sig)
     rows_t = torch.arange(batch, device=device)
     with torch.no_grad():
-        eps = _shared_noise(x, noise, seed, stream)
+        eps = _shared_noise(x, noise, seed_i, row_seeds, stream)
         xs = _noised(x, rows_t, contiguous(tau), eps, seed_i, row_seeds, stream, "flow")
         xs = (xs.to(acc) * _rows_view(1.0 + sig, x.dim()).to(acc)).to(x.dtype)
     out = _model_output("score_model", score_model(xs, sig.to(x.dtype), **model_kwargs), x)

@@ -74,6 +74,7 @@ from pygen.ops.random import randn
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_HD, COL_HIST, COL_HX, COL_S, COL_SLOT, step_coefficients
 from pygen.ops.step import sampler_step
 from pygen.samplers.program import _caller_stacklevel, capture_step
+from pygen.samplers.program import graph_device as _graph_device
 
 __all__ = [
     "PREDICTORS",
@@ -479,10 +480,6 @@ def _ode_run(method, score_fn, x, table, times, dts, callback, cuda_graph=False)
     return x
 
 
-def _graph_device(x):
-    return x.device.type == "cuda"
-
-
 def _graph_loop(launch, t_dev, idx, x, n, per, callback, cuda_graph):
     """``n`` loop steps of ``per`` launches each: ``launch(t)`` with the (B,) model time of the launch,
     a view of ``t_dev[r]`` for launch r (eager), or ``t_dev[idx]`` read on the device
@@ -492,9 +489,7 @@ def _graph_loop(launch, t_dev, idx, x, n, per, callback, cuda_graph):
     b = x.shape[0]
     views = list(t_dev.unbind(0))
     graph, warmed = None, False
-    if cuda_graph and not _graph_device(x):
-        warnings.warn("cuda_graph=True needs CUDA tensors; running eagerly", stacklevel=_caller_stacklevel())
-    elif cuda_graph:
+    if cuda_graph and _graph_device(x):  # (a CPU tensor: one warning, the eager loop)
         graph = capture_step(lambda: launch(views[0].expand(b)),
                              lambda: launch(t_dev.index_select(0, idx).expand(b)))
         warmed = True  # (launch 0 ran, captured or not)
@@ -589,15 +584,15 @@ def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corre
                       "on the host, so this loop runs eagerly (corrector='none' can be captured)",
                       stacklevel=_caller_stacklevel())
         cuda_graph = False
-    if cuda_graph and predictor != "none":
-        def launch(t):
+    if predictor != "none":
+        def predict(x, t):  # the fused predictor step, in place on the contiguous x
             s = score_fn(x, t)
             check_like("score_fn(x, t)", s, "x", x)
-            sampler_step(x, s, table, idx, seed=seed, stream=stream + 1, advance=True, out=x)
+            return sampler_step(x, s, table, idx, seed=seed, stream=stream + 1, advance=True, out=x)
 
-        x = x.contiguous()
-        _graph_loop(launch, t_dev, idx, x, n, 1, callback, True)
-        return x
+        if cuda_graph:  # (x from _init: a contiguous buffer the captured step keeps writing)
+            _graph_loop(lambda t: predict(x, t), t_dev, idx, x, n, 1, callback, True)
+            return x
     corr_base = stream + 1 + n
     for i in range(n):
         rows = t_dev[i].expand(b)
@@ -608,10 +603,7 @@ def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corre
             else:
                 x = _ald_iter(score_fn, x, rows, ks[i], seed, st, None)
         if predictor != "none":
-            s = score_fn(x, rows)
-            check_like("score_fn(x, t)", s, "x", x)
-            x = x.contiguous()
-            sampler_step(x, s, table, idx, seed=seed, stream=stream + 1, advance=True, out=x)
+            x = predict(x.contiguous(), rows)
         if callback is not None:
             callback(i, x)
     return x

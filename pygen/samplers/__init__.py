@@ -64,6 +64,7 @@ from pygen.ops._common import check_like
 from pygen.ops.random import randn
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HIST, COL_HX, COL_S
 from pygen.samplers.program import StepProgram, capture_step, check_model_out
+from pygen.samplers.program import graph_device as _graph_device
 
 __all__ = ["sample", "SAMPLERS", "DIFFUSION_SAMPLERS", "SDE_SAMPLERS", "MCMC_SAMPLERS", "PREDICTION_TYPES",
            "StepProgram"]
@@ -278,7 +279,8 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
     inv_c = (1 / torch.cat([c_in[1:], c_in.new_ones(1)])).to(**dev) if scaled and callback is not None else None
     num = prog.num_rows
     bar = _progress(num, progress)
-    dtype, on_cuda = x.dtype, _graph_device(x)
+    dtype = x.dtype
+    cuda_graph = bool(cuda_graph) and _graph_device(x)  # (a CPU tensor: one warning, the eager loop)
     state = [y]
     del x, y  # only state[0] refers to the loop state now: step 0 can write it in place
 
@@ -293,9 +295,6 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
         state[0] = prog.step(state[0], out, dst)
 
     try:
-        if cuda_graph and not on_cuda:
-            warnings.warn("cuda_graph=True needs CUDA tensors; running eagerly", stacklevel=3)
-            cuda_graph = False
         # _capture runs evaluation 0 itself (its warm-up), captured or not: the loop starts at 1 then.
         graph = _capture(model, state, prog, t_dev, launch) if cuda_graph else None
         for k in range(num):
@@ -320,10 +319,6 @@ def _sample_diffusion(model, eps, sampler, steps, schedule, prediction_type, see
         if bar is not None:
             bar.close()
     return state[0]
-
-
-def _graph_device(x):
-    return x.device.type == "cuda"
 
 
 def _capture(model, state, prog, t_dev, launch):

@@ -20,7 +20,7 @@ from pygen import _backend
 from pygen.ops._common import check_stream, split_seed
 from pygen.ops.schedule import COL_HIST
 
-__all__ = ["StepProgram", "check_model_out", "resolve_step_launcher", "capture_step"]
+__all__ = ["StepProgram", "check_model_out", "resolve_step_launcher", "capture_step", "graph_device"]
 
 
 def resolve_step_launcher(device):
@@ -98,6 +98,15 @@ def _caller_stacklevel():
 
 def _in_pygen(module):
     return module == "pygen" or module.startswith("pygen.")
+
+
+def graph_device(x):
+    """Whether ``cuda_graph=True`` can capture a loop on ``x`` (a CUDA tensor); if not, one warning
+    pointing at the user's call says the loop runs eagerly."""
+    if x.device.type == "cuda":
+        return True
+    warnings.warn("cuda_graph=True needs CUDA tensors; running eagerly", stacklevel=_caller_stacklevel())
+    return False
 
 
 def capture_step(warmup, step, *, fallback=True):
