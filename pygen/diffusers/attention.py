@@ -62,6 +62,11 @@ def _apply_group_norm(gn, x):
     return gn(x.transpose(1, 2)).transpose(1, 2)
 
 
+def _heads(proj, batch_size, heads, parts):
+    """The ``parts`` (B, S, H, D) views of a projection output (B, S, parts·H·D) (q, k, v of a fused one)."""
+    return proj.view(batch_size, -1, parts, heads, proj.shape[-1] // (parts * heads)).unbind(2)
+
+
 class AttnProcessor:
     """diffusers ``AttnProcessor2_0`` semantics on ``pygen.attention`` (bshd) and ``pygen.group_norm``.
 
@@ -97,29 +102,20 @@ class AttnProcessor:
         # diffusers' ``fuse_qkv_projections()`` (``attn.fused_projections``), one GEMM into to_qkv
         # (self-attention) or to_kv (cross-attention), as FusedAttnProcessor2_0: fewer launches
         fused = getattr(attn, "fused_projections", False)
-        to_qkv = getattr(attn, "to_qkv", None) if fused and encoder_hidden_states is None else None
-        if to_qkv is not None:
-            qkv = to_qkv(hidden_states)
-            head_dim = qkv.shape[-1] // (3 * attn.heads)
-            query, key, value = qkv.view(batch_size, -1, 3, attn.heads, head_dim).unbind(2)
+        if fused and encoder_hidden_states is None and getattr(attn, "to_qkv", None) is not None:
+            query, key, value = _heads(attn.to_qkv(hidden_states), batch_size, attn.heads, 3)
         else:
-            query = attn.to_q(hidden_states)
+            (query,) = _heads(attn.to_q(hidden_states), batch_size, attn.heads, 1)
             if encoder_hidden_states is None:
                 encoder_hidden_states = hidden_states
             elif attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-            to_kv = getattr(attn, "to_kv", None) if fused else None
-            if to_kv is not None and encoder_hidden_states is not hidden_states:
-                kv = to_kv(encoder_hidden_states)
-                head_dim = kv.shape[-1] // (2 * attn.heads)
-                key, value = kv.view(batch_size, -1, 2, attn.heads, head_dim).unbind(2)
+            if fused and encoder_hidden_states is not hidden_states and getattr(attn, "to_kv", None) is not None:
+                key, value = _heads(attn.to_kv(encoder_hidden_states), batch_size, attn.heads, 2)
             else:
-                key = attn.to_k(encoder_hidden_states)
-                value = attn.to_v(encoder_hidden_states)
-                head_dim = key.shape[-1] // attn.heads
-                key = key.view(batch_size, -1, attn.heads, head_dim)
-                value = value.view(batch_size, -1, attn.heads, head_dim)
-            query = query.view(batch_size, -1, attn.heads, head_dim)
+                (key,) = _heads(attn.to_k(encoder_hidden_states), batch_size, attn.heads, 1)
+                (value,) = _heads(attn.to_v(encoder_hidden_states), batch_size, attn.heads, 1)
+        head_dim = key.shape[-1]
         if attn.norm_q is not None:  # norms over the last dim (head_dim): layout-independent
             query = attn.norm_q(query)
         if attn.norm_k is not None:
