@@ -23,7 +23,8 @@ TORCH_LIBRARY(pygen, m) {
       "int seed, int stream, Tensor? row_seeds) -> Tensor");
   m.def(
       "langevin_snr_step(Tensor x, Tensor score, Tensor? noise, Tensor(a!) out, Tensor(b!) step, int seed, "
-      "int stream, Tensor? row_seeds, float four_alpha_snr2, bool batch_norm) -> ()");
+      "int stream, Tensor? row_seeds, float four_alpha_snr2, bool batch_norm, Tensor? k_table=None, "
+      "Tensor(c!)? step_index=None) -> ()");
   m.def(
       "sampler_step_out(Tensor x, Tensor model_out, Tensor coeffs, Tensor(a!) step_index, "
       "Tensor(b!)? history, Tensor? noise, Tensor(c!) out, Tensor(d!)? pred_x0, int seed, int stream, "

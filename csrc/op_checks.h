@@ -224,11 +224,13 @@ inline LangevinArgs check_langevin_step_args(const at::Tensor& x, const at::Tens
   return a;
 }
 
-// langevin_snr_step: x, score, noise, out alike; step a (batch,) fp32 (fp64 for fp64) output.
+// langevin_snr_step: x, score, noise, out alike; step a (batch,) fp32 (fp64 for fp64) output;
+// k_table (a 1-D table in that dtype) and step_index (int64 of shape (1,)) both or neither.
 inline void check_langevin_snr_args(const at::Tensor& x, const at::Tensor& score,
                                     const std::optional<at::Tensor>& noise, const at::Tensor& out,
                                     const at::Tensor& step, const std::optional<at::Tensor>& row_seeds,
-                                    c10::DeviceType type) {
+                                    const std::optional<at::Tensor>& k_table,
+                                    const std::optional<at::Tensor>& step_index, c10::DeviceType type) {
   check_tensor_on(x, "x", type);
   TORCH_CHECK(x.dim() >= 1, "pygen: langevin_snr_step x must have a batch dimension, got a 0-d tensor");
   check_like(score, "score", x, "x", type);
@@ -241,6 +243,21 @@ inline void check_langevin_snr_args(const at::Tensor& x, const at::Tensor& score
               "pygen: langevin_snr_step step must be a 1-D ", acc_type, " tensor of length ", x.size(0), ", got ",
               step.scalar_type(), " of shape ", step.sizes());
   if (!noise.has_value() && row_seeds.has_value()) check_row_seeds(*row_seeds, x.size(0), x, "x", type);
+  TORCH_CHECK(k_table.has_value() == step_index.has_value(),
+              "pygen: langevin_snr_step takes k_table and step_index together (or neither)");
+  if (k_table.has_value()) {
+    check_tensor_on(*k_table, "k_table", type);
+    check_same_device(*k_table, "k_table", x, "x");
+    TORCH_CHECK(k_table->scalar_type() == acc_type && k_table->dim() == 1 && k_table->size(0) >= 1 &&
+                    k_table->is_contiguous(),
+                "pygen: langevin_snr_step k_table must be a contiguous 1-D ", acc_type,
+                " tensor with at least one entry, got ", k_table->scalar_type(), " of shape ", k_table->sizes());
+    check_tensor_on(*step_index, "step_index", type);
+    check_same_device(*step_index, "step_index", x, "x");
+    TORCH_CHECK(step_index->scalar_type() == at::kLong && step_index->dim() == 1 && step_index->size(0) == 1,
+                "pygen: langevin_snr_step step_index must be int64 of shape (1,), got ", step_index->scalar_type(),
+                " of shape ", step_index->sizes());
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -18,6 +18,9 @@ langevin_snr_step: three launches, no host sync, deterministic (no atomics):
    added in window order); batch means of both when batch_norm (one program,
    fixed tile order); dt = four_alpha_snr2·(n/g)² into ``step``.
 3. ``_langevin_step_kernel`` with per-row steps = ``step`` (same z again).
+With a device step index i (``k_table``/``step_index``, a CUDA-graph loop) the kernels read i:
+the step constant is four_alpha_snr2·k_table[i] (NaN outside the table), the noise stream
+stream + i; ``step_index`` is then incremented (a fourth, tiny launch).
 """
 import math
 
@@ -33,10 +36,10 @@ BLOCK = 256  # Philox groups per program -> 1024 elements
 
 @triton.jit(do_not_specialize=["seed", "stream"])
 def _langevin_step_kernel(
-    x_ptr, score_ptr, noise_ptr, steps_ptr, row_seeds_ptr, out_ptr,
+    x_ptr, score_ptr, noise_ptr, steps_ptr, row_seeds_ptr, out_ptr, index_ptr,
     seed, stream, c1_hi, c1_lo, c2_hi, c2_lo, row_len, batch_row_len,
     HAS_NOISE: tl.constexpr, PER_ROW_SEED: tl.constexpr, PER_ROW_STEP: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INDEX: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1).to(tl.int64)
@@ -48,6 +51,8 @@ def _langevin_step_kernel(
     else:
         if PER_ROW_SEED:
             seed = tl.load(row_seeds_ptr + row)
+        if HAS_INDEX:  # noise stream offset by the device step index
+            stream = stream + tl.load(index_ptr)
         group = pid * BLOCK + tl.arange(0, BLOCK)
         z0, z1, z2, z3 = philox_normals(seed, stream, group)
         z = interleave4(z0, z1, z2, z3).to(ACC)
@@ -91,9 +96,9 @@ def langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seed
     grid = (triton.cdiv(row_len, 4 * BLOCK), rows)
     _langevin_step_kernel[grid](
         x, score, noise if noise is not None else x, step_sizes if step_sizes is not None else x,
-        row_seeds if per_row_seed else x, out,
+        row_seeds if per_row_seed else x, out, x,
         seed, stream, c1_hi, c1_lo, c2_hi, c2_lo, row_len, batch_row_len,
-        HAS_NOISE=noise is not None, PER_ROW_SEED=per_row_seed, PER_ROW_STEP=step_sizes is not None,
+        HAS_NOISE=noise is not None, PER_ROW_SEED=per_row_seed, PER_ROW_STEP=step_sizes is not None, HAS_INDEX=False,
         ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK=BLOCK,
     )
     return out
@@ -107,8 +112,9 @@ SNR_ROWS = 128  # rows per finalize tile
 
 @triton.jit(do_not_specialize=["seed", "stream"])
 def _snr_partials_kernel(
-    score_ptr, noise_ptr, row_seeds_ptr, part_ptr, seed, stream, row_len, windows,
-    HAS_NOISE: tl.constexpr, PER_ROW_SEED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    score_ptr, noise_ptr, row_seeds_ptr, part_ptr, index_ptr, seed, stream, row_len, windows,
+    HAS_NOISE: tl.constexpr, PER_ROW_SEED: tl.constexpr, HAS_INDEX: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     w = tl.program_id(1).to(tl.int64)
@@ -128,6 +134,8 @@ def _snr_partials_kernel(
     else:
         if PER_ROW_SEED:
             seed = tl.load(row_seeds_ptr + row)
+        if HAS_INDEX:
+            stream = stream + tl.load(index_ptr)
         z0, z1, z2, z3 = philox_normals(seed, stream, g0 + tl.arange(0, BLOCK))
         z = interleave4(z0, z1, z2, z3).to(ACC)
     zero = tl.zeros_like(s)
@@ -153,18 +161,22 @@ def _snr_row_norms(part_ptr, rows, windows, batch, ACC: tl.constexpr):
 
 
 @triton.jit
-def _snr_dt(n, g, k_hi, k_lo, ACC: tl.constexpr):
-    one = tl.full([], 1.0, ACC)
-    k = k_hi * one + k_lo * one
+def _snr_dt(n, g, k, ACC: tl.constexpr):
     r = n / g
     return k * (r * r)
 
 
 @triton.jit
 def _snr_finalize_kernel(
-    part_ptr, step_ptr, batch, windows, k_hi, k_lo,
-    BATCH_NORM: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
+    part_ptr, step_ptr, k_table_ptr, index_ptr, batch, windows, k_hi, k_lo, k_len,
+    BATCH_NORM: tl.constexpr, HAS_INDEX: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
 ):
+    one = tl.full([], 1.0, ACC)
+    k = k_hi * one + k_lo * one
+    if HAS_INDEX:  # k·k_table[i] at the device step index i (NaN outside the table)
+        i = tl.load(index_ptr)
+        valid = (i >= 0) & (i < k_len)
+        k = k * tl.where(valid, tl.load(k_table_ptr + tl.where(valid, i, 0)), float("nan")).to(ACC)
     if BATCH_NORM:
         # one program: batch means of the row norms, tiles added in a fixed order
         g_sum = tl.zeros([], ACC)
@@ -175,17 +187,17 @@ def _snr_finalize_kernel(
             zero = tl.zeros_like(g)
             g_sum += tl.sum(tl.where(rows < batch, g, zero), axis=0)
             n_sum += tl.sum(tl.where(rows < batch, n, zero), axis=0)
-        dt = _snr_dt(n_sum / batch, g_sum / batch, k_hi, k_lo, ACC)
+        dt = _snr_dt(n_sum / batch, g_sum / batch, k, ACC)
         for t in range(0, batch, ROWS):
             rows = t + tl.arange(0, ROWS).to(tl.int64)
             tl.store(step_ptr + rows, tl.zeros([ROWS], ACC) + dt, mask=rows < batch)
     else:
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         g, n = _snr_row_norms(part_ptr, rows, windows, batch, ACC)
-        tl.store(step_ptr + rows, _snr_dt(n, g, k_hi, k_lo, ACC), mask=rows < batch)
+        tl.store(step_ptr + rows, _snr_dt(n, g, k, ACC), mask=rows < batch)
 
 
-def _launch_update(x, score, noise, steps, seed, stream, row_seeds, out):
+def _launch_update(x, score, noise, steps, seed, stream, row_seeds, out, step_index):
     """out = x + steps[row]/2·score + sqrt(steps[row])·z (the langevin_step kernel, per-row steps)."""
     numel = x.numel()
     batch = x.shape[0]
@@ -195,18 +207,22 @@ def _launch_update(x, score, noise, steps, seed, stream, row_seeds, out):
     grid = (triton.cdiv(row_len, 4 * BLOCK), rows)
     _langevin_step_kernel[grid](
         x, score, noise if noise is not None else x, steps, row_seeds if per_row_seed else x, out,
-        seed, stream, 0.0, 0.0, 0.0, 0.0, row_len, batch_row_len,
-        HAS_NOISE=noise is not None, PER_ROW_SEED=per_row_seed, PER_ROW_STEP=True,
+        step_index if step_index is not None else steps, seed, stream, 0.0, 0.0, 0.0, 0.0, row_len, batch_row_len,
+        HAS_NOISE=noise is not None, PER_ROW_SEED=per_row_seed, PER_ROW_STEP=True, HAS_INDEX=step_index is not None,
         ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK=BLOCK,
     )
 
 
-def langevin_snr_step(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm):
-    """Launch on contiguous tensors (arguments as in pygen::langevin_snr_step); writes out and step."""
+def langevin_snr_step(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm, k_table=None,
+                      step_index=None):
+    """Launch on contiguous tensors (arguments as in pygen::langevin_snr_step); writes out and step (and
+    increments ``step_index`` when given)."""
     numel = x.numel()
     batch = x.shape[0]
     if numel == 0:
         step.fill_(float("nan"))  # 0/0: the formula's value for empty rows
+        if step_index is not None:
+            step_index.add_(1)
         return
     row_len = numel // batch
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
@@ -217,10 +233,15 @@ def langevin_snr_step(x, score, noise, out, step, seed, stream, row_seeds, four_
     per_row_seed = noise is None and row_seeds is not None
     _snr_partials_kernel[(batch, windows)](
         score, noise if noise is not None else score, row_seeds if per_row_seed else score, part,
-        seed, stream, row_len, windows,
-        HAS_NOISE=noise is not None, PER_ROW_SEED=per_row_seed, ACC=acc, BLOCK=rb,
+        step_index if step_index is not None else part, seed, stream, row_len, windows,
+        HAS_NOISE=noise is not None, PER_ROW_SEED=per_row_seed, HAS_INDEX=step_index is not None, ACC=acc, BLOCK=rb,
     )
     k_hi, k_lo = split_float(four_alpha_snr2)
     grid = (1,) if batch_norm else (triton.cdiv(batch, SNR_ROWS),)
-    _snr_finalize_kernel[grid](part, step, batch, windows, k_hi, k_lo, BATCH_NORM=batch_norm, ACC=acc, ROWS=SNR_ROWS)
-    _launch_update(x, score, noise, step, seed, stream, row_seeds, out)
+    indexed = step_index is not None
+    _snr_finalize_kernel[grid](part, step, k_table if indexed else part, step_index if indexed else part, batch, windows,
+                               k_hi, k_lo, k_table.shape[0] if indexed else 0, BATCH_NORM=batch_norm,
+                               HAS_INDEX=indexed, ACC=acc, ROWS=SNR_ROWS)
+    _launch_update(x, score, noise, step, seed, stream, row_seeds, out, step_index)
+    if indexed:
+        step_index.add_(1)  # after every launch above read it (stream order)

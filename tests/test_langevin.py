@@ -625,6 +625,54 @@ def test_snr_bit_reproducible(backend):
         assert torch.equal(a[0], other[0]) and torch.equal(a[1], other[1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("mode", SNR_MODES)
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_snr_device_step_index(backend, dtype, mode, batch_norm):
+    """k_table + step_index (a CUDA-graph loop): call i gives exactly the host call with the step constant
+    four_alpha_snr2·k_table[i] (in the accumulation dtype) and the noise stream stream + i, and leaves
+    step_index = i + 1."""
+    if dtype == torch.float64 and backend not in ("torch", "cpu"):
+        pytest.skip("fp64 storage: torch and cpu backends")
+    dev = device_for(backend)
+    shape = (4, 3, 5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x, score = make(shape, dtype, dev, seed=60), make(shape, dtype, dev, seed=61, scale=2.0)
+    k_table = (torch.rand(5, generator=torch.Generator().manual_seed(62), dtype=torch.float64) + 0.1).to(dev, acc)
+    base, stream = 0.37, 2**63 - 2  # (the index carries the stream past 2^63: wraps to the signed int64)
+    index = torch.zeros(1, dtype=torch.int64, device=dev)
+    state = x
+    for i in range(3):
+        seed, noise, _ = _snr_noise(mode, shape, dtype, dev, stream + i)
+        k = float(torch.tensor(base, dtype=acc) * k_table[i].cpu())
+        with pygen.use_backend(backend):
+            want = langevin_snr_step(state, score, k, seed, to_signed64(stream + i), noise=noise,
+                                     batch_norm=batch_norm, return_step=True)
+            got = langevin_snr_step(state, score, base, seed, to_signed64(stream), noise=noise, batch_norm=batch_norm,
+                                    return_step=True, k_table=k_table, step_index=index)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), i
+        assert int(index[0]) == i + 1
+        state = got[0]
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_snr_step_index_outside_the_table_gives_nan(backend, batch_norm):
+    """An index past either end of k_table reads nothing out of bounds: the step is NaN and so is the sample."""
+    dev = device_for(backend)
+    x, score = make((3, 6), torch.float32, dev, seed=63), make((3, 6), torch.float32, dev, seed=64)
+    k_table = torch.tensor([0.5, 0.25], device=dev)
+    for start in (-1, 2, 2**40):
+        index = torch.tensor([start], device=dev)
+        with pygen.use_backend(backend):
+            out, dt = langevin_snr_step(x, score, 1.0, 3, 0, batch_norm=batch_norm, return_step=True,
+                                        k_table=k_table, step_index=index)
+        assert torch.isnan(dt).all() and torch.isnan(out).all()
+        assert int(index[0]) == start + 1
+
+
 def test_snr_empty_rows():
     x = torch.empty(3, 0)
     for backend in ["torch"] + (["cpu"] if pygen.backends()["cpu"] == "available" else []):
@@ -657,6 +705,19 @@ def test_snr_empty_rows():
         (lambda x: langevin_snr_step(x, x, 0.1, 1, return_step=1), TypeError, "return_step"),
         (lambda x: langevin_snr_step(x[0, 0], x[0, 0], 0.1, 1), ValueError, "batch dimension"),
         (lambda x: langevin_snr_step(x.int(), x.int(), 0.1, 1), TypeError, "x"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, k_table=torch.ones(2)), ValueError, "together"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, step_index=torch.zeros(1, dtype=torch.int64)), ValueError,
+         "together"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, k_table=torch.ones(2, dtype=torch.float64),
+                                     step_index=torch.zeros(1, dtype=torch.int64)), TypeError, "k_table"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, k_table=torch.ones(2, 1), step_index=torch.zeros(1, dtype=torch.int64)),
+         ValueError, "k_table"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, k_table=torch.ones(0), step_index=torch.zeros(1, dtype=torch.int64)),
+         ValueError, "k_table"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, k_table=torch.ones(2), step_index=torch.zeros(1, dtype=torch.int32)),
+         TypeError, "step_index"),
+        (lambda x: langevin_snr_step(x, x, 0.1, 1, k_table=torch.ones(2), step_index=torch.zeros(2, dtype=torch.int64)),
+         ValueError, "step_index"),
     ],
 )
 def test_snr_bad_input(call, exc, word):
@@ -674,6 +735,12 @@ def test_snr_op_checks_arguments():
     with pytest.raises((RuntimeError, ValueError), match="row_seeds"):
         torch.ops.pygen.langevin_snr_step(x, x, None, torch.empty_like(x), step, 1, 0, torch.ones(3, dtype=torch.int64),
                                           0.1, True)
+    index = torch.zeros(1, dtype=torch.int64)
+    for k_table, idx, word in [(torch.ones(2), None, "together"), (None, index, "together"),
+                               (torch.ones(2, dtype=torch.float64), index, "k_table"),
+                               (torch.ones(2), torch.zeros(2, dtype=torch.int64), "step_index")]:
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=word):
+            torch.ops.pygen.langevin_snr_step(x, x, None, torch.empty_like(x), step, 1, 0, None, 0.1, True, k_table, idx)
 
 
 def _snr_opcheck_cases(dtype):
@@ -689,6 +756,10 @@ def _snr_opcheck_cases(dtype):
         (x, score, z, *bufs(), 0, 0, None, 0.3, False),
         (x, score, None, *bufs(), -7, 2**40, None, 0.2, True),
         (x, score, None, *bufs(), 3, 1, rows, 0.2, False),
+        (x, score, None, *bufs(), 3, 1, rows, 1.0, True, torch.tensor([0.5, 0.2], dtype=acc),
+         torch.tensor([1], dtype=torch.int64)),
+        (x, score, z, *bufs(), 0, 0, None, 2.0, False, torch.tensor([0.5], dtype=acc),
+         torch.tensor([0], dtype=torch.int64)),
     ]
 
 

@@ -286,10 +286,25 @@ void snr_steps(const acc* part, int64_t batch, int64_t cpr, double four_alpha_sn
 
 void langevin_snr_step_cpu(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& noise,
                            at::Tensor& out, at::Tensor& step, int64_t seed, int64_t stream,
-                           const std::optional<at::Tensor>& row_seeds, double four_alpha_snr2, bool batch_norm) {
-  check_langevin_snr_args(x, score, noise, out, step, row_seeds, c10::kCPU);
+                           const std::optional<at::Tensor>& row_seeds, double four_alpha_snr2, bool batch_norm,
+                           const std::optional<at::Tensor>& k_table, const std::optional<at::Tensor>& step_index) {
+  check_langevin_snr_args(x, score, noise, out, step, row_seeds, k_table, step_index, c10::kCPU);
   const int64_t batch = x.size(0);
   const int64_t numel = x.numel();
+  if (step_index.has_value()) {  // a device step index i: k·k_table[i] (NaN outside the table), stream + i
+    int64_t* index = step_index->data_ptr<int64_t>();
+    const int64_t i = *index;
+    const int64_t k_len = k_table->size(0);
+    const double entry = i < 0 || i >= k_len ? std::numeric_limits<double>::quiet_NaN()
+                         : k_table->scalar_type() == at::kDouble ? k_table->data_ptr<double>()[i]
+                                                                  : static_cast<double>(k_table->data_ptr<float>()[i]);
+    // (in the accumulation dtype, as the CUDA and Triton kernels form it)
+    four_alpha_snr2 = x.scalar_type() == at::kDouble ? four_alpha_snr2 * entry
+                                                      : static_cast<double>(static_cast<float>(four_alpha_snr2) *
+                                                                            static_cast<float>(entry));
+    stream = static_cast<int64_t>(static_cast<uint64_t>(stream) + static_cast<uint64_t>(i));
+    *index = i + 1;
+  }
   if (numel == 0) {
     step.fill_(std::numeric_limits<double>::quiet_NaN());  // 0/0: the formula's value for empty rows
     return;

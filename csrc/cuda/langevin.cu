@@ -18,6 +18,9 @@
 // from the partials in window order, batch means (one block, fp64 sums in a
 // fixed tree) when batch_norm, dt = four_alpha_snr2·(n/g)² into `step`;
 // (3) the langevin_step kernel with per-row steps `step`.
+// With a device step index i (k_table, step_index given: a CUDA-graph loop), the
+// step constant is four_alpha_snr2·k_table[i] and the noise stream stream + i,
+// both read on the device; a fourth launch then stores i + 1.
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -44,6 +47,7 @@ struct LangevinParams {
   const double* steps_f64;
   const int64_t* row_seeds; // per-row seeds (in-kernel noise only)
   uint64_t seed, stream;
+  const int64_t* stream_offset = nullptr;  // device step index added to stream (langevin_snr_step), or none
 };
 
 template <typename acc>
@@ -94,7 +98,8 @@ __global__ void langevin_step_kernel(const scalar_t* __restrict__ x, const scala
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) z[j] = static_cast<acc>(nv[j]);
   } else {
-    const Normals4 nz = philox_normals(noise_key(p.row_seeds, p.seed, r), p.stream, static_cast<uint64_t>(ng.group));
+    const uint64_t stream = p.stream + (p.stream_offset != nullptr ? static_cast<uint64_t>(*p.stream_offset) : 0);
+    const Normals4 nz = philox_normals(noise_key(p.row_seeds, p.seed, r), stream, static_cast<uint64_t>(ng.group));
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) z[j] = static_cast<acc>(nz.z[j]);
   }
@@ -262,9 +267,11 @@ __device__ __forceinline__ void add_group_squares(const scalar_t* __restrict__ s
 template <typename scalar_t, bool kHasNoise>
 __global__ void snr_window_kernel(const scalar_t* __restrict__ score, const scalar_t* __restrict__ noise,
                                   const int64_t* __restrict__ row_seeds, uint64_t seed, uint64_t stream,
-                                  int64_t row_len, int64_t windows, acc_t<scalar_t>* __restrict__ part) {
+                                  const int64_t* __restrict__ index, int64_t row_len, int64_t windows,
+                                  acc_t<scalar_t>* __restrict__ part) {
   using acc = acc_t<scalar_t>;
   __shared__ acc shm[kThreads / 32];
+  stream += index != nullptr ? static_cast<uint64_t>(*index) : 0;
   const int64_t item = blockIdx.x;
   const int64_t b = item / windows;
   const int64_t w = item - b * windows;
@@ -289,10 +296,12 @@ __global__ void snr_window_kernel(const scalar_t* __restrict__ score, const scal
 template <typename scalar_t, bool kHasNoise>
 __global__ void snr_small_rows_kernel(const scalar_t* __restrict__ score, const scalar_t* __restrict__ noise,
                                       const int64_t* __restrict__ row_seeds, uint64_t seed, uint64_t stream,
-                                      int64_t batch, int64_t row_len, acc_t<scalar_t>* __restrict__ part) {
+                                      const int64_t* __restrict__ index, int64_t batch, int64_t row_len,
+                                      acc_t<scalar_t>* __restrict__ part) {
   using acc = acc_t<scalar_t>;
   const int64_t b = global_thread_index();
   if (b >= batch) return;
+  stream += index != nullptr ? static_cast<uint64_t>(*index) : 0;
   const int64_t nb = row_seeds != nullptr ? 0 : b * row_len;
   const uint64_t key = noise_key(row_seeds, seed, b);
   acc gs = 0, ns = 0;
@@ -315,12 +324,28 @@ __device__ __forceinline__ void snr_row_norms(const acc* __restrict__ part, int6
   *n = sqrt(n2);
 }
 
+// The step constant: k, times k_table[*index] when a device step index is given (NaN for an
+// index outside [0, k_len): the step and the sample show it, nothing is read out of bounds).
+struct SnrK {
+  const void* table;  // acc-typed (k_len,) table, or null
+  int64_t k_len;
+  const int64_t* index;
+};
+
+template <typename acc>
+__device__ __forceinline__ acc snr_k(acc k, const SnrK& t) {
+  if (t.table == nullptr) return k;
+  const int64_t i = *t.index;
+  return i >= 0 && i < t.k_len ? k * static_cast<const acc*>(t.table)[i] : std::numeric_limits<acc>::quiet_NaN();
+}
+
 // Per-row norms: dt_b = k·(n_b/g_b)².
 template <typename acc>
 __global__ void snr_rows_finalize_kernel(const acc* __restrict__ part, int64_t batch, int64_t windows, acc k,
-                                         acc* __restrict__ step) {
+                                         SnrK kt, acc* __restrict__ step) {
   const int64_t b = global_thread_index();
   if (b >= batch) return;
+  k = snr_k(k, kt);
   acc g, n;
   snr_row_norms(part, b, windows, &g, &n);
   const acc r = n / g;
@@ -330,7 +355,7 @@ __global__ void snr_rows_finalize_kernel(const acc* __restrict__ part, int64_t b
 // Batch-mean norms (one block): dt = k·(mean n / mean g)² for every row.
 template <typename acc>
 __global__ void snr_batch_finalize_kernel(const acc* __restrict__ part, int64_t batch, int64_t windows, acc k,
-                                          acc* __restrict__ step) {
+                                          SnrK kt, acc* __restrict__ step) {
   __shared__ double shm[kThreads / 32];
   __shared__ acc dt_shared;
   double gs = 0, ns = 0;
@@ -344,7 +369,7 @@ __global__ void snr_batch_finalize_kernel(const acc* __restrict__ part, int64_t 
   ns = block_sum_to_thread0(ns, shm);
   if (threadIdx.x == 0) {
     const acc r = static_cast<acc>(ns / static_cast<double>(batch)) / static_cast<acc>(gs / static_cast<double>(batch));
-    dt_shared = k * (r * r);
+    dt_shared = snr_k(k, kt) * (r * r);
   }
   __syncthreads();
   const acc dt = dt_shared;
@@ -354,7 +379,7 @@ __global__ void snr_batch_finalize_kernel(const acc* __restrict__ part, int64_t 
 template <typename scalar_t, bool kHasNoise>
 void snr_launch(const at::Tensor& x, const at::Tensor& score, const scalar_t* np, at::Tensor& out, at::Tensor& step,
                 const int64_t* seeds, uint64_t seed, uint64_t stream, int64_t batch, int64_t row_len,
-                double four_alpha_snr2, bool batch_norm, cudaStream_t cs) {
+                double four_alpha_snr2, bool batch_norm, const SnrK& kt, cudaStream_t cs) {
   using acc = acc_t<scalar_t>;
   const bool small = row_len <= kSnrSmallRow;
   const int64_t windows = small ? 1 : (row_len + kGroup - 1 + kSnrWindow - 1) / kSnrWindow;  // start may be mid-group
@@ -366,18 +391,18 @@ void snr_launch(const at::Tensor& x, const at::Tensor& score, const scalar_t* np
   const scalar_t* sp = score.data_ptr<scalar_t>();
   if (small) {
     snr_small_rows_kernel<scalar_t, kHasNoise><<<blocks_for(batch), kThreads, 0, cs>>>(sp, np, seeds, seed, stream,
-                                                                                       batch, row_len, pp);
+                                                                                       kt.index, batch, row_len, pp);
   } else {
     snr_window_kernel<scalar_t, kHasNoise><<<static_cast<unsigned int>(items), kThreads, 0, cs>>>(
-        sp, np, seeds, seed, stream, row_len, windows, pp);
+        sp, np, seeds, seed, stream, kt.index, row_len, windows, pp);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const acc k = static_cast<acc>(four_alpha_snr2);
   acc* stp = step.data_ptr<acc>();
   if (batch_norm) {
-    snr_batch_finalize_kernel<acc><<<1, kThreads, 0, cs>>>(pp, batch, windows, k, stp);
+    snr_batch_finalize_kernel<acc><<<1, kThreads, 0, cs>>>(pp, batch, windows, k, kt, stp);
   } else {
-    snr_rows_finalize_kernel<acc><<<blocks_for(batch), kThreads, 0, cs>>>(pp, batch, windows, k, stp);
+    snr_rows_finalize_kernel<acc><<<blocks_for(batch), kThreads, 0, cs>>>(pp, batch, windows, k, kt, stp);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   LangevinParams<acc> p;
@@ -390,33 +415,47 @@ void snr_launch(const at::Tensor& x, const at::Tensor& score, const scalar_t* np
   p.row_seeds = seeds;
   p.seed = seed;
   p.stream = stream;
+  p.stream_offset = kt.index;
   launch<scalar_t, kHasNoise, true>(x, score, np, out, p, cs);
+}
+
+__global__ void advance_index_kernel(int64_t* index) { *index += 1; }
+
+// step_index += 1 after the step's three launches (they all read it first, in stream order).
+void advance_index(const at::Tensor& step_index, cudaStream_t cs) {
+  advance_index_kernel<<<1, 1, 0, cs>>>(step_index.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void langevin_snr_step_cuda(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& noise,
                             at::Tensor& out, at::Tensor& step, int64_t seed, int64_t stream,
-                            const std::optional<at::Tensor>& row_seeds, double four_alpha_snr2, bool batch_norm) {
-  check_langevin_snr_args(x, score, noise, out, step, row_seeds, c10::kCUDA);
+                            const std::optional<at::Tensor>& row_seeds, double four_alpha_snr2, bool batch_norm,
+                            const std::optional<at::Tensor>& k_table, const std::optional<at::Tensor>& step_index) {
+  check_langevin_snr_args(x, score, noise, out, step, row_seeds, k_table, step_index, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t batch = x.size(0);
   const int64_t numel = x.numel();
+  cudaStream_t cs = c10::cuda::getCurrentCUDAStream();
   if (numel == 0) {
     step.fill_(std::numeric_limits<double>::quiet_NaN());  // 0/0: the formula's value for empty rows
+    if (step_index.has_value()) advance_index(*step_index, cs);
     return;
   }
   const int64_t row_len = numel / batch;
   const int64_t* seeds = !noise.has_value() && row_seeds.has_value() ? row_seeds->data_ptr<int64_t>() : nullptr;
-  cudaStream_t cs = c10::cuda::getCurrentCUDAStream();
+  const SnrK kt{k_table.has_value() ? k_table->data_ptr() : nullptr, k_table.has_value() ? k_table->size(0) : 0,
+                step_index.has_value() ? step_index->data_ptr<int64_t>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_snr_step_cuda", [&] {
     if (noise.has_value()) {
       snr_launch<scalar_t, true>(x, score, noise->data_ptr<scalar_t>(), out, step, nullptr, static_cast<uint64_t>(seed),
-                                 static_cast<uint64_t>(stream), batch, row_len, four_alpha_snr2, batch_norm, cs);
+                                 static_cast<uint64_t>(stream), batch, row_len, four_alpha_snr2, batch_norm, kt, cs);
     } else {
       snr_launch<scalar_t, false>(x, score, nullptr, out, step, seeds, static_cast<uint64_t>(seed),
-                                  static_cast<uint64_t>(stream), batch, row_len, four_alpha_snr2, batch_norm, cs);
+                                  static_cast<uint64_t>(stream), batch, row_len, four_alpha_snr2, batch_norm, kt, cs);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (step_index.has_value()) advance_index(*step_index, cs);
 }
 
 }  // namespace

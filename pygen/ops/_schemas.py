@@ -23,7 +23,8 @@ SCHEMAS = {
     ),
     "langevin_snr_step": (
         "langevin_snr_step(Tensor x, Tensor score, Tensor? noise, Tensor(a!) out, Tensor(b!) step, int seed, "
-        "int stream, Tensor? row_seeds, float four_alpha_snr2, bool batch_norm) -> ()"
+        "int stream, Tensor? row_seeds, float four_alpha_snr2, bool batch_norm, Tensor? k_table=None, "
+        "Tensor(c!)? step_index=None) -> ()"
     ),
     "sampler_step_out": (
         "sampler_step_out(Tensor x, Tensor model_out, Tensor coeffs, Tensor(a!) step_index, "

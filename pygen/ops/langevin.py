@@ -21,11 +21,19 @@ replaced by their means over the batch (score_sde's default); then
 ``pygen.langevin_step``'s step size) and
 ``out = x + (dt_r/2)·score + sqrt(dt_r)·z``. ``dt_r`` is written to ``step``.
 Op: ``torch.ops.pygen.langevin_snr_step(x, score, noise, out, step, seed,
-stream, row_seeds, four_alpha_snr2, batch_norm) -> ()`` (writes ``out``, which
-may be ``x``, and the (B,) ``step``). One fused reduction (per-row sums of
-score² and z², z regenerated from Philox when drawn in-kernel, never stored)
-plus one fused update; no host sync. A zero score row gives inf/NaN as the
-formula says; NaN propagates. Backends as above; no autograd (a sampler op).
+stream, row_seeds, four_alpha_snr2, batch_norm, k_table=None, step_index=None)
+-> ()`` (writes ``out``, which may be ``x``, and the (B,) ``step``). One fused
+reduction (per-row sums of score² and z², z regenerated from Philox when drawn
+in-kernel, never stored) plus one fused update; no host sync. A zero score row
+gives inf/NaN as the formula says; NaN propagates. Backends as above; no
+autograd (a sampler op).
+
+Device step index (for loops captured in a CUDA graph, where host values are
+frozen): with ``k_table`` (1-D, the accumulation dtype) and ``step_index``
+(int64, shape (1,)) on x's device, the kernels read i = step_index[0] and use
+the step constant ``four_alpha_snr2·k_table[i]`` (NaN when i is outside the
+table) and the noise stream ``stream + i``; the op then stores i + 1 in
+``step_index``. Eagerly, the same as passing those two values from the host.
 """
 import math
 import numbers
@@ -34,7 +42,7 @@ import torch
 
 from pygen import _backend
 from pygen.ops._common import (call_compiled, check_like, check_stream, check_tensor, contiguous, needs_grad,
-                               noise_source)
+                               noise_source, to_signed64)
 from pygen.ops.random import randn_reference
 
 __all__ = ["langevin_step", "langevin_snr_step"]
@@ -75,10 +83,24 @@ def snr_noise_reference(x, noise, seed, stream, row_seeds):
     return randn_reference(x.shape, seed, stream, row_seeds, device=x.device, dtype=torch.float32).to(acc)
 
 
-def langevin_snr_step_reference(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm):
+def _indexed_k_and_stream(x, four_alpha_snr2, stream, k_table, step_index):
+    """(four_alpha_snr2·k_table[i] rounded to the accumulation dtype, stream + i) at i = step_index[0] (a host
+    read: the reference path), and step_index advanced."""
+    i = int(step_index[0])
+    entry = k_table[i] if 0 <= i < k_table.shape[0] else torch.tensor(float("nan"))
+    acc = _acc_dtype(x.dtype)
+    k = float(torch.tensor(four_alpha_snr2, dtype=acc) * entry.to(device="cpu", dtype=acc))
+    step_index.add_(1)
+    return k, to_signed64(stream + i)
+
+
+def langevin_snr_step_reference(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm,
+                                k_table=None, step_index=None):
     """Plain-PyTorch SNR Langevin corrector step (module docstring); writes ``out`` and ``step``."""
     acc = _acc_dtype(x.dtype)
     b = x.shape[0]
+    if step_index is not None:
+        four_alpha_snr2, stream = _indexed_k_and_stream(x, four_alpha_snr2, stream, k_table, step_index)
     if x.numel() == 0:
         step.fill_(float("nan"))
         return
@@ -166,7 +188,7 @@ def langevin_step(x, score, step_size, seed=None, stream=0, *, noise=None):
 
 
 def langevin_snr_step(x, score, four_alpha_snr2, seed=None, stream=0, *, noise=None, batch_norm=True, out=None,
-                      return_step=False):
+                      return_step=False, k_table=None, step_index=None):
     """score_sde's SNR Langevin corrector step, fused (norms, step size and update on the device).
 
     Per batch row r: g_r = ||score_r||, n_r = ||z_r|| (batch means of both when
@@ -186,6 +208,11 @@ def langevin_snr_step(x, score, four_alpha_snr2, seed=None, stream=0, *, noise=N
         batch_norm: batch-mean norms (True) or per-row norms (False).
         out: optional contiguous output like ``x``; may be ``x`` itself (in place).
         return_step: also return the (B,) tensor of dt_r (float32; float64 for float64 x).
+        k_table, step_index: a device step index (for a loop captured in a CUDA graph): a 1-D
+            float32 (float64 for float64 x) table and an int64 tensor of shape (1,), both on x's
+            device. The step constant is then ``four_alpha_snr2·k_table[i]`` (NaN for an i outside
+            the table) and the noise stream ``stream + i``, at i = step_index[0] read on the
+            device; the call then increments step_index.
 
     Returns ``out`` (or ``(out, dt)``). No host sync. NaN propagates; a zero score
     gives an inf/NaN step as the formula says.
@@ -211,16 +238,32 @@ def langevin_snr_step(x, score, four_alpha_snr2, seed=None, stream=0, *, noise=N
         check_like("out", out, "x", x)
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
+    _check_step_index(k_table, step_index, x)
     x, score = contiguous(x), contiguous(score)
     step = torch.empty(x.shape[0], dtype=_acc_dtype(x.dtype), device=x.device)
     run_langevin_snr_step(_backend.resolve(x.device), x, score, noise, out, step, seed_i, stream, row_seeds,
-                          four_alpha_snr2, batch_norm)
+                          four_alpha_snr2, batch_norm, k_table, step_index)
     return (out, step) if return_step else out
 
 
-def run_langevin_snr_step(backend, x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm):
+def _check_step_index(k_table, step_index, x):
+    if (k_table is None) != (step_index is None):
+        raise ValueError("k_table and step_index go together: pass both (a device step index) or neither")
+    if k_table is None:
+        return
+    check_tensor("k_table", k_table, dtypes=(_acc_dtype(x.dtype),), device=x.device)
+    if k_table.dim() != 1 or k_table.shape[0] < 1 or not k_table.is_contiguous():
+        raise ValueError(f"k_table must be a contiguous 1-D tensor with at least one entry, got shape "
+                         f"{tuple(k_table.shape)}")
+    check_tensor("step_index", step_index, dtypes=(torch.int64,), device=x.device)
+    if step_index.shape != (1,):
+        raise ValueError(f"step_index must be an int64 tensor of shape (1,), got shape {tuple(step_index.shape)}")
+
+
+def run_langevin_snr_step(backend, x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm,
+                          k_table=None, step_index=None):
     """The per-call hot path (checked, contiguous arguments; ``backend`` resolved by the caller)."""
-    args = (x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm)
+    args = (x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm, k_table, step_index)
     if backend == "torch":
         langevin_snr_step_reference(*args)
     elif backend == "triton":
@@ -275,7 +318,7 @@ def _backward(ctx, grad):
     return grad_x, grad_score, grad_steps, None, grad_noise, None, None, None
 
 
-def _check_snr_op_args(x, score, noise, out, step, row_seeds):
+def _check_snr_op_args(x, score, noise, out, step, row_seeds, k_table, step_index):
     """Checks of direct torch.ops.pygen.langevin_snr_step_triton calls (what the C++ op checks)."""
     if x.dim() < 1:
         raise ValueError("langevin_snr_step: x must have a batch dimension")
@@ -288,6 +331,7 @@ def _check_snr_op_args(x, score, noise, out, step, row_seeds):
         raise ValueError(f"langevin_snr_step: step must be a ({x.shape[0]},) {_acc_dtype(x.dtype)} tensor on x's device")
     if row_seeds is not None and (row_seeds.dtype != torch.int64 or row_seeds.shape != (x.shape[0],)):
         raise ValueError("langevin_snr_step: row_seeds must be 1-D int64 with one seed per row")
+    _check_step_index(k_table, step_index, x)
 
 
 def _register():
@@ -311,16 +355,19 @@ def _register():
 
     _registry.register_reference("langevin_snr_step", langevin_snr_step_reference)
 
-    def langevin_snr_step_triton(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm):
+    def langevin_snr_step_triton(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm,
+                                 k_table=None, step_index=None):
         from pygen.kernels import langevin as tk
 
-        _check_snr_op_args(x, score, noise, out, step, row_seeds)
+        _check_snr_op_args(x, score, noise, out, step, row_seeds, k_table, step_index)
         x, score = contiguous(x), contiguous(score)
         noise = contiguous(noise) if noise is not None else None
         row_seeds = contiguous(row_seeds) if row_seeds is not None else None
-        tk.langevin_snr_step(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm)
+        tk.langevin_snr_step(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm,
+                             k_table, step_index)
 
-    _registry.register_triton("langevin_snr_step", langevin_snr_step_triton, mutates_args=("out", "step"))
+    _registry.register_triton("langevin_snr_step", langevin_snr_step_triton,
+                              mutates_args=("out", "step", "step_index"))
     _registry.register_fake("langevin_snr_step", lambda *args: None)
     for qualname in ["pygen::langevin_step"] + (
         [_registry.TRITON_OPS["langevin_step"]] if "langevin_step" in _registry.TRITON_OPS else []
