@@ -12,12 +12,13 @@ Every predictor and ODE update is one ``pygen.sampler_step`` launch: its coeffic
 (x_next = a·x + b·score + s·z, plus one history slot for Heun) is built once per loop on the
 CPU in float64 from the SDE's closed forms and moved to the device once, the step index lives
 on the device (``advance=True``), and the noise z is drawn in the kernel
-(``pygen.randn(x.shape, seed, stream + i)``). Annealed Langevin uses ``pygen.langevin_step``
-with in-kernel noise. Each SNR-corrector iteration is one fused ``langevin_snr_step`` op
-(pygen/ops/langevin.py): a device reduction of the per-row norms of the score and of
-z = pygen.randn(x.shape, seed, stream) (z regenerated in the kernels, never stored), the step
-size computed on the device into a (B,) tensor, then the update: no ``.item()`` and no host
-sync anywhere in the loops.
+(``pygen.randn(x.shape, seed, stream + i)``). Annealed Langevin and the ALD corrector are
+``sampler_step`` launches too (rows x + dt/2·score + sqrt(dt)·z, one per update). Each
+SNR-corrector iteration is one fused ``langevin_snr_step`` op (pygen/ops/langevin.py): a device
+reduction of the per-row norms of the score and of z = pygen.randn(x.shape, seed, stream) (z
+regenerated in the kernels, never stored), the step size computed on the device into a (B,)
+tensor from 4·alpha_i·snr² read from a device table at the corrector's step index, then the
+update: no ``.item()`` and no host sync anywhere in the loops.
 
 Predictors (time grid ``t_i``, i = 0..N-1; ``grid="score_sde"``: t = linspace(T, eps, N) and
 dt = -1/N as in score_sde; ``grid="uniform"``: t_i from linspace(T, eps, N+1), dt = t_{i+1} - t_i)
@@ -51,10 +52,12 @@ step_i = step_lr·sigma_i²/sigma_L², and M steps x = x + step_i·score + sqrt(
 t = linspace(T, eps, N+1), by Euler or Heun (Heun: two fused launches per step, the first also
 storing x + dt/2·drift_1 in a history slot; the second adds dt/2·drift_2 to it).
 
-CUDA graphs: ``ode_sample(..., cuda_graph=True)`` and ``pc_sample(..., corrector="none",
-cuda_graph=True)`` capture one score call + fused step (the time read from a per-launch table at
-the device step index) and replay it per evaluation. The correctors and annealed Langevin pass
-their step size and noise stream as host values per step, so they run eagerly.
+CUDA graphs: ``ode_sample``, ``annealed_langevin`` and ``pc_sample`` take ``cuda_graph=True``:
+one loop step (pc: its corrector iterations and its predictor step; the others: one score call +
+fused update) is captured once and replayed. Every per-step value (the time, the table row, the
+SNR corrector's 4·alpha_i·snr², the noise stream) is read from step indices that live on the
+device and are advanced by the fused launches themselves, so the eager loop and the replays run
+the same launches.
 
 Noise streams (with ``stream`` = s): the prior uses s, predictor step i uses s + 1 + i,
 corrector iteration j of loop step i uses s + 1 + N + i·n_corrector_steps + j.
@@ -320,14 +323,46 @@ def _langevin_iter(score_fn, x, t_rows, four_alpha_snr2, norm, seed, stream, noi
     return out
 
 
-def _ald_iter(score_fn, x, t_rows, dt, seed, stream, noise):
-    grad = score_fn(x, t_rows)
-    check_like("score_fn(x, t)", grad, "x", x)
-    from pygen.ops.langevin import langevin_step
+def _langevin_rows(dts, repeat):
+    """float64 sampler_step rows of the Langevin update x + dt/2·score + sqrt(dt)·z, each dt repeated
+    ``repeat`` times (row r: iteration r % repeat at level r // repeat)."""
+    dts = dts.repeat_interleave(repeat)
+    cols = _blank(dts.shape[0])
+    cols[:, COL_A] = 1.0
+    cols[:, COL_B] = 0.5 * dts
+    cols[:, COL_S] = torch.sqrt(dts)
+    return cols
 
-    if noise is None:
-        return langevin_step(x, grad, dt, seed, stream)
-    return langevin_step(x, grad, dt, None, stream, noise=noise)
+
+def _corrector(corrector, score_fn, x, ks, repeat, seed, stream, norm):
+    """``correct(t)``: one corrector iteration on the contiguous ``x``, in place, with the score at the (B,)
+    times ``t`` (``correct.index``: the iteration counter). Iteration r (a step index held on the device and advanced by the fused launch) draws its
+    noise from stream ``stream + r`` and uses level r // ``repeat`` of ``ks``: 'ald' one sampler_step
+    with the rows ``_langevin_rows(ks, repeat)`` (ks = the Langevin dt per level); 'langevin' one
+    langevin_snr_step with k = ks[r // repeat] (= 4·alpha·snr²) read from a device table. Nothing is
+    read from the host per iteration, so the same launches replay in a CUDA graph."""
+    idx = torch.zeros(1, dtype=torch.int64, device=x.device)
+    if corrector == "ald":
+        table = _to_device(_langevin_rows(ks, repeat), x)
+
+        def correct(t, noise=None):  # (noise: a given z instead of the in-kernel draw)
+            grad = score_fn(x, t)
+            check_like("score_fn(x, t)", grad, "x", x)
+            sampler_step(x, grad, table, idx, noise=noise, seed=seed, stream=stream, advance=True, out=x)
+        correct.index = idx
+        return correct
+    k_table = _to_device(ks.repeat_interleave(repeat), x)
+    seed_i, row_seeds = split_seed(seed, x.shape[0], x.device)
+    step = torch.empty(x.shape[0], dtype=_acc(x), device=x.device)
+    backend, batch_norm = _backend.resolve(x.device), norm == "batch"
+
+    def correct(t):
+        grad = score_fn(x, t)
+        check_like("score_fn(x, t)", grad, "x", x)
+        run_langevin_snr_step(backend, x, grad.contiguous(), None, x, step, seed_i, stream, row_seeds, 1.0, batch_norm,
+                              k_table, idx)
+    correct.index = idx
+    return correct
 
 
 # ---------------------------------------------------------------------------
@@ -429,10 +464,12 @@ def annealed_langevin_corrector(score_fn, sde, x, t, *, snr=0.16, n_steps=1, see
     n_steps = _check_int("n_steps", n_steps, 1)
     noise = _check_noise_stack(noise, n_steps, x)
     stream = check_stream(stream)
-    dt = _ald_dt(sde, torch.tensor([t], dtype=_F64), snr)[0].item()  # CPU tensor: no device sync
+    dts = _ald_dt(sde, torch.tensor([t], dtype=_F64), snr)
     rows = _t_rows(t, x)
+    x = x.clone(memory_format=torch.contiguous_format)
+    correct = _corrector("ald", score_fn, x, dts, n_steps, seed, stream, None)
     for j in range(n_steps):
-        x = _ald_iter(score_fn, x, rows, dt, seed, stream + j, None if noise is None else noise[j])
+        correct(rows, None if noise is None else noise[j])
     return x
 
 
@@ -484,8 +521,9 @@ def _graph_loop(launch, t_dev, idx, x, n, per, callback, cuda_graph):
     """``n`` loop steps of ``per`` launches each: ``launch(t)`` with the (B,) model time of the launch,
     a view of ``t_dev[r]`` for launch r (eager), or ``t_dev[idx]`` read on the device
     (``cuda_graph=True``: one launch captured after the first ran as the warm-up, then replayed;
-    ``idx`` is advanced by each launch's fused step). ``callback(i, x)`` after each step (with a
-    graph, a copy of ``x``: the next replay rewrites it)."""
+    ``idx`` is advanced by the launch's fused steps, and ``t_dev[idx]`` at the start of launch r must
+    be the time of launch r). ``callback(i, x)`` after each step (with a graph, a copy of ``x``: the
+    next replay rewrites it)."""
     b = x.shape[0]
     views = list(t_dev.unbind(0))
     graph, warmed = None, False
@@ -532,10 +570,9 @@ def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corre
     is called after each step. Returns the samples (x_mean of the last predictor step when
     ``denoise``).
 
-    ``cuda_graph=True`` (CUDA tensors, ``corrector="none"``): the score call and the fused predictor
-    step are captured once and replayed per step (the time and the table row read from the device
-    step index); a corrector's step size and noise stream are host values per step, so with one the
-    loop warns once and runs eagerly.
+    ``cuda_graph=True`` (CUDA tensors): one loop step (the corrector's score calls and fused updates,
+    then the predictor's) is captured once and replayed per step; the times, table rows, corrector
+    step constants and noise streams are read from device step indices.
     """
     _check_sde(sde)
     _check_predictor(predictor, sde)
@@ -560,7 +597,6 @@ def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corre
     x = _init(sde, shape, x_T, seed, stream, device, dtype)
     if isinstance(seed, torch.Tensor):
         split_seed(seed, x.shape[0], x.device)  # validates per-row seeds
-    b = x.shape[0]
     t_dev = _row_times(times, x)
     if predictor != "none":
         table = _predictor_table(predictor, sde, times, dts)
@@ -574,50 +610,45 @@ def pc_sample(score_fn, sde, shape=None, *, predictor="reverse_diffusion", corre
             raise ValueError(f"the Langevin corrector needs alpha = 1 - beta_i >= 0, but this SDE's discrete betas "
                              f"reach {float(1 - alpha.min()):.3g} (sde.N = {sde.N} is too small for its beta_max); "
                              "use a larger N or corrector='ald'/'none'")
-        ks = (4.0 * alpha * snr * snr).tolist()
+        correct = _corrector(corrector, score_fn, x, 4.0 * alpha * snr * snr, n_corr, seed,
+                             check_stream(stream + 1 + n), norm)
     elif corrector == "ald":
-        ks = _ald_dt(sde, times, snr).tolist()
+        correct = _corrector(corrector, score_fn, x, _ald_dt(sde, times, snr), n_corr, seed,
+                             check_stream(stream + 1 + n), norm)
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
-    if cuda_graph and corrector != "none":
-        warnings.warn(f"cuda_graph=True: the {corrector!r} corrector's step size and noise stream change per step "
-                      "on the host, so this loop runs eagerly (corrector='none' can be captured)",
-                      stacklevel=_caller_stacklevel())
-        cuda_graph = False
-    if predictor != "none":
-        def predict(x, t):  # the fused predictor step, in place on the contiguous x
+    if predictor == "none":
+        # the loop step's time comes from a loop counter (a graph reads it on the device)
+        idx = torch.zeros(1, dtype=torch.int64, device=x.device)
+        cuda_graph = cuda_graph and corrector != "none"  # (nothing to capture)
+
+    def launch(t):  # one loop step on x in place: the corrector iterations, then the fused predictor step
+        for _ in range(n_corr if corrector != "none" else 0):
+            correct(t)
+        if predictor != "none":
             s = score_fn(x, t)
             check_like("score_fn(x, t)", s, "x", x)
-            return sampler_step(x, s, table, idx, seed=seed, stream=stream + 1, advance=True, out=x)
+            sampler_step(x, s, table, idx, seed=seed, stream=stream + 1, advance=True, out=x)
+        elif cuda_graph:
+            idx.add_(1)
 
-        if cuda_graph:  # (x from _init: a contiguous buffer the captured step keeps writing)
-            _graph_loop(lambda t: predict(x, t), t_dev, idx, x, n, 1, callback, True)
-            return x
-    corr_base = stream + 1 + n
-    for i in range(n):
-        rows = t_dev[i].expand(b)
-        for j in range(n_corr if corrector != "none" else 0):
-            st = corr_base + i * n_corr + j
-            if corrector == "langevin":
-                x = _langevin_iter(score_fn, x, rows, ks[i], norm, seed, st, None)
-            else:
-                x = _ald_iter(score_fn, x, rows, ks[i], seed, st, None)
-        if predictor != "none":
-            x = predict(x.contiguous(), rows)
-        if callback is not None:
-            callback(i, x)
+    # (x from _init: a contiguous buffer that every step, captured or not, rewrites)
+    _graph_loop(launch, t_dev, idx, x, n, 1, callback, cuda_graph)
     return x
 
 
 def annealed_langevin(score_fn, sde, shape=None, *, n_levels=10, n_steps_each=100, step_lr=2e-5, eps=1e-3, seed=0,
-                      stream=0, denoise=False, x_T=None, device=None, dtype=torch.float32, callback=None):
+                      stream=0, denoise=False, x_T=None, device=None, dtype=torch.float32, callback=None,
+                      cuda_graph=False):
     """NCSN annealed Langevin dynamics (seed 001).
 
     Levels: t_i = linspace(T, eps, n_levels), sigma_i = sde.marginal_std(t_i) (the VE sigma);
     step_i = step_lr·sigma_i²/sigma_L²; at each level ``n_steps_each`` updates
-    x = x + step_i·score(x, t_i) + sqrt(2·step_i)·z (one fused ``langevin_step`` each, z drawn
-    in the kernel from stream + 1 + i·n_steps_each + m). ``denoise=True`` ends with Tweedie's
+    x = x + step_i·score(x, t_i) + sqrt(2·step_i)·z (one fused ``sampler_step`` each, its row
+    and noise stream stream + 1 + i·n_steps_each + m read from a device index, z drawn in the
+    kernel). ``callback(i, x)`` after each level. ``denoise=True`` ends with Tweedie's
     x = (x + sigma_L²·score(x, t_L)) / mean_coeff(t_L).
+    ``cuda_graph=True`` (CUDA tensors): one score call + update captured once and replayed.
     """
     _check_sde(sde)
     n_levels = _check_int("n_levels", n_levels, 1)
@@ -628,18 +659,17 @@ def annealed_langevin(score_fn, sde, shape=None, *, n_levels=10, n_steps_each=10
         raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
     _check_callback(callback)
     stream = check_stream(stream)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
     x = _init(sde, shape, x_T, seed, stream, device, dtype)
     times = torch.linspace(sde.T, eps, n_levels, dtype=_F64)
     sig = sde.marginal_std(times)
-    dts = (2.0 * step_lr * (sig / sig[-1]) ** 2).tolist()
+    correct = _corrector("ald", score_fn, x, 2.0 * step_lr * (sig / sig[-1]) ** 2, m, seed, check_stream(stream + 1),
+                         None)
     t_dev = _row_times(times, x)
+    # update r = i·m + k reads its time from the per-update table at the corrector's own device index
+    _graph_loop(correct, t_dev.repeat_interleave(m), correct.index, x, n_levels, m, callback, cuda_graph)
     b = x.shape[0]
-    for i in range(n_levels):
-        rows = t_dev[i].expand(b)
-        for k in range(m):
-            x = _ald_iter(score_fn, x, rows, dts[i], seed, stream + 1 + i * m + k, None)
-        if callback is not None:
-            callback(i, x)
     if denoise:
         s = score_fn(x, t_dev[-1].expand(b))
         check_like("score_fn(x, t)", s, "x", x)

@@ -376,11 +376,10 @@ def _sde_and_mcmc_cases():
     return cases
 
 
-@pytest.mark.parametrize("sampler,model,opts", _sde_and_mcmc_cases()[3:], ids=SDE_SAMPLERS[3:] + MCMC_SAMPLERS)
-def test_cuda_graph_for_sde_and_mcmc_warns_once_and_runs_eagerly(sampler, model, opts):
-    """cuda_graph=True is not implemented for annealed Langevin and MCMC (per-step host step sizes and
-    noise streams): they say so in one warning naming the sampler and run the eager loop (the same
-    samples)."""
+@pytest.mark.parametrize("sampler,model,opts", _sde_and_mcmc_cases()[len(SDE_SAMPLERS):], ids=MCMC_SAMPLERS)
+def test_cuda_graph_for_mcmc_warns_once_and_runs_eagerly(sampler, model, opts):
+    """cuda_graph=True is not implemented for MCMC: it says so in one warning naming the sampler and
+    runs the eager loop (the same samples)."""
     kw = dict(sampler=sampler, steps=20, seed=3, progress=False, **opts)
     eager = pygen.sample(model, noise(8), **kw)
     with warnings.catch_warnings(record=True) as rec:
@@ -389,7 +388,7 @@ def test_cuda_graph_for_sde_and_mcmc_warns_once_and_runs_eagerly(sampler, model,
     assert len(rec) == 1, [str(w.message) for w in rec]
     msg = str(rec[0].message)
     assert "cuda_graph=True" in msg and repr(sampler) in msg and "runs eagerly" in msg
-    assert "diffusion samplers" in msg
+    assert "diffusion and score-SDE samplers" in msg
     assert rec[0].filename == __file__
     assert torch.equal(graphed, eager)
 
@@ -414,16 +413,26 @@ def _fake_sde_capture(monkeypatch):
 SDE_GRAPH_CASES = [("ode_euler", {}), ("ode_heun", {}),
                    ("pc", dict(corrector="none", predictor="euler_maruyama")),
                    ("pc", dict(corrector="none", predictor="reverse_diffusion")),
-                   ("pc", dict(corrector="none", predictor="ancestral"))]
+                   ("pc", dict(corrector="none", predictor="ancestral")),
+                   ("pc", dict(corrector="langevin", predictor="reverse_diffusion")),
+                   ("pc", dict(corrector="langevin", predictor="ancestral", norm="row", n_corrector_steps=2)),
+                   ("pc", dict(corrector="ald", predictor="euler_maruyama", n_corrector_steps=2)),
+                   ("pc", dict(corrector="langevin", predictor="none", n_corrector_steps=3)),
+                   ("pc", dict(corrector="ald", predictor="none")),
+                   ("annealed_langevin", dict(n_steps_each=3, schedule="ve"))]
+SDE_GRAPH_IDS = [f"{s}-{o.get('predictor', '')}-{o.get('corrector', '')}-{o.get('n_corrector_steps', '')}"
+                 for s, o in SDE_GRAPH_CASES]
 
 
-@pytest.mark.parametrize("sampler,opts", SDE_GRAPH_CASES, ids=[f"{s}-{o.get('predictor', '')}" for s, o in SDE_GRAPH_CASES])
+@pytest.mark.parametrize("sampler,opts", SDE_GRAPH_CASES, ids=SDE_GRAPH_IDS)
 @pytest.mark.parametrize("pt", ["score", "eps"])
-def test_sde_graph_loop_matches_eager(sampler, opts, pt, monkeypatch):
-    """cuda_graph=True for the ODE samplers and predictor-only PC: the captured step reads its time and
-    table row from the device step index; replayed per evaluation it gives exactly the eager samples,
-    with as many model calls, and the callback gets a copy per step."""
-    sde = pygen.schedules.VPSDE(N=25)  # (reverse diffusion / ancestral need beta_max / N <= 1)
+@pytest.mark.parametrize("row_seeds", [False, True])
+def test_sde_graph_loop_matches_eager(sampler, opts, pt, row_seeds, monkeypatch):
+    """cuda_graph=True for every score-SDE sampler: the captured loop step reads its times, table rows,
+    corrector step constants and noise streams from device step indices; replayed per step it gives
+    exactly the eager samples, with the same model calls, and the callback gets a copy per step."""
+    opts = dict(opts)  # (reverse diffusion / ancestral need beta_max / N <= 1: N = 25)
+    sde = pygen.schedules.VESDE(N=25) if opts.pop("schedule", "vp") == "ve" else pygen.schedules.VPSDE(N=25)
     exact = MIX.model_fn("score", sde=sde)
 
     def score(x, t):  # the score, or the eps-prediction -std(t)·score (the conversion runs on the device)
@@ -435,7 +444,8 @@ def test_sde_graph_loop_matches_eager(sampler, opts, pt, monkeypatch):
         calls.append(t.clone())
         return score(x, t)
 
-    kw = dict(sampler=sampler, steps=25, schedule=sde, prediction_type=pt, seed=3, progress=False, **opts)
+    seed = torch.arange(8) * 7 + 2 if row_seeds else 3
+    kw = dict(sampler=sampler, steps=25, schedule=sde, prediction_type=pt, seed=seed, progress=False, **opts)
     eager = pygen.sample(model, noise(8), **kw)
     eager_calls = [t.clone() for t in calls]
     calls.clear()
@@ -450,14 +460,14 @@ def test_sde_graph_loop_matches_eager(sampler, opts, pt, monkeypatch):
     assert torch.equal(seen[-1][1], graphed)
 
 
-def test_sde_graph_needs_cuda_and_pc_corrector_warns():
-    """On CPU tensors cuda_graph=True warns once and runs eagerly; 'pc' with a corrector warns once (its
-    step sizes and noise streams are host values per step) and runs eagerly; bad cuda_graph types raise."""
+def test_sde_graph_needs_cuda():
+    """On CPU tensors cuda_graph=True warns once and runs eagerly; bad cuda_graph types raise."""
     sde = pygen.schedules.VPSDE(N=25)
     score = MIX.model_fn("score", sde=sde)
     for sampler, opts, words in [("ode_heun", {}, "needs CUDA tensors"),
                                  ("pc", dict(corrector="none"), "needs CUDA tensors"),
-                                 ("pc", {}, "'langevin' corrector")]:
+                                 ("pc", {}, "needs CUDA tensors"),
+                                 ("annealed_langevin", dict(n_steps_each=2), "needs CUDA tensors")]:
         kw = dict(sampler=sampler, steps=25, schedule=sde, prediction_type="score", seed=1, progress=False, **opts)
         eager = pygen.sample(score, noise(8), **kw)
         with warnings.catch_warnings(record=True) as rec:
@@ -466,8 +476,9 @@ def test_sde_graph_needs_cuda_and_pc_corrector_warns():
         assert len(rec) == 1 and words in str(rec[0].message), [str(w.message) for w in rec]
         assert rec[0].filename == __file__
         assert torch.equal(graphed, eager)
-    with pytest.raises(TypeError, match="cuda_graph"):
-        pygen.sde.ode_sample(score, sde, (4, 2), n_steps=3, cuda_graph="yes")
+    for loop in (pygen.sde.ode_sample, pygen.sde.pc_sample, pygen.sde.annealed_langevin):
+        with pytest.raises(TypeError, match="cuda_graph"):
+            loop(score, sde, (4, 2), cuda_graph="yes")
 
 
 BAD_OUTPUTS = {
@@ -560,11 +571,12 @@ def test_cuda_graph_matches_eager_scaled_state(pt):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("sampler,opts", SDE_GRAPH_CASES, ids=[f"{s}-{o.get('predictor', '')}" for s, o in SDE_GRAPH_CASES])
+@pytest.mark.parametrize("sampler,opts", SDE_GRAPH_CASES, ids=SDE_GRAPH_IDS)
 def test_cuda_graph_matches_eager_sde(sampler, opts):
-    """The ODE samplers and predictor-only PC captured in a real CUDA graph: no fallback warning, and the
-    same samples as the eager loop."""
-    sde = pygen.schedules.VPSDE(N=25)
+    """Every score-SDE sampler captured in a real CUDA graph: no fallback warning, and the same samples
+    as the eager loop."""
+    opts = dict(opts)
+    sde = pygen.schedules.VESDE(N=25) if opts.pop("schedule", "vp") == "ve" else pygen.schedules.VPSDE(N=25)
     score = pygen.models.clot(device="cuda", dtype=torch.float32).model_fn("score", sde=sde)
     _assert_cuda_graph_equals_eager(score, sampler=sampler, steps=25, schedule=sde, prediction_type="score", **opts)
 

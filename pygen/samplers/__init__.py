@@ -38,10 +38,10 @@ Families (``SAMPLERS``):
   ``"pc"`` (options predictor=, corrector=, snr=, n_corrector_steps=, ...), ``"ode_euler"``,
   ``"ode_heun"``, ``"annealed_langevin"``. The model: ``"score"`` ``model(x, t)`` -> grad log
   p_t, ``"eps"`` -> eps-prediction, ``"x0"`` -> x0-prediction. ``cuda_graph=True`` captures one
-  score call + fused step of ``"ode_euler"``, ``"ode_heun"`` and ``"pc"`` with
-  ``corrector="none"`` (time and table row read from the device step index); a corrector and
-  annealed Langevin change their step size and noise stream on the host at every step, so they
-  (and MCMC) run eagerly with one warning.
+  loop step (``"pc"``: the corrector iterations and the predictor; the ODEs and annealed
+  Langevin: one score call + fused update) and replays it: the times, the table rows, the
+  corrector's step constants and the noise streams are all read from step indices on the
+  device.
 - MCMC (``pygen.mcmc``): ``"ula"`` (``"score"`` or ``"energy"`` model), ``"mala"``, ``"hmc"``,
   ``"replica_exchange"`` (``"energy"`` model ``E(x)`` -> (rows,)); ``steps`` = MCMC steps,
   options step_size= (required), n_leapfrog=, betas=, ... as in ``pygen.mcmc``. The chains start
@@ -71,7 +71,6 @@ __all__ = ["sample", "SAMPLERS", "DIFFUSION_SAMPLERS", "SDE_SAMPLERS", "MCMC_SAM
 
 DIFFUSION_SAMPLERS = tuple(_K.SAMPLERS) + ("ddim", "ddpm")
 SDE_SAMPLERS = ("pc", "ode_euler", "ode_heun", "annealed_langevin")
-GRAPH_SDE_SAMPLERS = ("pc", "ode_euler", "ode_heun")  # cuda_graph=True (pc: with corrector="none")
 MCMC_SAMPLERS = ("ula", "mala", "hmc", "replica_exchange")
 SAMPLERS = DIFFUSION_SAMPLERS + SDE_SAMPLERS + MCMC_SAMPLERS
 PREDICTION_TYPES = ("eps", "x0", "v", "flow", "denoiser", "score", "energy")
@@ -119,9 +118,8 @@ def sample(model, x_T_or_shape, sampler="dpmpp_2m", steps=25, schedule=None, pre
         schedule: ``pygen.schedules.NoiseSchedule`` (diffusion, eps/x0/v) or a SDE (score-SDE).
         prediction_type: one of ``PREDICTION_TYPES`` valid for the family.
         seed: int or per-row int64 tensor; all noise is pygen's counter-based noise.
-        cuda_graph: capture model + fused step once and replay it (CUDA; the diffusion samplers, the
-            probability-flow ODE samplers and ``"pc"`` with ``corrector="none"``; the others warn once
-            and run eagerly).
+        cuda_graph: capture model + fused step once and replay it (CUDA; the diffusion and score-SDE
+            samplers; MCMC warns once and runs eagerly).
         progress: show a tqdm progress bar.
         device, dtype: of the initial noise when a shape is given.
         callback: ``callback(i, x)`` after each step (diffusion: after each model evaluation's step).
@@ -140,14 +138,12 @@ def sample(model, x_T_or_shape, sampler="dpmpp_2m", steps=25, schedule=None, pre
     if sampler in DIFFUSION_SAMPLERS:
         return _sample_diffusion(model, eps, sampler, int(steps), schedule, prediction_type, seed, cuda_graph,
                                  progress, callback, options)
-    if cuda_graph and sampler not in GRAPH_SDE_SAMPLERS:
-        warnings.warn(f"cuda_graph=True is implemented for the diffusion samplers, the probability-flow ODE samplers "
-                      f"and 'pc' without a corrector; {sampler!r} runs eagerly (its loop is already free of host "
-                      "syncs)", stacklevel=2)
-        cuda_graph = False
     if sampler in SDE_SAMPLERS:
         return _sample_sde(model, eps, sampler, int(steps), schedule, prediction_type, seed, progress, callback,
                            options, bool(cuda_graph))
+    if cuda_graph:
+        warnings.warn(f"cuda_graph=True is implemented for the diffusion and score-SDE samplers; {sampler!r} runs "
+                      "eagerly (its loop is already free of host syncs)", stacklevel=2)
     return _sample_mcmc(model, eps, sampler, int(steps), prediction_type, seed, progress, callback, options)
 
 
@@ -401,7 +397,8 @@ def _sample_sde(model, eps, sampler, steps, schedule, prediction_type, seed, pro
             return _sde.pc_sample(score, sde, x_T=x_T, n_steps=steps, seed=seed, callback=cb, cuda_graph=cuda_graph,
                                   **options)
         if sampler == "annealed_langevin":
-            return _sde.annealed_langevin(score, sde, x_T=x_T, n_levels=steps, seed=seed, callback=cb, **options)
+            return _sde.annealed_langevin(score, sde, x_T=x_T, n_levels=steps, seed=seed, callback=cb,
+                                          cuda_graph=cuda_graph, **options)
         return _sde.ode_sample(score, sde, x_T=x_T, method=sampler[4:], n_steps=steps, seed=seed, callback=cb,
                                cuda_graph=cuda_graph, **options)
     finally:
