@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(pygen, m) {
-  m.def("randn_fill_(Tensor(a!) out, int seed, int stream, Tensor? row_seeds) -> ()");
+  m.def("randn_fill_(Tensor(a!) out, int seed, int stream, Tensor? row_seeds, Tensor? stream_offset=None) -> ()");
   m.def(
       "q_sample(Tensor x0, Tensor t, Tensor table, Tensor? noise, int seed, int stream, "
       "Tensor? row_seeds, int interpolation, int target) -> (Tensor, Tensor, Tensor)");
@@ -20,7 +20,7 @@ TORCH_LIBRARY(pygen, m) {
       "Tensor? row_seeds) -> (Tensor, Tensor)");
   m.def(
       "langevin_step(Tensor x, Tensor score, Tensor? step_sizes, float step_size, Tensor? noise, "
-      "int seed, int stream, Tensor? row_seeds) -> Tensor");
+      "int seed, int stream, Tensor? row_seeds, Tensor? stream_offset=None) -> Tensor");
   m.def(
       "langevin_snr_step(Tensor x, Tensor score, Tensor? noise, Tensor(a!) out, Tensor(b!) step, int seed, "
       "int stream, Tensor? row_seeds, float four_alpha_snr2, bool batch_norm, Tensor? k_table=None, "

@@ -63,10 +63,28 @@ inline void check_row_seeds(const at::Tensor& row_seeds, int64_t batch, const at
 // ---------------------------------------------------------------------------
 // randn_fill_(out, seed, stream, row_seeds)
 // ---------------------------------------------------------------------------
+// A device stream offset (randn_fill_, langevin_step): an int64 tensor of shape (1,) on like's device,
+// read by the kernels and added to the noise stream (a CUDA-graph loop's step counter).
+inline void check_stream_offset(const std::optional<at::Tensor>& offset, const at::Tensor& like, const char* like_name,
+                                c10::DeviceType type) {
+  if (!offset.has_value()) return;
+  check_tensor_on(*offset, "stream_offset", type);
+  check_same_device(*offset, "stream_offset", like, like_name);
+  TORCH_CHECK(offset->scalar_type() == at::kLong && offset->dim() == 1 && offset->size(0) == 1,
+              "pygen: stream_offset must be int64 of shape (1,), got ", offset->scalar_type(), " of shape ",
+              offset->sizes());
+}
+
+// The noise stream of a host (CPU) call: stream + stream_offset[0] (mod 2^64).
+inline uint64_t offset_stream(int64_t stream, const std::optional<at::Tensor>& offset) {
+  return static_cast<uint64_t>(stream) + (offset.has_value() ? static_cast<uint64_t>(*offset->data_ptr<int64_t>()) : 0);
+}
+
 inline void check_randn_fill_args(const at::Tensor& out, const std::optional<at::Tensor>& row_seeds,
-                                  c10::DeviceType type) {
+                                  const std::optional<at::Tensor>& stream_offset, c10::DeviceType type) {
   check_tensor_on(out, "out", type);
   if (row_seeds.has_value()) check_row_seeds(*row_seeds, out.dim() > 0 ? out.size(0) : 1, out, "out", type);
+  check_stream_offset(stream_offset, out, "out", type);
 }
 
 // ---------------------------------------------------------------------------
@@ -181,7 +199,8 @@ inline ReparameterizeOutputs reparameterize_outputs(const ReparameterizeArgs& a)
 }
 
 // ---------------------------------------------------------------------------
-// langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seeds)
+// langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seeds, stream_offset)
+// (stream_offset: check_stream_offset above)
 // ---------------------------------------------------------------------------
 // The checked inputs, made contiguous (noise / row_seeds as in QSampleArgs;
 // step_sizes: per-row steps, absent for the scalar step_size).

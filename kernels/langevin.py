@@ -78,7 +78,7 @@ def _langevin_step_kernel(
     tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seeds):
+def langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seeds, stream_offset=None):
     """Launch on contiguous tensors (arguments as in pygen::langevin_step); returns x_next."""
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     numel = out.numel()
@@ -96,9 +96,10 @@ def langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seed
     grid = (triton.cdiv(row_len, 4 * BLOCK), rows)
     _langevin_step_kernel[grid](
         x, score, noise if noise is not None else x, step_sizes if step_sizes is not None else x,
-        row_seeds if per_row_seed else x, out, x,
+        row_seeds if per_row_seed else x, out, stream_offset if stream_offset is not None else x,
         seed, stream, c1_hi, c1_lo, c2_hi, c2_lo, row_len, batch_row_len,
-        HAS_NOISE=noise is not None, PER_ROW_SEED=per_row_seed, PER_ROW_STEP=step_sizes is not None, HAS_INDEX=False,
+        HAS_NOISE=noise is not None, PER_ROW_SEED=per_row_seed, PER_ROW_STEP=step_sizes is not None,
+        HAS_INDEX=stream_offset is not None,
         ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK=BLOCK,
     )
     return out

@@ -377,6 +377,8 @@ def _opcheck_cases(dtype):
         (x, score, None, 0.3, None, -7, 2**40, None),
         (x, score, steps.double(), 0.0, None, 3, 1, rows),
         (x, score, steps, 0.0, None, 3, 1, None),
+        (x, score, None, 0.3, None, 3, 2**63 - 1, rows, torch.tensor([4])),
+        (x, score, steps, 0.0, None, 3, 1, None, torch.tensor([0])),
     ]
 
 
@@ -400,6 +402,8 @@ def test_opcheck_with_grad():
     steps = torch.tensor([0.2, 0.5], dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.pygen.langevin_step.default, (x, score, steps, 0.0, z, 0, 0, None))
     torch.library.opcheck(torch.ops.pygen.langevin_step.default, (x, score, None, 0.2, None, 1, 2, None))
+    torch.library.opcheck(torch.ops.pygen.langevin_step.default, (x, score, steps, 0.0, None, 1, 2, None,
+                                                                  torch.tensor([3])))
 
 
 def test_fake_tensor_shape():
@@ -439,6 +443,55 @@ def test_large_rows_cpu(backend, shape, mode):
                             seed if isinstance(seed, torch.Tensor) else None)
     torch.testing.assert_close(out, expected(x, score, dt, z).float(), rtol=1e-5, atol=4e-6)
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("per_row_steps", [False, True])
+@pytest.mark.parametrize("row_seeds", [False, True])
+def test_stream_offset(backend, dtype, per_row_steps, row_seeds):
+    """stream_offset = [k] (a device step counter): exactly the call with stream + k (mod 2^64); given noise
+    ignores it; the offset is not modified."""
+    if dtype == torch.float64 and backend not in ("torch", "cpu"):
+        pytest.skip("fp64 storage: torch and cpu backends")
+    dev = device_for(backend)
+    shape = (3, 5, 7)
+    x, score = make(shape, dtype, dev, seed=70), make(shape, dtype, dev, seed=71)
+    dt = torch.tensor([0.1, 0.3, 0.02], device=dev) if per_row_steps else 0.2
+    seed = torch.tensor([3, -4, 2**62], device=dev) if row_seeds else 11
+    for stream, k in [(9, 0), (9, 5), (2**64 - 3, 4)]:
+        offset = torch.tensor([k], device=dev)
+        with pygen.use_backend(backend):
+            want = pygen.langevin_step(x, score, dt, seed, to_signed64(stream + k))
+            got = pygen.langevin_step(x, score, dt, seed, stream, stream_offset=offset)
+            z = make(shape, dtype, dev, seed=72)
+            given = pygen.langevin_step(x, score, dt, stream=stream, noise=z, stream_offset=offset)
+            given_want = pygen.langevin_step(x, score, dt, noise=z)
+        assert torch.equal(got, want), (stream, k)
+        assert torch.equal(given, given_want)
+        assert int(offset[0]) == k
+
+
+def test_stream_offset_gradients_regenerate_the_offset_noise():
+    """The step-size gradient regenerates z from stream + offset."""
+    x, score = make((4, 6), torch.float64, "cpu", seed=73), make((4, 6), torch.float64, "cpu", seed=74)
+    dt = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64, requires_grad=True)
+    offset = torch.tensor([6])
+    for backend in ["torch"] + (["cpu"] if pygen.backends()["cpu"] == "available" else []):
+        with pygen.use_backend(backend):
+            (ga,) = torch.autograd.grad(pygen.langevin_step(x, score, dt, 2, 10, stream_offset=offset).sum(), dt)
+            (gb,) = torch.autograd.grad(pygen.langevin_step(x, score, dt, 2, 16).sum(), dt)
+        torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("offset, exc", [(torch.zeros(2, dtype=torch.int64), ValueError),
+                                         (torch.zeros(1, dtype=torch.int32), TypeError),
+                                         (torch.zeros((), dtype=torch.int64), ValueError),
+                                         ([0], TypeError)])
+def test_stream_offset_bad_input(offset, exc):
+    x = torch.zeros(2, 3)
+    with pytest.raises(exc, match="stream_offset"):
+        pygen.langevin_step(x, x, 0.1, 1, stream_offset=offset)
 
 
 # ---------------------------------------------------------------------------

@@ -441,6 +441,54 @@ def test_bad_shape_entries(shape):
 
 
 # ---------------------------------------------------------------------------
+# device stream offset (randn_fill_'s stream_offset: a loop's step counter, for CUDA graphs)
+# ---------------------------------------------------------------------------
+def _fill_with_offset(backend, out, seed, stream, rows, offset):
+    """The randn_fill_ of ``backend`` (its reference, launcher or compiled op) with a device stream offset."""
+    if backend == "torch":
+        from pygen.ops.random import randn_fill_reference
+
+        randn_fill_reference(out, seed, stream, rows, offset)
+    elif backend == "triton":
+        from pygen.kernels import random as tk
+
+        tk.randn_fill(out, seed, stream, rows, offset)
+    else:
+        torch.ops.pygen.randn_fill_(out, seed, stream, rows, offset)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_stream_offset_adds_to_the_stream(backend, dtype, per_row):
+    """With stream_offset = [k] (read on the device) the noise is exactly pygen.randn(shape, seed, stream + k),
+    wrapping mod 2^64; the offset is not modified."""
+    dev = device_for(backend)
+    shape = (3, 37)
+    seed = torch.tensor([4, -9, 2**62], device=dev) if per_row else 77
+    rows = seed if per_row else None
+    seed_i = 0 if per_row else 77
+    for stream, k in [(5, 0), (5, 3), (2**63 - 2, 7), (-3, 2**40)]:
+        offset = torch.tensor([k], device=dev)
+        with pygen.use_backend(backend):
+            want = pygen.randn(shape, seed, to_signed64(stream + k), device=dev, dtype=dtype)
+        got = _fill_with_offset(backend, torch.empty(shape, device=dev, dtype=dtype), seed_i, to_signed64(stream),
+                                rows, offset)
+        assert torch.equal(got, want), (stream, k)
+        assert int(offset[0]) == k
+
+
+def test_stream_offset_bad_input():
+    out = torch.empty(2, 3)
+    for offset, exc in [(torch.zeros(2, dtype=torch.int64), (RuntimeError, ValueError)),
+                        (torch.zeros(1, dtype=torch.int32), (RuntimeError, TypeError)),
+                        (torch.zeros((), dtype=torch.int64), (RuntimeError, ValueError))]:
+        with pytest.raises(exc, match="stream_offset"):
+            torch.ops.pygen.randn_fill_(out, 1, 0, None, offset)
+
+
+# ---------------------------------------------------------------------------
 # torch.library registration
 # ---------------------------------------------------------------------------
 def _randn_fill_cases():
@@ -448,6 +496,7 @@ def _randn_fill_cases():
     for dtype in (torch.float32, torch.float16, torch.float64):
         cases.append((torch.empty(3, 5, 7, dtype=dtype), 5, 0, None))
         cases.append((torch.empty(4, 9, dtype=dtype), -(2**63), 2**63 - 1, torch.tensor([1, -2, 3, 2**62])))
+        cases.append((torch.empty(4, 9, dtype=dtype), 3, 2**63 - 1, None, torch.tensor([5])))
     cases.append((torch.empty(0, 4), 1, 1, None))
     return cases
 
@@ -459,10 +508,11 @@ def test_opcheck_randn_fill():
 
 @needs_triton
 def test_opcheck_randn_fill_triton():
-    for out, seed, stream, rows in _randn_fill_cases():
+    for out, seed, stream, rows, *offset in _randn_fill_cases():
         if out.dtype == torch.float64:
             continue
-        args = (out.to(TRITON_DEVICE), seed, stream, None if rows is None else rows.to(TRITON_DEVICE))
+        args = (out.to(TRITON_DEVICE), seed, stream, None if rows is None else rows.to(TRITON_DEVICE),
+                *(o.to(TRITON_DEVICE) for o in offset))
         torch.library.opcheck(torch.ops.pygen.randn_fill_triton_.default, args)
 
 

@@ -79,9 +79,9 @@ std::tuple<at::Tensor, at::Tensor> call_reparameterize_kl_backward(const at::Ten
 // eps in float32 exactly as the kernels regenerate it: pygen.randn(shape, seed, stream[, row_seeds]).
 at::Tensor regenerate_eps(const at::Tensor& like, int64_t seed, int64_t stream, const OptTensor& row_seeds) {
   static const auto op =
-      op_handle<void(at::Tensor&, int64_t, int64_t, const OptTensor&)>("pygen::randn_fill_");
+      op_handle<void(at::Tensor&, int64_t, int64_t, const OptTensor&, const OptTensor&)>("pygen::randn_fill_");
   at::Tensor eps = at::empty(like.sizes(), like.options().dtype(at::kFloat));
-  op.call(eps, seed, stream, row_seeds);
+  op.call(eps, seed, stream, row_seeds, std::nullopt);
   return eps;
 }
 

@@ -128,8 +128,11 @@ void langevin_cpu_kernel(const at::Tensor& x, const at::Tensor& score, const std
 
 at::Tensor langevin_step_cpu(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& step_sizes,
                              double step_size, const std::optional<at::Tensor>& noise, int64_t seed, int64_t stream,
-                             const std::optional<at::Tensor>& row_seeds) {
+                             const std::optional<at::Tensor>& row_seeds,
+                             const std::optional<at::Tensor>& stream_offset) {
   const LangevinArgs args = check_langevin_step_args(x, score, step_sizes, step_size, noise, row_seeds, c10::kCPU);
+  check_stream_offset(stream_offset, x, "x", c10::kCPU);
+  stream = static_cast<int64_t>(offset_stream(stream, stream_offset));
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_step_cpu", [&] {

@@ -9,8 +9,10 @@
 namespace pygen::cpu {
 namespace {
 
-void randn_fill_cpu(at::Tensor& out, int64_t seed, int64_t stream, const std::optional<at::Tensor>& row_seeds) {
-  check_randn_fill_args(out, row_seeds, c10::kCPU);
+void randn_fill_cpu(at::Tensor& out, int64_t seed, int64_t stream, const std::optional<at::Tensor>& row_seeds,
+                    const std::optional<at::Tensor>& stream_offset) {
+  check_randn_fill_args(out, row_seeds, stream_offset, c10::kCPU);
+  const uint64_t noise_stream = offset_stream(stream, stream_offset);
   const bool per_row = row_seeds.has_value();
   const int64_t batch = out.dim() > 0 ? out.size(0) : 1;
   const NoiseLayout layout = make_noise_layout(out.numel(), batch, per_row);
@@ -19,7 +21,7 @@ void randn_fill_cpu(at::Tensor& out, int64_t seed, int64_t stream, const std::op
     scalar_t* o = out.data_ptr<scalar_t>();
     for_each_noise_element(
         layout, [&](int64_t r) { return static_cast<uint64_t>(per_row ? seeds[r] : seed); },
-        [&](int64_t) { return static_cast<uint64_t>(stream); },
+        [&](int64_t) { return noise_stream; },
         [&](int64_t e, float z) { o[e] = static_cast<scalar_t>(z); });
   });
 }

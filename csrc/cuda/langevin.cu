@@ -4,6 +4,7 @@
 //
 // x_next = x + (dt/2)·score + sqrt(dt)·z, dt = step_sizes[row] or the scalar
 // step_size, z = the given noise or exactly pygen.randn(x.shape, seed, stream)
+// (stream + stream_offset[0], read by the kernel, when a device offset is given)
 // (csrc/include/pygen/philox.h: one thread per Philox group -> four normals ->
 // four consecutive elements; flat numbering for an int seed, within each batch
 // row for per-row seeds). Arithmetic in fp32 (fp64 for fp64 storage).
@@ -182,8 +183,10 @@ void launch(const at::Tensor& x, const at::Tensor& score, const scalar_t* noise,
 
 at::Tensor langevin_step_cuda(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& step_sizes,
                               double step_size, const std::optional<at::Tensor>& noise, int64_t seed, int64_t stream,
-                              const std::optional<at::Tensor>& row_seeds) {
+                              const std::optional<at::Tensor>& row_seeds,
+                              const std::optional<at::Tensor>& stream_offset) {
   const LangevinArgs args = check_langevin_step_args(x, score, step_sizes, step_size, noise, row_seeds, c10::kCUDA);
+  check_stream_offset(stream_offset, x, "x", c10::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   // args.* are contiguous: contiguous() in the checks is free (no copy) for the
   // contiguous tensors the public API passes.
@@ -206,6 +209,7 @@ at::Tensor langevin_step_cuda(const at::Tensor& x, const at::Tensor& score, cons
     p.row_seeds = per_row_seed ? args.row_seeds->data_ptr<int64_t>() : nullptr;
     p.seed = static_cast<uint64_t>(seed);
     p.stream = static_cast<uint64_t>(stream);
+    p.stream_offset = stream_offset.has_value() ? stream_offset->data_ptr<int64_t>() : nullptr;
     const scalar_t* np = args.noise.has_value() ? args.noise->data_ptr<scalar_t>() : nullptr;
     if (args.noise.has_value()) {
       if (stc.has_value()) {

@@ -8,7 +8,9 @@ and registers the torch reference as their implementation, so
 """
 
 SCHEMAS = {
-    "randn_fill_": "randn_fill_(Tensor(a!) out, int seed, int stream, Tensor? row_seeds) -> ()",
+    "randn_fill_": (
+        "randn_fill_(Tensor(a!) out, int seed, int stream, Tensor? row_seeds, Tensor? stream_offset=None) -> ()"
+    ),
     "q_sample": (
         "q_sample(Tensor x0, Tensor t, Tensor table, Tensor? noise, int seed, int stream, "
         "Tensor? row_seeds, int interpolation, int target) -> (Tensor, Tensor, Tensor)"
@@ -19,7 +21,7 @@ SCHEMAS = {
     ),
     "langevin_step": (
         "langevin_step(Tensor x, Tensor score, Tensor? step_sizes, float step_size, Tensor? noise, "
-        "int seed, int stream, Tensor? row_seeds) -> Tensor"
+        "int seed, int stream, Tensor? row_seeds, Tensor? stream_offset=None) -> Tensor"
     ),
     "langevin_snr_step": (
         "langevin_snr_step(Tensor x, Tensor score, Tensor? noise, Tensor(a!) out, Tensor(b!) step, int seed, "

@@ -7,8 +7,10 @@ either a given noise tensor or exactly ``pygen.randn(x.shape, seed, stream)``
 drawn inside the kernel.
 
 Op: ``torch.ops.pygen.langevin_step(x, score, step_sizes, step_size, noise,
-seed, stream, row_seeds) -> Tensor`` (``step_sizes`` None -> scalar
-``step_size``; ``noise`` None -> in-kernel noise from ``seed``/``row_seeds``).
+seed, stream, row_seeds, stream_offset=None) -> Tensor`` (``step_sizes`` None
+-> scalar ``step_size``; ``noise`` None -> in-kernel noise from
+``seed``/``row_seeds``, from stream ``stream + stream_offset[0]`` when a device
+offset is given: a loop's step counter, for CUDA graphs).
 Backends: torch reference (this file), Triton (kernels/langevin.py), C++ CPU
 (csrc/cpu/langevin.cpp), CUDA (csrc/cuda/langevin.cu). The op has autograd
 (gradients for x, score, noise and per-row step sizes).
@@ -41,8 +43,8 @@ import numbers
 import torch
 
 from pygen import _backend
-from pygen.ops._common import (call_compiled, check_like, check_stream, check_tensor, contiguous, needs_grad,
-                               noise_source, to_signed64)
+from pygen.ops._common import (call_compiled, check_like, check_stream, check_stream_offset, check_tensor, contiguous,
+                               needs_grad, noise_source, offset_stream)
 from pygen.ops.random import randn_reference
 
 __all__ = ["langevin_step", "langevin_snr_step"]
@@ -57,10 +59,11 @@ def _acc_dtype(dtype):
 # ---------------------------------------------------------------------------
 # torch reference (the spec)
 # ---------------------------------------------------------------------------
-def langevin_step_reference(x, score, step_sizes, step_size, noise, seed, stream, row_seeds):
+def langevin_step_reference(x, score, step_sizes, step_size, noise, seed, stream, row_seeds, stream_offset=None):
     """Plain-PyTorch ``x + (dt/2)·score + sqrt(dt)·z`` in fp32 (fp64 for fp64 storage)."""
     acc = _acc_dtype(x.dtype)
     if noise is None:
+        stream = offset_stream(stream, stream_offset)
         z = randn_reference(x.shape, seed, stream, row_seeds, device=x.device, dtype=torch.float32)
     else:
         z = noise
@@ -84,14 +87,15 @@ def snr_noise_reference(x, noise, seed, stream, row_seeds):
 
 
 def _indexed_k_and_stream(x, four_alpha_snr2, stream, k_table, step_index):
-    """(four_alpha_snr2·k_table[i] rounded to the accumulation dtype, stream + i) at i = step_index[0] (a host
-    read: the reference path), and step_index advanced."""
-    i = int(step_index[0])
-    entry = k_table[i] if 0 <= i < k_table.shape[0] else torch.tensor(float("nan"))
-    acc = _acc_dtype(x.dtype)
-    k = float(torch.tensor(four_alpha_snr2, dtype=acc) * entry.to(device="cpu", dtype=acc))
+    """(four_alpha_snr2·k_table[i] (NaN outside the table), stream + i) at i = step_index[0], as 0-d tensors
+    on the device (no host read), and step_index advanced."""
+    i = step_index[0]
+    valid = (i >= 0) & (i < k_table.shape[0])
+    entry = torch.where(valid, k_table[i.clamp(0, k_table.shape[0] - 1)], float("nan"))
+    k = torch.tensor(four_alpha_snr2, dtype=_acc_dtype(x.dtype), device=x.device) * entry
+    stream = offset_stream(stream, step_index.clone())
     step_index.add_(1)
-    return k, to_signed64(stream + i)
+    return k, stream
 
 
 def langevin_snr_step_reference(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm,
@@ -145,7 +149,7 @@ def _check_step_size(step_size, x):
     return None, step_size
 
 
-def langevin_step(x, score, step_size, seed=None, stream=0, *, noise=None):
+def langevin_step(x, score, step_size, seed=None, stream=0, *, noise=None, stream_offset=None):
     """One unadjusted Langevin (Euler–Maruyama) step: ``x + (dt/2)·score + sqrt(dt)·z``.
 
     Args:
@@ -159,6 +163,9 @@ def langevin_step(x, score, step_size, seed=None, stream=0, *, noise=None):
             then exactly ``pygen.randn(x.shape, seed, stream)``, drawn inside
             the kernel. Must be None when ``noise`` is given.
         stream: 64-bit noise stream id (e.g. the step number).
+        stream_offset: None, or an int64 tensor of shape (1,) on x's device (a loop's step
+            counter): the kernel reads it and draws z from stream ``stream + stream_offset[0]``,
+            so the same launch replays correctly in a CUDA graph.
         noise: a given ``z`` (same shape, dtype and device as ``x``) instead
             of in-kernel noise.
 
@@ -171,20 +178,21 @@ def langevin_step(x, score, step_size, seed=None, stream=0, *, noise=None):
     step_sizes, step_size = _check_step_size(step_size, x)
     noise, seed_i, row_seeds = noise_source("langevin_step", noise, seed, "x", x, seed_with_noise_ok=False)
     stream = check_stream(stream)
+    stream_offset = check_stream_offset(stream_offset, x, "x")
     x, score = contiguous(x), contiguous(score)
+    args = (x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds, stream_offset)
 
     backend = _backend.resolve(x.device)
     if backend == "torch":
-        return langevin_step_reference(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
+        return langevin_step_reference(*args)
     grad = needs_grad(x, score, noise, step_sizes)
     if backend == "triton":
         if grad:
-            return torch.ops.pygen.langevin_step_triton(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
+            return torch.ops.pygen.langevin_step_triton(*args)
         from pygen.kernels import langevin as tk
 
-        return tk.langevin_step(x, score, step_sizes, step_size, noise, seed_i, stream, row_seeds)
-    return call_compiled(torch.ops.pygen.langevin_step.default, grad, x, score, step_sizes, step_size, noise, seed_i,
-                         stream, row_seeds)
+        return tk.langevin_step(*args)
+    return call_compiled(torch.ops.pygen.langevin_step.default, grad, *args)
 
 
 def langevin_snr_step(x, score, four_alpha_snr2, seed=None, stream=0, *, noise=None, batch_norm=True, out=None,
@@ -277,12 +285,13 @@ def run_langevin_snr_step(backend, x, score, noise, out, step, seed, stream, row
 # ---------------------------------------------------------------------------
 # torch.library registration
 # ---------------------------------------------------------------------------
-def _fake(x, score, step_sizes, step_size, noise, seed, stream, row_seeds):
+def _fake(x, score, step_sizes, step_size, noise, seed, stream, row_seeds, stream_offset=None):
     return x.new_empty(x.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, score, step_sizes, step_size, noise, seed, stream, row_seeds = inputs
+    x, score, step_sizes, step_size, noise, seed, stream, row_seeds = inputs[:8]
+    stream_offset = inputs[8] if len(inputs) > 8 else None
     ctx.step_size, ctx.seed, ctx.stream = step_size, seed, stream
     ctx.has_noise, ctx.has_steps = noise is not None, step_sizes is not None
     want_steps_grad = step_sizes is not None and ctx.needs_input_grad[2]
@@ -292,11 +301,12 @@ def _setup_context(ctx, inputs, output):
         score if want_steps_grad else None,
         noise if want_steps_grad else None,
         row_seeds if want_steps_grad else None,
+        stream_offset if want_steps_grad else None,
     )
 
 
 def _backward(ctx, grad):
-    step_sizes, score, noise, row_seeds = ctx.saved_tensors
+    step_sizes, score, noise, row_seeds, stream_offset = ctx.saved_tensors
     if ctx.has_steps:
         dt = step_sizes.to(grad.dtype).reshape((-1,) + (1,) * (grad.dim() - 1))
         c1, c2 = 0.5 * dt, dt.sqrt()
@@ -308,14 +318,12 @@ def _backward(ctx, grad):
     grad_steps = None
     if ctx.want_steps_grad:
         # d out / d dt = score/2 + z / (2 sqrt(dt)); in-kernel z is regenerated.
-        if noise is None:
-            from pygen.ops.random import randn
-
-            seed = row_seeds if row_seeds is not None else ctx.seed
-            noise = randn(grad.shape, seed, ctx.stream, device=grad.device, dtype=grad.dtype)
+        if noise is None:  # pygen.randn(shape, seed, stream + offset), the offset read on the device
+            noise = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+            torch.ops.pygen.randn_fill_(noise, ctx.seed, ctx.stream, row_seeds, stream_offset)
         d = 0.5 * score.to(grad.dtype) + noise.to(grad.dtype) * (0.5 / c2)
         grad_steps = (grad * d).reshape(grad.shape[0], -1).sum(1).to(step_sizes.dtype)
-    return grad_x, grad_score, grad_steps, None, grad_noise, None, None, None
+    return grad_x, grad_score, grad_steps, None, grad_noise, None, None, None, None
 
 
 def _check_snr_op_args(x, score, noise, out, step, row_seeds, k_table, step_index):
@@ -339,16 +347,17 @@ def _register():
 
     _registry.register_reference("langevin_step", langevin_step_reference)
 
-    def langevin_step_triton(x, score, step_sizes, step_size, noise, seed, stream, row_seeds):
+    def langevin_step_triton(x, score, step_sizes, step_size, noise, seed, stream, row_seeds, stream_offset=None):
         from pygen.kernels import langevin as tk
 
         if step_sizes is None and not step_size >= 0.0:
             raise ValueError(f"step_size must be non-negative, got {step_size}")
+        check_stream_offset(stream_offset, x, "x")
         x, score = contiguous(x), contiguous(score)
         noise = contiguous(noise) if noise is not None else None
         step_sizes = contiguous(step_sizes) if step_sizes is not None else None
         row_seeds = contiguous(row_seeds) if row_seeds is not None else None
-        return tk.langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seeds)
+        return tk.langevin_step(x, score, step_sizes, step_size, noise, seed, stream, row_seeds, stream_offset)
 
     _registry.register_triton("langevin_step", langevin_step_triton)
     _registry.register_fake("langevin_step", _fake)

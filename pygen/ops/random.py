@@ -1,7 +1,10 @@
 """Counter-based Gaussian noise: ``pygen.randn``.
 
-Op: ``torch.ops.pygen.randn_fill_(out, seed, stream, row_seeds)`` fills
-``out`` with standard normals.
+Op: ``torch.ops.pygen.randn_fill_(out, seed, stream, row_seeds,
+stream_offset=None)`` fills ``out`` with standard normals; ``stream_offset``
+(an int64 tensor of shape (1,) on ``out``'s device, read by the kernel) is
+added to ``stream``, so a loop captured in a CUDA graph can draw step i's noise
+from a step counter on the device.
 Backends: torch reference (this file), Triton (kernels/random.py), C++ CPU
 (csrc/cpu/random.cpp), CUDA (csrc/cuda/random.cu).
 
@@ -16,7 +19,7 @@ import operator
 import torch
 
 from pygen import _backend
-from pygen.ops._common import STORAGE_DTYPES, check_stream, split_seed
+from pygen.ops._common import STORAGE_DTYPES, check_stream, check_stream_offset, offset_stream, split_seed
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -98,7 +101,8 @@ def randn_reference(shape, seed, stream=0, row_seeds=None, *, device="cpu", dtyp
     return z.reshape(shape).to(dtype)
 
 
-def randn_fill_reference(out, seed, stream, row_seeds):
+def randn_fill_reference(out, seed, stream, row_seeds, stream_offset=None):
+    stream = offset_stream(stream, stream_offset)
     out.copy_(randn_reference(out.shape, seed, stream, row_seeds, device=out.device, dtype=out.dtype))
 
 
@@ -168,13 +172,15 @@ def _register():
 
     _registry.register_reference("randn_fill_", randn_fill_reference)
 
-    def randn_fill_triton(out, seed, stream, row_seeds):
+    def randn_fill_triton(out, seed, stream, row_seeds, stream_offset=None):
         from pygen.kernels import random as tk
 
-        tk.randn_fill(out, seed, stream, row_seeds)
+        check_stream_offset(stream_offset, out, "out")
+        if out.numel():
+            tk.randn_fill(out, seed, stream, row_seeds, stream_offset)
 
     _registry.register_triton("randn_fill_", randn_fill_triton, mutates_args=("out",))
-    _registry.register_fake("randn_fill_", lambda out, seed, stream, row_seeds: None)
+    _registry.register_fake("randn_fill_", lambda out, seed, stream, row_seeds, stream_offset=None: None)
 
 
 _register()

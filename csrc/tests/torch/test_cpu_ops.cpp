@@ -85,6 +85,7 @@ void call_randn_fill(at::Tensor& out, int64_t seed, int64_t stream, const std::o
   stack.emplace_back(seed);
   stack.emplace_back(stream);
   stack.emplace_back(rows.has_value() ? c10::IValue(*rows) : c10::IValue());
+  stack.emplace_back(c10::IValue());  // stream_offset
   op.callBoxed(&stack);
   PYGEN_CHECK(stack.empty(), "randn_fill_ returns nothing, got ", stack.size(), " values");
 }
