@@ -36,6 +36,14 @@ after each step):
 
   where ``noise_stream(stream, i, lane) = (stream + i + lane·2**62) mod 2**64``.
 
+Every step takes its noise streams from a step counter on the device (the kernels
+add it to the lane's base stream; the step advances it) and updates the chains,
+energies and gradients in place, so ``cuda_graph=True`` can capture one step
+(replica exchange: the move and the swap round of each parity) in a CUDA graph
+and replay it, with the same results as the eager loop; the user's energy and
+its autograd gradient are captured with it. A capture that fails warns once and
+the loop finishes eagerly.
+
 Fused ops (pygen/ops/mcmc.py, on every backend): the Langevin proposal is one
 ``pygen.langevin_step`` (noise drawn in the kernel); HMC's leapfrog updates are
 ``pygen.leapfrog_`` (one kernel per gradient evaluation); every accept/reject
@@ -55,6 +63,7 @@ from pygen.ops._common import (STORAGE_DTYPES, call_compiled, check_stream, chec
 from pygen.ops.langevin import langevin_step_reference
 from pygen.ops.mcmc import check_step_size, leapfrog_impl, mh_select_impl
 from pygen.ops.random import randn_fill_reference
+from pygen.samplers.program import StepGraphs, graph_device
 
 __all__ = ["ula", "mala", "hmc", "replica_exchange", "noise_stream", "LANE_MOVE", "LANE_ACCEPT", "LANE_SWAP"]
 
@@ -79,31 +88,33 @@ class _Ops:
         self.leapfrog_ = leapfrog_impl(self.backend)
         self.mh_select_ = mh_select_impl(self.backend)
 
-    def langevin(self, x, score, step_sizes, step_size, seed, stream, row_seeds):
+    # The noise ops take a lane's base stream plus ``step``, the loop's step counter on the device (the
+    # kernels read it), so that a step replays unchanged in a CUDA graph.
+    def langevin(self, x, score, step_sizes, step_size, seed, stream, row_seeds, step):
         if self.backend == "torch":
-            return langevin_step_reference(x, score, step_sizes, step_size, None, seed, stream, row_seeds)
+            return langevin_step_reference(x, score, step_sizes, step_size, None, seed, stream, row_seeds, step)
         if self.backend == "triton":
             from pygen.kernels import langevin as tk
 
-            return tk.langevin_step(x, score, step_sizes, step_size, None, seed, stream, row_seeds)
+            return tk.langevin_step(x, score, step_sizes, step_size, None, seed, stream, row_seeds, step)
         return call_compiled(torch.ops.pygen.langevin_step.default, needs_grad(x, score, step_sizes), x, score,
-                             step_sizes, step_size, None, seed, stream, row_seeds)
+                             step_sizes, step_size, None, seed, stream, row_seeds, step)
 
-    def randn(self, shape, seed, stream, row_seeds, *, device, dtype):
+    def randn(self, shape, seed, stream, row_seeds, step, *, device, dtype):
         out = torch.empty(shape, device=device, dtype=dtype)
         if self.backend == "torch":
-            randn_fill_reference(out, seed, stream, row_seeds)
+            randn_fill_reference(out, seed, stream, row_seeds, step)
         elif self.backend == "triton":
             from pygen.kernels import random as tk
 
-            tk.randn_fill(out, seed, stream, row_seeds)
+            tk.randn_fill(out, seed, stream, row_seeds, step)
         else:
-            torch.ops.pygen.randn_fill_(out, seed, stream, row_seeds)
+            torch.ops.pygen.randn_fill_(out, seed, stream, row_seeds, step)
         return out
 
-    def log_uniform(self, n, seed, stream, row_seeds, *, device, dtype):
-        """``log Φ(z)``, z = pygen.randn((n,), seed, stream): logs of uniforms in (0, 1)."""
-        z = self.randn((n,), seed, stream, row_seeds, device=device, dtype=torch.float32)
+    def log_uniform(self, n, seed, stream, row_seeds, step, *, device, dtype):
+        """``log Φ(z)``, z = pygen.randn((n,), seed, stream + step): logs of uniforms in (0, 1)."""
+        z = self.randn((n,), seed, stream, row_seeds, step, device=device, dtype=torch.float32)
         return torch.special.log_ndtr(z.to(dtype))
 
 
@@ -119,8 +130,8 @@ def _check_count(name, value):
     return int(value)
 
 
-def _setup(x, step_size, n_steps, seed, stream, callback, *, positive_step):
-    """Shared checks -> (state, ops, step_sizes, step_size, seed, row_seeds, stream)."""
+def _setup(x, step_size, n_steps, seed, stream, callback, *, positive_step, cuda_graph=False):
+    """Shared checks -> (state, ops, step_sizes, step_size, seed, row_seeds, stream, n_steps, graphs)."""
     check_tensor("x", x, dtypes=STORAGE_DTYPES, ndim_min=1)
     n_steps = _check_count("n_steps", n_steps)
     step_sizes, step_size = check_step_size(step_size, x, positive=positive_step)
@@ -128,8 +139,16 @@ def _setup(x, step_size, n_steps, seed, stream, callback, *, positive_step):
     stream = check_stream(stream)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
     state = x.detach().clone(memory_format=torch.contiguous_format)
-    return state, _Ops(x.device), step_sizes, step_size, seed_i, row_seeds, stream, n_steps
+    graphs = StepGraphs(cuda_graph and graph_device(x))  # (CPU tensors: one warning, eager)
+    return state, _Ops(x.device), step_sizes, step_size, seed_i, row_seeds, stream, n_steps, graphs
+
+
+def _counter(x):
+    """A step counter on x's device (the noise ops add it to their streams; each step advances it)."""
+    return torch.zeros(1, dtype=torch.int64, device=x.device)
 
 
 def _check_fn(name, fn):
@@ -202,7 +221,7 @@ class _MH:
 # samplers
 # ---------------------------------------------------------------------------
 @torch.no_grad()
-def ula(x, score_fn=None, energy_fn=None, *, step_size, n_steps, seed, stream=0, callback=None):
+def ula(x, score_fn=None, energy_fn=None, *, step_size, n_steps, seed, stream=0, callback=None, cuda_graph=False):
     """Unadjusted Langevin: ``x <- x + (dt/2)·∇log π(x) + sqrt(dt)·z`` for ``n_steps`` steps.
 
     Args:
@@ -214,21 +233,30 @@ def ula(x, score_fn=None, energy_fn=None, *, step_size, n_steps, seed, stream=0,
         n_steps: number of steps (>= 1).
         seed, stream: noise (module docstring); step i is one
             ``pygen.langevin_step`` with ``seed`` and ``noise_stream(stream, i, LANE_MOVE)``.
-        callback: called after each step with ``{"x", "i", "score"}``.
+        callback: called after each step with ``{"x", "i", "score"}`` (copies).
+        cuda_graph: capture one step (the score or energy gradient and the move) in a CUDA graph
+            and replay it (CUDA tensors; module docstring).
 
     Returns the chains after the last step (biased by O(dt): no accept/reject).
     """
     if (score_fn is None) == (energy_fn is None):
         raise ValueError("pass exactly one of score_fn and energy_fn")
     _check_fn("score_fn" if score_fn is not None else "energy_fn", score_fn or energy_fn)
-    x, ops, step_sizes, step_size, seed, row_seeds, stream, n_steps = _setup(
-        x, step_size, n_steps, seed, stream, callback, positive_step=False)
+    x, ops, step_sizes, step_size, seed, row_seeds, stream, n_steps, graphs = _setup(
+        x, step_size, n_steps, seed, stream, callback, positive_step=False, cuda_graph=cuda_graph)
     acc = _acc_dtype(x.dtype)
-    for i in range(n_steps):
+    i_dev, move = _counter(x), noise_stream(stream, 0, LANE_MOVE)
+
+    def step():
         score = _score(score_fn, x) if score_fn is not None else _energy_grad(energy_fn, x, acc)[1].neg_()
-        x = ops.langevin(x, score, step_sizes, step_size, seed, noise_stream(stream, i, LANE_MOVE), row_seeds)
+        x.copy_(ops.langevin(x, score, step_sizes, step_size, seed, move, row_seeds, i_dev))
+        i_dev.add_(1)
+        return score
+
+    for i in range(n_steps):
+        score = graphs("step", step)
         if callback is not None:
-            callback({"x": x, "i": i, "score": score})
+            callback({"x": x.clone(), "i": i, "score": score.clone()})
     return x
 
 
@@ -249,7 +277,7 @@ def _step_coeffs(step_sizes, step_size, ndim, acc):
 
 
 @torch.no_grad()
-def mala(x, energy_fn, *, step_size, n_steps, seed, stream=0, callback=None):
+def mala(x, energy_fn, *, step_size, n_steps, seed, stream=0, callback=None, cuda_graph=False):
     """Metropolis-adjusted Langevin: exact for ``π ∝ exp(-E)`` at any step size.
 
     Step i proposes ``x' = pygen.langevin_step(x, -∇E(x), dt, seed, noise_stream(stream, i, LANE_MOVE))``
@@ -259,35 +287,40 @@ def mala(x, energy_fn, *, step_size, n_steps, seed, stream=0, callback=None):
     (module docstring); the select is ``pygen.mh_select_``.
 
     Args: as ``ula`` with ``energy_fn``; ``step_size`` must be > 0.
-        callback gets ``{"x", "i", "accepted", "log_accept"}``.
+        callback gets ``{"x", "i", "accepted", "log_accept"}`` (copies).
 
     Returns ``(x, accept_rate)``: the chains after the last step and each
     chain's fraction of accepted proposals (shape (chains,), fp32; fp64 for
     fp64 x).
     """
     _check_fn("energy_fn", energy_fn)
-    x, ops, step_sizes, step_size, seed, row_seeds, stream, n_steps = _setup(
-        x, step_size, n_steps, seed, stream, callback, positive_step=True)
+    x, ops, step_sizes, step_size, seed, row_seeds, stream, n_steps, graphs = _setup(
+        x, step_size, n_steps, seed, stream, callback, positive_step=True, cuda_graph=cuda_graph)
     acc = _acc_dtype(x.dtype)
     chains = x.shape[0]
     half_dt, inv_2dt = _step_coeffs(step_sizes, step_size, x.dim(), acc)
     mh = _MH(ops, chains, x.device, acc)
     e, g = _energy_grad(energy_fn, x, acc)
-    for i in range(n_steps):
+    i_dev, move, accept = _counter(x), noise_stream(stream, 0, LANE_MOVE), noise_stream(stream, 0, LANE_ACCEPT)
+
+    def step():  # x, g, e updated in place
         s = g.neg()
-        xp = ops.langevin(x, s, step_sizes, step_size, seed, noise_stream(stream, i, LANE_MOVE), row_seeds)
+        xp = ops.langevin(x, s, step_sizes, step_size, seed, move, row_seeds, i_dev)
         ep, gp = _energy_grad(energy_fn, xp, acc)
         log_accept = _mala_log_accept(x, xp, e, ep, s, gp.neg(), half_dt, inv_2dt, acc)
-        log_u = ops.log_uniform(chains, seed, noise_stream(stream, i, LANE_ACCEPT), row_seeds, device=x.device,
-                                dtype=acc)
-        accepted = mh.select(log_accept, log_u, [(x, xp), (g, gp), (e.view(-1, 1), ep.view(-1, 1))])
+        log_u = ops.log_uniform(chains, seed, accept, row_seeds, i_dev, device=x.device, dtype=acc)
+        i_dev.add_(1)
+        return mh.select(log_accept, log_u, [(x, xp), (g, gp), (e.view(-1, 1), ep.view(-1, 1))]), log_accept
+
+    for i in range(n_steps):
+        accepted, log_accept = graphs("step", step)
         if callback is not None:
-            callback({"x": x.clone(), "i": i, "accepted": accepted.clone(), "log_accept": log_accept})
+            callback({"x": x.clone(), "i": i, "accepted": accepted.clone(), "log_accept": log_accept.clone()})
     return x, mh.count / n_steps
 
 
 @torch.no_grad()
-def hmc(x, energy_fn, *, step_size, n_leapfrog, n_steps, seed, mass=1.0, stream=0, callback=None):
+def hmc(x, energy_fn, *, step_size, n_leapfrog, n_steps, seed, mass=1.0, stream=0, callback=None, cuda_graph=False):
     """Hamiltonian Monte Carlo for ``π ∝ exp(-E)`` with ``H(x, p) = E(x) + |p|²/(2·mass)``.
 
     Step i draws ``p = sqrt(mass)·pygen.randn(x.shape, seed, noise_stream(stream, i, LANE_MOVE))``,
@@ -312,15 +345,17 @@ def hmc(x, energy_fn, *, step_size, n_leapfrog, n_steps, seed, mass=1.0, stream=
     mass = float(mass)
     if not 0.0 < mass < math.inf:
         raise ValueError(f"mass must be a finite positive number, got {mass}")
-    x, ops, step_sizes, step_size, seed, row_seeds, stream, n_steps = _setup(
-        x, step_size, n_steps, seed, stream, callback, positive_step=True)
+    x, ops, step_sizes, step_size, seed, row_seeds, stream, n_steps, graphs = _setup(
+        x, step_size, n_steps, seed, stream, callback, positive_step=True, cuda_graph=cuda_graph)
     acc = _acc_dtype(x.dtype)
     chains = x.shape[0]
     inv_m, sqrt_m = 1.0 / mass, math.sqrt(mass)
     mh = _MH(ops, chains, x.device, acc)
     e, g = _energy_grad(energy_fn, x, acc)
-    for i in range(n_steps):
-        p = ops.randn(x.shape, seed, noise_stream(stream, i, LANE_MOVE), row_seeds, device=x.device, dtype=x.dtype)
+    i_dev, move, accept = _counter(x), noise_stream(stream, 0, LANE_MOVE), noise_stream(stream, 0, LANE_ACCEPT)
+
+    def step():  # x, g, e updated in place
+        p = ops.randn(x.shape, seed, move, row_seeds, i_dev, device=x.device, dtype=x.dtype)
         if mass != 1.0:
             p.mul_(sqrt_m)
         h0 = e + _sqnorm(p.to(acc)) * (0.5 * inv_m)
@@ -332,11 +367,14 @@ def hmc(x, energy_fn, *, step_size, n_leapfrog, n_steps, seed, mass=1.0, stream=
         eq, gq = _energy_grad(energy_fn, xq, acc)
         ops.leapfrog_(xq, p, gq, step_sizes, step_size, 0.5, 0.0)
         log_accept = h0 - (eq + _sqnorm(p.to(acc)) * (0.5 * inv_m))
-        log_u = ops.log_uniform(chains, seed, noise_stream(stream, i, LANE_ACCEPT), row_seeds, device=x.device,
-                                dtype=acc)
-        accepted = mh.select(log_accept, log_u, [(x, xq), (g, gq), (e.view(-1, 1), eq.view(-1, 1))])
+        log_u = ops.log_uniform(chains, seed, accept, row_seeds, i_dev, device=x.device, dtype=acc)
+        i_dev.add_(1)
+        return mh.select(log_accept, log_u, [(x, xq), (g, gq), (e.view(-1, 1), eq.view(-1, 1))]), log_accept
+
+    for i in range(n_steps):
+        accepted, log_accept = graphs("step", step)
         if callback is not None:
-            callback({"x": x.clone(), "i": i, "accepted": accepted.clone(), "log_accept": log_accept})
+            callback({"x": x.clone(), "i": i, "accepted": accepted.clone(), "log_accept": log_accept.clone()})
     return x, mh.count / n_steps
 
 
@@ -368,7 +406,7 @@ def _check_betas(betas):
 
 @torch.no_grad()
 def replica_exchange(x, energy_fn, betas, *, step_size, n_steps, swap_every=1, seed, stream=0, move="ula",
-                     callback=None):
+                     callback=None, cuda_graph=False):
     """Parallel tempering over a temperature ladder ``betas`` in [0, 1] (seed 000, "Tempering & Annealing").
 
     Replica ``r`` targets ``π_β(x) ∝ exp(-β·E(x))·q(x)`` with ``q = N(0, I)``:
@@ -402,7 +440,9 @@ def replica_exchange(x, energy_fn, betas, *, step_size, n_steps, swap_every=1, s
         move: ``"ula"`` or ``"mala"``.
         callback: after each step, ``{"x": all replicas (R, C, *event) in
             ascending β order, "i", "swapped": per-row swap flags of the
-            round just made, or None}``.
+            round just made, or None}`` (copies).
+        cuda_graph: capture the move step and the swap round of each parity in
+            CUDA graphs (three graphs) and replay them (CUDA tensors).
 
     Returns ``(x, swap_rate)``: the chains of the replica with the largest β
     (β = 1 for a ladder ending at 1), and for each neighbour pair
@@ -431,8 +471,8 @@ def replica_exchange(x, energy_fn, betas, *, step_size, n_steps, swap_every=1, s
         step_arg = step_size
     event = x.shape[1:]
     rows_x = x.detach().unsqueeze(0).expand(reps, *x.shape).reshape(reps * chains, *event)
-    state, ops, step_sizes, step_size, seed, _, stream, n_steps = _setup(
-        rows_x, step_arg, n_steps, seed, stream, callback, positive_step=True)
+    state, ops, step_sizes, step_size, seed, _, stream, n_steps, graphs = _setup(
+        rows_x, step_arg, n_steps, seed, stream, callback, positive_step=True, cuda_graph=cuda_graph)
     acc = _acc_dtype(state.dtype)
     dev, n_rows, ndim = state.device, reps * chains, state.dim()
     beta_rows = torch.tensor(values, dtype=acc, device=dev).repeat_interleave(chains)
@@ -469,31 +509,43 @@ def replica_exchange(x, energy_fn, betas, *, step_size, n_steps, swap_every=1, s
     mh = _MH(ops, n_rows, dev, acc)
     swap_flags = torch.empty(n_rows, dtype=acc, device=dev)
     e, g = _energy_grad(energy_fn, state, acc)
-    for i in range(n_steps):
+    i_dev, j_dev = _counter(state), _counter(state)  # the move step and the swap round
+    lane_move, lane_accept = noise_stream(stream, 0, LANE_MOVE), noise_stream(stream, 0, LANE_ACCEPT)
+    lane_swap = noise_stream(stream, 0, LANE_SWAP)
+
+    def move_step():  # state, e, g updated in place
         s = tempered_score(g, state)
-        prop = ops.langevin(state, s, step_sizes, step_size, seed, noise_stream(stream, i, LANE_MOVE), None)
+        prop = ops.langevin(state, s, step_sizes, step_size, seed, lane_move, None, i_dev)
         ep, gp = _energy_grad(energy_fn, prop, acc)
         if move == "ula":
-            state, e, g = prop, ep, gp
+            for cur, new in ((state, prop), (e, ep), (g, gp)):
+                cur.copy_(new)
         else:
             log_accept = _mala_log_accept(state, prop, tempered_energy(e, state), tempered_energy(ep, prop), s,
                                           tempered_score(gp, prop), half_dt, inv_2dt, acc)
-            log_u = ops.log_uniform(n_rows, seed, noise_stream(stream, i, LANE_ACCEPT), None, device=dev, dtype=acc)
+            log_u = ops.log_uniform(n_rows, seed, lane_accept, None, i_dev, device=dev, dtype=acc)
             mh.select(log_accept, log_u, [(state, prop), (g, gp), (e.view(-1, 1), ep.view(-1, 1))])
+        i_dev.add_(1)
+
+    def swap_round(par):  # round j (parity par = j % 2), swapping state, g and e in place
+        perm = perms[par]
+        e_sw = e.index_select(0, perm)
+        log_accept = torch.where(paired[par], (beta_rows - beta_rows.index_select(0, perm)) * (e - e_sw), neg_inf)
+        log_u = ops.log_uniform(n_rows, seed, lane_swap, None, j_dev, device=dev, dtype=acc)
+        log_u = log_u.index_select(0, lowers[par])
+        for cur, other in ((state, state.index_select(0, perm)), (g, g.index_select(0, perm)),
+                           (e.view(-1, 1), e_sw.view(-1, 1))):
+            ops.mh_select_(cur, other, log_accept, log_u, swap_flags)
+        swap_count.add_(swap_flags.view(reps, chains).sum(1) * is_lower[par])
+        j_dev.add_(1)
+        return swap_flags
+
+    for i in range(n_steps):
+        graphs("move", move_step)
         swapped = None
         if (i + 1) % swap_every == 0:
-            j = (i + 1) // swap_every - 1
-            par = j % 2
-            perm = perms[par]
-            e_sw = e.index_select(0, perm)
-            log_accept = torch.where(paired[par], (beta_rows - beta_rows.index_select(0, perm)) * (e - e_sw), neg_inf)
-            log_u = ops.log_uniform(n_rows, seed, noise_stream(stream, j, LANE_SWAP), None, device=dev, dtype=acc)
-            log_u = log_u.index_select(0, lowers[par])
-            for cur, other in ((state, state.index_select(0, perm)), (g, g.index_select(0, perm)),
-                               (e.view(-1, 1), e_sw.view(-1, 1))):
-                ops.mh_select_(cur, other, log_accept, log_u, swap_flags)
-            swap_count += swap_flags.view(reps, chains).sum(1) * is_lower[par]
-            swapped = swap_flags
+            par = ((i + 1) // swap_every - 1) % 2
+            swapped = graphs(("swap", par), lambda: swap_round(par))
         if callback is not None:
             callback({"x": state.view(reps, chains, *event).clone(), "i": i,
                       "swapped": swapped.clone() if swapped is not None else None})

@@ -76,7 +76,7 @@ from pygen.ops.langevin import run_langevin_snr_step
 from pygen.ops.random import randn
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_HD, COL_HIST, COL_HX, COL_S, COL_SLOT, step_coefficients
 from pygen.ops.step import sampler_step
-from pygen.samplers.program import _caller_stacklevel, capture_step
+from pygen.samplers.program import capture_step
 from pygen.samplers.program import graph_device as _graph_device
 
 __all__ = [

@@ -376,21 +376,130 @@ def _sde_and_mcmc_cases():
     return cases
 
 
-@pytest.mark.parametrize("sampler,model,opts", _sde_and_mcmc_cases()[len(SDE_SAMPLERS):], ids=MCMC_SAMPLERS)
-def test_cuda_graph_for_mcmc_warns_once_and_runs_eagerly(sampler, model, opts):
-    """cuda_graph=True is not implemented for MCMC: it says so in one warning naming the sampler and
-    runs the eager loop (the same samples)."""
+@pytest.mark.parametrize("sampler,model,opts", _sde_and_mcmc_cases(), ids=SDE_SAMPLERS + MCMC_SAMPLERS)
+def test_cuda_graph_on_cpu_warns_once_and_runs_eagerly(sampler, model, opts):
+    """cuda_graph=True with CPU tensors, for the score-SDE and MCMC samplers: one warning (pointing at the
+    call) that a graph needs CUDA tensors, and the eager loop's samples."""
     kw = dict(sampler=sampler, steps=20, seed=3, progress=False, **opts)
     eager = pygen.sample(model, noise(8), **kw)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         graphed = pygen.sample(model, noise(8), cuda_graph=True, **kw)
     assert len(rec) == 1, [str(w.message) for w in rec]
-    msg = str(rec[0].message)
-    assert "cuda_graph=True" in msg and repr(sampler) in msg and "runs eagerly" in msg
-    assert "diffusion and score-SDE samplers" in msg
+    assert "cuda_graph=True needs CUDA tensors" in str(rec[0].message)
     assert rec[0].filename == __file__
     assert torch.equal(graphed, eager)
+
+
+def _fake_mcmc_capture(monkeypatch):
+    """CPU stand-in for StepGraphs' capture: the warm-up runs the step, the 'graph' replays it eagerly."""
+    import pygen.mcmc as M
+    import pygen.samplers.program as P
+
+    class FakeGraph:
+        def __init__(self, step):
+            self.replay = step
+
+    def fake_capture(warmup, step):
+        warmup()
+        return FakeGraph(step)
+
+    monkeypatch.setattr(M, "graph_device", lambda x: True)
+    monkeypatch.setattr(P, "capture_step", fake_capture)
+
+
+MCMC_GRAPH_CASES = [
+    ("ula-score", dict()), ("ula-energy", dict()), ("ula-rows", dict(rows=True)),
+    ("mala", dict()), ("mala-rows", dict(rows=True)), ("hmc", dict(n_leapfrog=3, mass=2.0)),
+    ("hmc-rows", dict(n_leapfrog=2, rows=True)),
+    ("replica_exchange-ula", dict(move="ula", swap_every=1)), ("replica_exchange-mala", dict(move="mala", swap_every=2)),
+]
+
+
+@pytest.mark.parametrize("case,opts", MCMC_GRAPH_CASES, ids=[c for c, _ in MCMC_GRAPH_CASES])
+def test_mcmc_graph_loop_matches_eager(case, opts, monkeypatch):
+    """cuda_graph=True for MCMC: each step reads its noise streams from device counters and updates the
+    chains in place, so the captured step (replica exchange: the move and each parity's swap round),
+    replayed, gives exactly the eager chains, rates and callbacks, with as many energy evaluations."""
+    from pygen import mcmc
+
+    opts = dict(opts)
+    name = case.split("-")[0]
+    chains = 6
+    rows = opts.pop("rows", False)
+    seed = torch.arange(chains) * 5 + 1 if rows else 9
+    step = torch.linspace(0.05, 0.3, chains) if rows else 0.2
+    calls = []
+    energy_fn = MIX.model_fn("energy")
+
+    def energy(x):
+        calls.append(x.shape[0])
+        return energy_fn(x)
+
+    def run(cuda_graph):
+        calls.clear()
+        seen = []
+        x0 = noise(chains)
+        kw = dict(n_steps=7, seed=seed, stream=3, callback=seen.append, cuda_graph=cuda_graph)
+        if name == "ula":
+            fn = dict(score_fn=lambda x: -0.5 * x) if case == "ula-score" else dict(energy_fn=energy)
+            out = (mcmc.ula(x0, step_size=step, **fn, **kw),)
+        elif name == "replica_exchange":
+            kw.update(seed=9)
+            out = mcmc.replica_exchange(x0, energy, [0.2, 0.6, 1.0], step_size=0.2, **opts, **kw)
+        else:
+            out = getattr(mcmc, name)(x0, energy, step_size=step, **opts, **kw)
+        return out, seen, list(calls)
+
+    eager, eager_seen, eager_calls = run(False)
+    _fake_mcmc_capture(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the (fake) capture succeeded
+        graphed, seen, graph_calls = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
+    assert graph_calls == eager_calls
+    assert len(seen) == len(eager_seen) == 7
+    for a, b in zip(seen, eager_seen):
+        assert a.keys() == b.keys() and a["i"] == b["i"]
+        for k in a:
+            if isinstance(a[k], torch.Tensor):
+                assert torch.equal(a[k], b[k]), k
+            else:
+                assert a[k] == b[k], k
+    if name != "ula":
+        assert 0 < float(eager[1].min()) and float(eager[1].max()) <= 1  # accept / swap rates were exercised
+
+
+def test_mcmc_graph_capture_failure_falls_back_with_one_warning(monkeypatch):
+    """An energy that cannot be captured (it raises under capture, as a host sync does): one warning at the
+    caller, then the eager loop, with the eager result and every step's energy evaluated once."""
+    from pygen import mcmc
+
+    energy_fn = MIX.model_fn("energy")
+    calls = []
+
+    def energy(x):
+        if _FakeCapture.active:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        calls.append(1)
+        return energy_fn(x)
+
+    kw = dict(step_size=0.2, n_steps=5, seed=4)
+    eager = mcmc.mala(noise(6), energy, **kw)
+    n_eager = len(calls)
+    calls.clear()
+    import pygen.mcmc as M
+
+    monkeypatch.setattr(M, "graph_device", lambda x: True)
+    for name in ("Stream", "CUDAGraph", "graph", "stream", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCapture, name))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        graphed = mcmc.mala(noise(6), energy, cuda_graph=True, **kw)
+    assert len(rec) == 1 and "could not be captured" in str(rec[0].message), [str(w.message) for w in rec]
+    assert rec[0].filename == __file__
+    assert len(calls) == n_eager
+    assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
 
 
 def _fake_sde_capture(monkeypatch):
@@ -579,6 +688,18 @@ def test_cuda_graph_matches_eager_sde(sampler, opts):
     sde = pygen.schedules.VESDE(N=25) if opts.pop("schedule", "vp") == "ve" else pygen.schedules.VPSDE(N=25)
     score = pygen.models.clot(device="cuda", dtype=torch.float32).model_fn("score", sde=sde)
     _assert_cuda_graph_equals_eager(score, sampler=sampler, steps=25, schedule=sde, prediction_type="score", **opts)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sampler,opts", [("ula", {}), ("mala", {}), ("hmc", dict(n_leapfrog=3)),
+                                          ("replica_exchange", dict(betas=[0.3, 1.0], swap_every=2, move="mala"))])
+def test_cuda_graph_matches_eager_mcmc(sampler, opts):
+    """MCMC captured in real CUDA graphs (the energy and its autograd gradient included): no fallback
+    warning, and the eager chains."""
+    energy = pygen.models.clot(device="cuda", dtype=torch.float32).model_fn("energy")
+    _assert_cuda_graph_equals_eager(energy, sampler=sampler, steps=9, prediction_type="energy", step_size=0.05,
+                                    **opts)
 
 
 def test_pc_rediscretises_the_sde_with_n_steps():

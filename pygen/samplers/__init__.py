@@ -46,7 +46,10 @@ Families (``SAMPLERS``):
   ``"replica_exchange"`` (``"energy"`` model ``E(x)`` -> (rows,)); ``steps`` = MCMC steps,
   options step_size= (required), n_leapfrog=, betas=, ... as in ``pygen.mcmc``. The chains start
   at the initial noise; only the samples are returned (for replica exchange: the largest-beta
-  replica); call ``pygen.mcmc`` directly for acceptance and swap rates.
+  replica); call ``pygen.mcmc`` directly for acceptance and swap rates. ``cuda_graph=True``
+  captures one step (the energy, its autograd gradient, the move and the accept/reject;
+  replica exchange: also each parity's swap round) and replays it, the noise streams read from
+  device step counters.
 
 ``x_T_or_shape``: the initial standard-normal noise (scaled here by the sampler's initial
 sigma / prior std), or a shape, in which case it is ``pygen.randn(shape, seed, 0)``.
@@ -54,7 +57,6 @@ sigma / prior std), or a shape, in which case it is ``pygen.randn(shape, seed, 0
 for row-local samplers). ``progress`` shows a tqdm bar. Returns the samples.
 """
 import numbers
-import warnings
 
 import torch
 
@@ -118,8 +120,7 @@ def sample(model, x_T_or_shape, sampler="dpmpp_2m", steps=25, schedule=None, pre
         schedule: ``pygen.schedules.NoiseSchedule`` (diffusion, eps/x0/v) or a SDE (score-SDE).
         prediction_type: one of ``PREDICTION_TYPES`` valid for the family.
         seed: int or per-row int64 tensor; all noise is pygen's counter-based noise.
-        cuda_graph: capture model + fused step once and replay it (CUDA; the diffusion and score-SDE
-            samplers; MCMC warns once and runs eagerly).
+        cuda_graph: capture model + fused step once and replay it (CUDA tensors; every sampler).
         progress: show a tqdm progress bar.
         device, dtype: of the initial noise when a shape is given.
         callback: ``callback(i, x)`` after each step (diffusion: after each model evaluation's step).
@@ -141,10 +142,8 @@ def sample(model, x_T_or_shape, sampler="dpmpp_2m", steps=25, schedule=None, pre
     if sampler in SDE_SAMPLERS:
         return _sample_sde(model, eps, sampler, int(steps), schedule, prediction_type, seed, progress, callback,
                            options, bool(cuda_graph))
-    if cuda_graph:
-        warnings.warn(f"cuda_graph=True is implemented for the diffusion and score-SDE samplers; {sampler!r} runs "
-                      "eagerly (its loop is already free of host syncs)", stacklevel=2)
-    return _sample_mcmc(model, eps, sampler, int(steps), prediction_type, seed, progress, callback, options)
+    return _sample_mcmc(model, eps, sampler, int(steps), prediction_type, seed, progress, callback, options,
+                        bool(cuda_graph))
 
 
 # ---------------------------------------------------------------------------
@@ -406,7 +405,7 @@ def _sample_sde(model, eps, sampler, steps, schedule, prediction_type, seed, pro
             bar.close()
 
 
-def _sample_mcmc(model, x, sampler, steps, prediction_type, seed, progress, callback, options):
+def _sample_mcmc(model, x, sampler, steps, prediction_type, seed, progress, callback, options, cuda_graph=False):
     from pygen import mcmc as _mcmc
 
     if prediction_type not in ("energy", "score") or (prediction_type == "score" and sampler != "ula"):
@@ -416,17 +415,17 @@ def _sample_mcmc(model, x, sampler, steps, prediction_type, seed, progress, call
         raise TypeError(f"sampler {sampler!r} needs the option step_size=")
     bar = _progress(steps, progress)
     try:
-        cb = _bar_callback(bar, callback)
+        kw = dict(n_steps=steps, seed=seed, callback=_bar_callback(bar, callback), cuda_graph=cuda_graph)
         if sampler == "ula":
             fn = dict(score_fn=model) if prediction_type == "score" else dict(energy_fn=model)
-            return _mcmc.ula(x, n_steps=steps, seed=seed, callback=cb, **fn, **options)
+            return _mcmc.ula(x, **kw, **fn, **options)
         if sampler == "replica_exchange":
             opts = dict(options)
             betas = opts.pop("betas", None)
             if betas is None:
                 raise TypeError("sampler 'replica_exchange' needs the option betas= (a ladder in [0, 1])")
-            return _mcmc.replica_exchange(x, model, betas, n_steps=steps, seed=seed, callback=cb, **opts)[0]
-        return getattr(_mcmc, sampler)(x, model, n_steps=steps, seed=seed, callback=cb, **options)[0]
+            return _mcmc.replica_exchange(x, model, betas, **kw, **opts)[0]
+        return getattr(_mcmc, sampler)(x, model, **kw, **options)[0]
     finally:
         if bar is not None:
             bar.close()

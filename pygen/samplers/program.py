@@ -20,7 +20,7 @@ from pygen import _backend
 from pygen.ops._common import check_stream, split_seed
 from pygen.ops.schedule import COL_HIST
 
-__all__ = ["StepProgram", "check_model_out", "resolve_step_launcher", "capture_step", "graph_device"]
+__all__ = ["StepProgram", "check_model_out", "resolve_step_launcher", "capture_step", "graph_device", "StepGraphs"]
 
 
 def resolve_step_launcher(device):
@@ -89,15 +89,16 @@ class StepProgram:
 
 def _caller_stacklevel():
     """The ``stacklevel`` (for a warning raised by this helper's caller) of the first frame outside
-    pygen: the user's call, however deep inside pygen the warning comes from."""
+    pygen (and outside torch's decorator wrappers such as ``torch.no_grad``): the user's call, however
+    deep inside pygen the warning comes from."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and _in_pygen(frame.f_globals.get("__name__", "")):
+    while frame is not None and _inside(frame.f_globals.get("__name__", "")):
         frame, level = frame.f_back, level + 1
     return level
 
 
-def _in_pygen(module):
-    return module == "pygen" or module.startswith("pygen.")
+def _inside(module):
+    return module == "pygen" or module.startswith("pygen.") or module == "torch.utils._contextlib"
 
 
 def graph_device(x):
@@ -132,3 +133,35 @@ def capture_step(warmup, step, *, fallback=True):
                       "running eagerly", stacklevel=_caller_stacklevel())
         return None
     return graph
+
+
+class StepGraphs:
+    """A loop's kinds of step (e.g. an MCMC move, or a replica swap round of each parity), each captured in a
+    CUDA graph and replayed.
+
+    ``graphs(key, step)`` runs one step of kind ``key`` and returns what ``step()`` returns. With
+    ``enabled`` the first call of a key runs ``step`` for real as ``capture_step``'s warm-up, then
+    captures it; later calls replay that graph and return the captured call's outputs (the replay
+    rewrote them). So ``step`` must take every per-step value from device state (counters it
+    advances itself) and update the loop state in place. A capture that fails warns once (see
+    ``capture_step``) and every later step runs eagerly; without ``enabled``, every step does.
+    """
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self._graphs = {}
+
+    def __call__(self, key, step):
+        entry = self._graphs.get(key)
+        if entry is not None:
+            entry[0].replay()
+            return entry[1][-1]  # the captured call's outputs (the last the step produced)
+        if not self.enabled:
+            return step()
+        outs = []
+        graph = capture_step(lambda: outs.append(step()), lambda: outs.append(step()))
+        if graph is None:
+            self.enabled = False
+        else:
+            self._graphs[key] = (graph, outs)
+        return outs[0]
