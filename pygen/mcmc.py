@@ -36,13 +36,13 @@ after each step):
 
   where ``noise_stream(stream, i, lane) = (stream + i + lane·2**62) mod 2**64``.
 
-Every step takes its noise streams from a step counter on the device (the kernels
-add it to the lane's base stream; the step advances it) and updates the chains,
-energies and gradients in place, so ``cuda_graph=True`` can capture one step
-(replica exchange: the move and the swap round of each parity) in a CUDA graph
-and replay it, with the same results as the eager loop; the user's energy and
-its autograd gradient are captured with it. A capture that fails warns once and
-the loop finishes eagerly.
+CUDA graphs: with ``cuda_graph=True`` (CUDA tensors) a step takes its noise
+streams from a step counter on the device instead (the kernels add it to the
+lane's base stream; the step advances it) and updates the chains, energies and
+gradients in place, so one step (replica exchange: the move and the swap round
+of each parity) is captured once and replayed, with the same results as the
+eager loop; the user's energy and its autograd gradient are captured with it. A
+capture that fails warns once and the loop finishes eagerly.
 
 Fused ops (pygen/ops/mcmc.py, on every backend): the Langevin proposal is one
 ``pygen.langevin_step`` (noise drawn in the kernel); HMC's leapfrog updates are
@@ -146,9 +146,25 @@ def _setup(x, step_size, n_steps, seed, stream, callback, *, positive_step, cuda
     return state, _Ops(x.device), step_sizes, step_size, seed_i, row_seeds, stream, n_steps, graphs
 
 
-def _counter(x):
-    """A step counter on x's device (the noise ops add it to their streams; each step advances it)."""
-    return torch.zeros(1, dtype=torch.int64, device=x.device)
+class _Steps:
+    """The noise streams of loop step i. Eagerly: the host values ``noise_stream(stream, i, lane)``. While
+    ``graphs`` captures (or after a capture): each lane's base stream plus a step counter on the device,
+    which the noise kernels read and the step advances, so the captured step replays unchanged."""
+
+    def __init__(self, stream, graphs, device):
+        self.stream, self.graphs = stream, graphs
+        self.counter = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def at(self, i, *lanes):
+        """(the device offset or None, the stream of each lane)."""
+        if self.graphs.enabled:
+            return (self.counter,) + tuple(noise_stream(self.stream, 0, lane) for lane in lanes)
+        return (None,) + tuple(noise_stream(self.stream, i, lane) for lane in lanes)
+
+    @staticmethod
+    def advance(offset):
+        if offset is not None:
+            offset.add_(1)
 
 
 def _check_fn(name, fn):
@@ -245,16 +261,22 @@ def ula(x, score_fn=None, energy_fn=None, *, step_size, n_steps, seed, stream=0,
     x, ops, step_sizes, step_size, seed, row_seeds, stream, n_steps, graphs = _setup(
         x, step_size, n_steps, seed, stream, callback, positive_step=False, cuda_graph=cuda_graph)
     acc = _acc_dtype(x.dtype)
-    i_dev, move = _counter(x), noise_stream(stream, 0, LANE_MOVE)
+    steps = _Steps(stream, graphs, x.device)
 
-    def step():
+    def step(i):
+        nonlocal x
+        offset, move = steps.at(i, LANE_MOVE)
         score = _score(score_fn, x) if score_fn is not None else _energy_grad(energy_fn, x, acc)[1].neg_()
-        x.copy_(ops.langevin(x, score, step_sizes, step_size, seed, move, row_seeds, i_dev))
-        i_dev.add_(1)
+        new = ops.langevin(x, score, step_sizes, step_size, seed, move, row_seeds, offset)
+        steps.advance(offset)
+        if graphs.enabled:  # a captured step leaves the chains in the buffer it read
+            x.copy_(new)
+        else:
+            x = new
         return score
 
     for i in range(n_steps):
-        score = graphs("step", step)
+        score = graphs("step", lambda: step(i))
         if callback is not None:
             callback({"x": x.clone(), "i": i, "score": score.clone()})
     return x
@@ -301,19 +323,20 @@ def mala(x, energy_fn, *, step_size, n_steps, seed, stream=0, callback=None, cud
     half_dt, inv_2dt = _step_coeffs(step_sizes, step_size, x.dim(), acc)
     mh = _MH(ops, chains, x.device, acc)
     e, g = _energy_grad(energy_fn, x, acc)
-    i_dev, move, accept = _counter(x), noise_stream(stream, 0, LANE_MOVE), noise_stream(stream, 0, LANE_ACCEPT)
+    steps = _Steps(stream, graphs, x.device)
 
-    def step():  # x, g, e updated in place
+    def step(i):  # x, g, e updated in place
+        offset, move, accept = steps.at(i, LANE_MOVE, LANE_ACCEPT)
         s = g.neg()
-        xp = ops.langevin(x, s, step_sizes, step_size, seed, move, row_seeds, i_dev)
+        xp = ops.langevin(x, s, step_sizes, step_size, seed, move, row_seeds, offset)
         ep, gp = _energy_grad(energy_fn, xp, acc)
         log_accept = _mala_log_accept(x, xp, e, ep, s, gp.neg(), half_dt, inv_2dt, acc)
-        log_u = ops.log_uniform(chains, seed, accept, row_seeds, i_dev, device=x.device, dtype=acc)
-        i_dev.add_(1)
+        log_u = ops.log_uniform(chains, seed, accept, row_seeds, offset, device=x.device, dtype=acc)
+        steps.advance(offset)
         return mh.select(log_accept, log_u, [(x, xp), (g, gp), (e.view(-1, 1), ep.view(-1, 1))]), log_accept
 
     for i in range(n_steps):
-        accepted, log_accept = graphs("step", step)
+        accepted, log_accept = graphs("step", lambda: step(i))
         if callback is not None:
             callback({"x": x.clone(), "i": i, "accepted": accepted.clone(), "log_accept": log_accept.clone()})
     return x, mh.count / n_steps
@@ -352,10 +375,11 @@ def hmc(x, energy_fn, *, step_size, n_leapfrog, n_steps, seed, mass=1.0, stream=
     inv_m, sqrt_m = 1.0 / mass, math.sqrt(mass)
     mh = _MH(ops, chains, x.device, acc)
     e, g = _energy_grad(energy_fn, x, acc)
-    i_dev, move, accept = _counter(x), noise_stream(stream, 0, LANE_MOVE), noise_stream(stream, 0, LANE_ACCEPT)
+    steps = _Steps(stream, graphs, x.device)
 
-    def step():  # x, g, e updated in place
-        p = ops.randn(x.shape, seed, move, row_seeds, i_dev, device=x.device, dtype=x.dtype)
+    def step(i):  # x, g, e updated in place
+        offset, move, accept = steps.at(i, LANE_MOVE, LANE_ACCEPT)
+        p = ops.randn(x.shape, seed, move, row_seeds, offset, device=x.device, dtype=x.dtype)
         if mass != 1.0:
             p.mul_(sqrt_m)
         h0 = e + _sqnorm(p.to(acc)) * (0.5 * inv_m)
@@ -367,12 +391,12 @@ def hmc(x, energy_fn, *, step_size, n_leapfrog, n_steps, seed, mass=1.0, stream=
         eq, gq = _energy_grad(energy_fn, xq, acc)
         ops.leapfrog_(xq, p, gq, step_sizes, step_size, 0.5, 0.0)
         log_accept = h0 - (eq + _sqnorm(p.to(acc)) * (0.5 * inv_m))
-        log_u = ops.log_uniform(chains, seed, accept, row_seeds, i_dev, device=x.device, dtype=acc)
-        i_dev.add_(1)
+        log_u = ops.log_uniform(chains, seed, accept, row_seeds, offset, device=x.device, dtype=acc)
+        steps.advance(offset)
         return mh.select(log_accept, log_u, [(x, xq), (g, gq), (e.view(-1, 1), eq.view(-1, 1))]), log_accept
 
     for i in range(n_steps):
-        accepted, log_accept = graphs("step", step)
+        accepted, log_accept = graphs("step", lambda: step(i))
         if callback is not None:
             callback({"x": x.clone(), "i": i, "accepted": accepted.clone(), "log_accept": log_accept.clone()})
     return x, mh.count / n_steps
@@ -509,43 +533,47 @@ def replica_exchange(x, energy_fn, betas, *, step_size, n_steps, swap_every=1, s
     mh = _MH(ops, n_rows, dev, acc)
     swap_flags = torch.empty(n_rows, dtype=acc, device=dev)
     e, g = _energy_grad(energy_fn, state, acc)
-    i_dev, j_dev = _counter(state), _counter(state)  # the move step and the swap round
-    lane_move, lane_accept = noise_stream(stream, 0, LANE_MOVE), noise_stream(stream, 0, LANE_ACCEPT)
-    lane_swap = noise_stream(stream, 0, LANE_SWAP)
+    moves, rounds = _Steps(stream, graphs, dev), _Steps(stream, graphs, dev)  # move step i, swap round j
 
-    def move_step():  # state, e, g updated in place
+    def move_step(i):  # state, e, g updated in place (eager ULA moves: the new tensors taken over)
+        nonlocal state, e, g
+        offset, lane_move, lane_accept = moves.at(i, LANE_MOVE, LANE_ACCEPT)
         s = tempered_score(g, state)
-        prop = ops.langevin(state, s, step_sizes, step_size, seed, lane_move, None, i_dev)
+        prop = ops.langevin(state, s, step_sizes, step_size, seed, lane_move, None, offset)
         ep, gp = _energy_grad(energy_fn, prop, acc)
-        if move == "ula":
+        if move == "ula" and graphs.enabled:  # a captured step leaves them in the buffers it read
             for cur, new in ((state, prop), (e, ep), (g, gp)):
                 cur.copy_(new)
+        elif move == "ula":
+            state, e, g = prop, ep, gp
         else:
             log_accept = _mala_log_accept(state, prop, tempered_energy(e, state), tempered_energy(ep, prop), s,
                                           tempered_score(gp, prop), half_dt, inv_2dt, acc)
-            log_u = ops.log_uniform(n_rows, seed, lane_accept, None, i_dev, device=dev, dtype=acc)
+            log_u = ops.log_uniform(n_rows, seed, lane_accept, None, offset, device=dev, dtype=acc)
             mh.select(log_accept, log_u, [(state, prop), (g, gp), (e.view(-1, 1), ep.view(-1, 1))])
-        i_dev.add_(1)
+        moves.advance(offset)
 
-    def swap_round(par):  # round j (parity par = j % 2), swapping state, g and e in place
+    def swap_round(j):  # round j (parity j % 2), swapping state, g and e in place
+        par = j % 2
+        offset, lane_swap = rounds.at(j, LANE_SWAP)
         perm = perms[par]
         e_sw = e.index_select(0, perm)
         log_accept = torch.where(paired[par], (beta_rows - beta_rows.index_select(0, perm)) * (e - e_sw), neg_inf)
-        log_u = ops.log_uniform(n_rows, seed, lane_swap, None, j_dev, device=dev, dtype=acc)
+        log_u = ops.log_uniform(n_rows, seed, lane_swap, None, offset, device=dev, dtype=acc)
         log_u = log_u.index_select(0, lowers[par])
         for cur, other in ((state, state.index_select(0, perm)), (g, g.index_select(0, perm)),
                            (e.view(-1, 1), e_sw.view(-1, 1))):
             ops.mh_select_(cur, other, log_accept, log_u, swap_flags)
         swap_count.add_(swap_flags.view(reps, chains).sum(1) * is_lower[par])
-        j_dev.add_(1)
+        rounds.advance(offset)
         return swap_flags
 
     for i in range(n_steps):
-        graphs("move", move_step)
+        graphs("move", lambda: move_step(i))
         swapped = None
         if (i + 1) % swap_every == 0:
-            par = ((i + 1) // swap_every - 1) % 2
-            swapped = graphs(("swap", par), lambda: swap_round(par))
+            j = (i + 1) // swap_every - 1
+            swapped = graphs(("swap", j % 2), lambda: swap_round(j))
         if callback is not None:
             callback({"x": state.view(reps, chains, *event).clone(), "i": i,
                       "swapped": swapped.clone() if swapped is not None else None})

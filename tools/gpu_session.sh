@@ -5,7 +5,7 @@
 #   tools/gpu_session.sh test       # every `cuda`-marked test, log under $OUT
 #   tools/gpu_session.sh sanitize   # compute-sanitizer memcheck/racecheck over tools/op_smoke.py
 #   tools/gpu_session.sh bench      # the GPU figures (bench1 + bench2), reports packed in $OUT/bench-results-*.tgz
-#   tools/gpu_session.sh bench1     # samplers, diffusers schedulers, pygen bench (issues 3, 4)
+#   tools/gpu_session.sh bench1     # samplers, SDE/MCMC loops, diffusers schedulers, pygen bench (issues 3, 4)
 #   tools/gpu_session.sh bench2     # attention, blocks, losses, norm (issues 5, 6)
 #   tools/gpu_session.sh all        # build test sanitize (bench is long: its own call)
 #   tools/gpu_session.sh priority   # one call (<= ~9 min) for a 15-minute device budget: build, the
@@ -113,6 +113,8 @@ bench1() {  # issue 3 + 4 figures: sampler loops (eager, bare loop, CUDA graph),
     --out "$OUT/results/samplers-cuda-$d"
   bench_one diffusers 150 "$PY" benchmarks/bench_diffusers.py --device cuda --rounds 5 --max-time 5 \
     --out "$OUT/results/diffusers-cuda-$d"
+  bench_one loops 90 "$PY" benchmarks/bench_loops.py --device cuda --sizes 16k,1M --repeats 5 \
+    --out "$OUT/results/loops-cuda-$d"
   bench_one pygen-bench 60 "$PY" -m pygen.cli bench --device cuda --quick
   bench_pack 1
 }
@@ -150,6 +152,8 @@ priority() {  # the most a single device call can show when the whole budget is 
     --dtypes bf16 --modes fwd --repeats 3 --out "$OUT/results/blocks-cuda-$d-priority"
   BENCH_TAIL=6 bench_one losses 30 "$PY" benchmarks/bench_losses.py --device cuda --dtypes fp32 --repeats 5 \
     --max-time 2 --out "$OUT/results/losses-cuda-$d-priority"
+  BENCH_TAIL=8 bench_one loops 30 "$PY" benchmarks/bench_loops.py --device cuda --sizes 16k --repeats 3 \
+    --impls pygen,pygen-graph --out "$OUT/results/loops-cuda-$d-priority"
   bench_pack priority
 }
 
