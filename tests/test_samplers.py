@@ -391,10 +391,10 @@ def test_cuda_graph_on_cpu_warns_once_and_runs_eagerly(sampler, model, opts):
     assert torch.equal(graphed, eager)
 
 
-def _fake_mcmc_capture(monkeypatch):
-    """CPU stand-in for StepGraphs' capture: the warm-up runs the step, the 'graph' replays it eagerly."""
-    import pygen.mcmc as M
-    import pygen.samplers.program as P
+def _fake_capture(monkeypatch, module, device_check, capture_owner):
+    """CPU stand-in for a loop's CUDA-graph path: ``module.<device_check>`` accepts CPU tensors, and
+    ``capture_owner.capture_step`` runs the warm-up, then hands back a graph whose replay runs the
+    captured step eagerly (reading every per-step value from the device indices and counters)."""
 
     class FakeGraph:
         def __init__(self, step):
@@ -404,8 +404,16 @@ def _fake_mcmc_capture(monkeypatch):
         warmup()
         return FakeGraph(step)
 
-    monkeypatch.setattr(M, "graph_device", lambda x: True)
-    monkeypatch.setattr(P, "capture_step", fake_capture)
+    monkeypatch.setattr(module, device_check, lambda x: True)
+    monkeypatch.setattr(capture_owner, "capture_step", fake_capture)
+
+
+def _fake_mcmc_capture(monkeypatch):
+    """pygen.mcmc's StepGraphs (pygen.samplers.program.capture_step) faked on the CPU."""
+    import pygen.mcmc as M
+    import pygen.samplers.program as P
+
+    _fake_capture(monkeypatch, M, "graph_device", P)
 
 
 MCMC_GRAPH_CASES = [
@@ -503,20 +511,10 @@ def test_mcmc_graph_capture_failure_falls_back_with_one_warning(monkeypatch):
 
 
 def _fake_sde_capture(monkeypatch):
-    """CPU stand-in for pygen.sde's CUDA-graph path: capture_step runs the warm-up, then hands back a
-    graph whose replay runs the captured step eagerly (reading the time and row from the device index)."""
+    """pygen.sde's CUDA-graph path (its capture_step) faked on the CPU."""
     import pygen.sde as S
 
-    class FakeGraph:
-        def __init__(self, step):
-            self.replay = step
-
-    def fake_capture(warmup, step):
-        warmup()
-        return FakeGraph(step)
-
-    monkeypatch.setattr(S, "_graph_device", lambda x: True)
-    monkeypatch.setattr(S, "capture_step", fake_capture)
+    _fake_capture(monkeypatch, S, "_graph_device", S)
 
 
 SDE_GRAPH_CASES = [("ode_euler", {}), ("ode_heun", {}),
