@@ -167,6 +167,14 @@ class _Steps:
             offset.add_(1)
 
 
+def _keep(graphs, cur, new):
+    """The loop state after a step that made ``new``: eagerly ``new`` itself; while ``graphs`` captures or
+    replays, ``new`` copied into ``cur`` (a captured step leaves the state in the buffer it read)."""
+    if graphs.enabled:
+        return cur.copy_(new)
+    return new
+
+
 def _check_fn(name, fn):
     if not callable(fn):
         raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
@@ -267,12 +275,8 @@ def ula(x, score_fn=None, energy_fn=None, *, step_size, n_steps, seed, stream=0,
         nonlocal x
         offset, move = steps.at(i, LANE_MOVE)
         score = _score(score_fn, x) if score_fn is not None else _energy_grad(energy_fn, x, acc)[1].neg_()
-        new = ops.langevin(x, score, step_sizes, step_size, seed, move, row_seeds, offset)
+        x = _keep(graphs, x, ops.langevin(x, score, step_sizes, step_size, seed, move, row_seeds, offset))
         steps.advance(offset)
-        if graphs.enabled:  # a captured step leaves the chains in the buffer it read
-            x.copy_(new)
-        else:
-            x = new
         return score
 
     for i in range(n_steps):
@@ -466,7 +470,7 @@ def replica_exchange(x, energy_fn, betas, *, step_size, n_steps, swap_every=1, s
             ascending β order, "i", "swapped": per-row swap flags of the
             round just made, or None}`` (copies).
         cuda_graph: capture the move step and the swap round of each parity in
-            CUDA graphs (three graphs) and replay them (CUDA tensors).
+            CUDA graphs (up to three) and replay them (CUDA tensors).
 
     Returns ``(x, swap_rate)``: the chains of the replica with the largest β
     (β = 1 for a ladder ending at 1), and for each neighbour pair
@@ -541,11 +545,8 @@ def replica_exchange(x, energy_fn, betas, *, step_size, n_steps, swap_every=1, s
         s = tempered_score(g, state)
         prop = ops.langevin(state, s, step_sizes, step_size, seed, lane_move, None, offset)
         ep, gp = _energy_grad(energy_fn, prop, acc)
-        if move == "ula" and graphs.enabled:  # a captured step leaves them in the buffers it read
-            for cur, new in ((state, prop), (e, ep), (g, gp)):
-                cur.copy_(new)
-        elif move == "ula":
-            state, e, g = prop, ep, gp
+        if move == "ula":
+            state, e, g = _keep(graphs, state, prop), _keep(graphs, e, ep), _keep(graphs, g, gp)
         else:
             log_accept = _mala_log_accept(state, prop, tempered_energy(e, state), tempered_energy(ep, prop), s,
                                           tempered_score(gp, prop), half_dt, inv_2dt, acc)

@@ -76,7 +76,7 @@ from pygen.ops.langevin import run_langevin_snr_step
 from pygen.ops.random import randn
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_HD, COL_HIST, COL_HX, COL_S, COL_SLOT, step_coefficients
 from pygen.ops.step import sampler_step
-from pygen.samplers.program import capture_step
+from pygen.samplers.program import StepGraphs
 from pygen.samplers.program import graph_device as _graph_device
 
 __all__ = [
@@ -300,29 +300,6 @@ def _alpha(sde, t):
 # ---------------------------------------------------------------------------
 # fused SNR Langevin corrector iteration (norms, step and update on the device)
 # ---------------------------------------------------------------------------
-def _langevin_iter(score_fn, x, t_rows, four_alpha_snr2, norm, seed, stream, noise):
-    """One SNR-Langevin corrector iteration; ``four_alpha_snr2`` = 4·alpha·snr² (a float).
-
-    One ``langevin_snr_step`` op on the backend resolved here (the torch reference, the Triton
-    launcher or torch.ops.pygen), with z = ``noise`` or pygen.randn(x.shape, seed, stream)
-    drawn in its kernels; the per-row step stays on the device.
-    """
-    grad = score_fn(x, t_rows)
-    check_like("score_fn(x, t)", grad, "x", x)
-    if noise is not None:
-        check_like("noise", noise, "x", x)
-        noise, seed_i, row_seeds = noise.contiguous(), 0, None
-    else:
-        seed_i, row_seeds = split_seed(seed, x.shape[0], x.device)
-    stream = check_stream(stream)  # loop streams may pass 2^63: as the signed int64 the op takes
-    x, grad = x.contiguous(), grad.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    step = torch.empty(x.shape[0], dtype=_acc(x), device=x.device)
-    run_langevin_snr_step(_backend.resolve(x.device), x, grad, noise, out, step, seed_i, stream, row_seeds,
-                          four_alpha_snr2, norm == "batch")
-    return out
-
-
 def _langevin_rows(dts, repeat):
     """float64 sampler_step rows of the Langevin update x + dt/2·score + sqrt(dt)·z, each dt repeated
     ``repeat`` times (row r: iteration r % repeat at level r // repeat)."""
@@ -335,12 +312,13 @@ def _langevin_rows(dts, repeat):
 
 
 def _corrector(corrector, score_fn, x, ks, repeat, seed, stream, norm):
-    """``correct(t)``: one corrector iteration on the contiguous ``x``, in place, with the score at the (B,)
-    times ``t`` (``correct.index``: the iteration counter). Iteration r (a step index held on the device and advanced by the fused launch) draws its
-    noise from stream ``stream + r`` and uses level r // ``repeat`` of ``ks``: 'ald' one sampler_step
-    with the rows ``_langevin_rows(ks, repeat)`` (ks = the Langevin dt per level); 'langevin' one
-    langevin_snr_step with k = ks[r // repeat] (= 4·alpha·snr²) read from a device table. Nothing is
-    read from the host per iteration, so the same launches replay in a CUDA graph."""
+    """``correct(t, noise=None)``: one corrector iteration on the contiguous ``x``, in place, with the score
+    at the (B,) times ``t`` (``correct.index``: the iteration counter). Iteration r (a step index held
+    on the device and advanced by the fused launch) draws its noise from stream ``stream + r`` (or takes
+    ``noise``) and uses level r // ``repeat`` of ``ks``: 'ald' one sampler_step with the rows
+    ``_langevin_rows(ks, repeat)`` (ks = the Langevin dt per level); 'langevin' one langevin_snr_step
+    with k = ks[r // repeat] (= 4·alpha·snr²) read from a device table. Nothing is read from the host
+    per iteration, so the same launches replay in a CUDA graph."""
     idx = torch.zeros(1, dtype=torch.int64, device=x.device)
     if corrector == "ald":
         table = _to_device(_langevin_rows(ks, repeat), x)
@@ -356,11 +334,11 @@ def _corrector(corrector, score_fn, x, ks, repeat, seed, stream, norm):
     step = torch.empty(x.shape[0], dtype=_acc(x), device=x.device)
     backend, batch_norm = _backend.resolve(x.device), norm == "batch"
 
-    def correct(t):
+    def correct(t, noise=None):
         grad = score_fn(x, t)
         check_like("score_fn(x, t)", grad, "x", x)
-        run_langevin_snr_step(backend, x, grad.contiguous(), None, x, step, seed_i, stream, row_seeds, 1.0, batch_norm,
-                              k_table, idx)
+        run_langevin_snr_step(backend, x, grad.contiguous(), noise, x, step, seed_i, stream, row_seeds, 1.0,
+                              batch_norm, k_table, idx)
     correct.index = idx
     return correct
 
@@ -432,7 +410,8 @@ def _check_noise_stack(noise, n_steps, x):
         return None
     if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (n_steps,) + tuple(x.shape):
         raise ValueError(f"noise must be a tensor of shape {(n_steps,) + tuple(x.shape)} (one z per corrector step)")
-    return noise
+    check_like("noise[0]", noise[0], "x", x)
+    return noise.contiguous()
 
 
 def langevin_corrector(score_fn, sde, x, t, *, snr=0.16, n_steps=1, seed=0, stream=0, noise=None, norm="batch"):
@@ -448,10 +427,12 @@ def langevin_corrector(score_fn, sde, x, t, *, snr=0.16, n_steps=1, seed=0, stre
     _check_choice("norm", norm, NORMS)
     noise = _check_noise_stack(noise, n_steps, x)
     stream = check_stream(stream)
-    k = 4.0 * float(_alpha(sde, torch.tensor(t, dtype=_F64))) * snr * snr
+    ks = 4.0 * _alpha(sde, torch.tensor([t], dtype=_F64)) * snr * snr
     rows = _t_rows(t, x)
+    x = x.clone(memory_format=torch.contiguous_format)
+    correct = _corrector("langevin", score_fn, x, ks, n_steps, seed, stream, norm)
     for j in range(n_steps):
-        x = _langevin_iter(score_fn, x, rows, k, norm, seed, stream + j, None if noise is None else noise[j])
+        correct(rows, None if noise is None else noise[j])
     return x
 
 
@@ -518,29 +499,22 @@ def _ode_run(method, score_fn, x, table, times, dts, callback, cuda_graph=False)
 
 
 def _graph_loop(launch, t_dev, idx, x, n, per, callback, cuda_graph):
-    """``n`` loop steps of ``per`` launches each: ``launch(t)`` with the (B,) model time of the launch,
-    a view of ``t_dev[r]`` for launch r (eager), or ``t_dev[idx]`` read on the device
-    (``cuda_graph=True``: one launch captured after the first ran as the warm-up, then replayed;
-    ``idx`` is advanced by the launch's fused steps, and ``t_dev[idx]`` at the start of launch r must
-    be the time of launch r). ``callback(i, x)`` after each step (with a graph, a copy of ``x``: the
-    next replay rewrites it)."""
+    """``n`` loop steps of ``per`` launches each; ``launch(t)`` rewrites ``x`` in place, with ``t`` the (B,)
+    model time of launch r: a view of ``t_dev[r]`` eagerly, or ``t_dev[idx]`` read on the device while
+    ``cuda_graph=True`` captures and replays the launch (``StepGraphs``: the first launch runs as the
+    warm-up and is captured, the others replay it; ``idx`` is advanced by the launch's fused steps, so
+    ``t_dev[idx]`` at the start of launch r is the time of launch r). ``callback(i, x)`` after each step
+    gets a copy of ``x`` (the next step rewrites it), unless it is pygen.sample's progress bar alone."""
     b = x.shape[0]
     views = list(t_dev.unbind(0))
-    graph, warmed = None, False
-    if cuda_graph and _graph_device(x):  # (a CPU tensor: one warning, the eager loop)
-        graph = capture_step(lambda: launch(views[0].expand(b)),
-                             lambda: launch(t_dev.index_select(0, idx).expand(b)))
-        warmed = True  # (launch 0 ran, captured or not)
+    graphs = StepGraphs(cuda_graph and _graph_device(x))  # (a CPU tensor: one warning, the eager loop)
+    copy = callback is not None and getattr(callback, "needs_state", True)
     for i in range(n):
         for r in range(i * per, (i + 1) * per):
-            if r == 0 and warmed:
-                continue
-            if graph is not None:
-                graph.replay()
-            else:
-                launch(views[r].expand(b))
+            graphs("launch", lambda: launch(t_dev.index_select(0, idx).expand(b) if graphs.enabled
+                                            else views[r].expand(b)))
         if callback is not None:
-            callback(i, x.clone() if graph is not None else x)
+            callback(i, x.clone() if copy else x)
 # ---------------------------------------------------------------------------
 # loops
 # ---------------------------------------------------------------------------

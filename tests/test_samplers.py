@@ -478,6 +478,47 @@ def test_mcmc_graph_loop_matches_eager(case, opts, monkeypatch):
         assert 0 < float(eager[1].min()) and float(eager[1].max()) <= 1  # accept / swap rates were exercised
 
 
+def test_a_failed_capture_after_a_successful_one_drops_every_graph(monkeypatch):
+    """Replica exchange captures its move, then the even swap round; when the odd round's capture fails
+    (one warning), no graph replays any more: every later move and swap runs eagerly with host streams,
+    and the chains and swap rates are the eager loop's."""
+    from pygen import mcmc
+    import pygen.mcmc as M
+    import pygen.samplers.program as P
+
+    energy = MIX.model_fn("energy")
+    kw = dict(step_size=0.2, n_steps=8, seed=5, move="mala")
+    eager = mcmc.replica_exchange(noise(6), energy, [0.2, 0.6, 1.0], **kw)
+    replays, captures = [], []
+
+    class FakeGraph:
+        def __init__(self, step):
+            self.step = step
+
+        def replay(self):
+            replays.append(1)
+            self.step()
+
+    def capture(warmup, step):
+        warmup()
+        captures.append(1)
+        if len(captures) == 3:  # the odd swap round
+            import warnings as w
+
+            w.warn("cuda_graph=True: the model could not be captured in a CUDA graph (test); running eagerly")
+            return None
+        return FakeGraph(step)
+
+    monkeypatch.setattr(M, "graph_device", lambda x: True)
+    monkeypatch.setattr(P, "capture_step", capture)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        graphed = mcmc.replica_exchange(noise(6), energy, [0.2, 0.6, 1.0], cuda_graph=True, **kw)
+    assert len(rec) == 1 and len(captures) == 3
+    assert len(replays) == 1  # the move's replay at step 1, before the odd round's capture failed
+    assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
+
+
 def test_mcmc_graph_capture_failure_falls_back_with_one_warning(monkeypatch):
     """An energy that cannot be captured (it raises under capture, as a host sync does): one warning at the
     caller, then the eager loop, with the eager result and every step's energy evaluated once."""
@@ -512,9 +553,10 @@ def test_mcmc_graph_capture_failure_falls_back_with_one_warning(monkeypatch):
 
 def _fake_sde_capture(monkeypatch):
     """pygen.sde's CUDA-graph path (its capture_step) faked on the CPU."""
+    import pygen.samplers.program as P
     import pygen.sde as S
 
-    _fake_capture(monkeypatch, S, "_graph_device", S)
+    _fake_capture(monkeypatch, S, "_graph_device", P)
 
 
 SDE_GRAPH_CASES = [("ode_euler", {}), ("ode_heun", {}),

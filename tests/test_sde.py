@@ -521,6 +521,24 @@ def test_callback_and_x_T():
     assert seen == [0, 1, 2]
 
 
+@pytest.mark.parametrize("loop", ["pc", "pc-none", "annealed", "ode"])
+def test_callback_gets_a_copy_per_step(loop):
+    """The loops rewrite their state in place; a callback that keeps x gets each step's own value."""
+    sde, score = make_sde("ve", 6), _score("ve", dim=2)
+    kept = []
+    kw = dict(x_T=torch.randn(4, 2, dtype=F64) * SMAX, callback=lambda i, x: kept.append(x))
+    if loop.startswith("pc"):
+        out = S.pc_sample(score, sde, n_steps=6, predictor="none" if loop == "pc-none" else "reverse_diffusion",
+                          denoise=False, **kw)
+    elif loop == "annealed":
+        out = S.annealed_langevin(score, sde, n_levels=6, n_steps_each=2, **kw)
+    else:
+        out = S.ode_sample(score, sde, method="euler", n_steps=6, **kw)
+    assert len(kept) == 6 and len({x.data_ptr() for x in kept}) == 6
+    assert all(not torch.equal(a, b) for a, b in zip(kept, kept[1:]))
+    assert torch.equal(kept[-1], out)
+
+
 # ---------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------

@@ -371,6 +371,7 @@ def _bar_callback(bar, callback):
                 callback(args[0]["i"], args[0]["x"])
             else:
                 callback(*args)
+    cb.needs_state = callback is not None  # (a bar alone: the loops need not copy their state for it)
     return cb
 
 

@@ -142,9 +142,10 @@ class StepGraphs:
     ``graphs(key, step)`` runs one step of kind ``key`` and returns what ``step()`` returns. With
     ``enabled`` the first call of a key runs ``step`` for real as ``capture_step``'s warm-up, then
     captures it; later calls replay that graph and return the captured call's outputs (the replay
-    rewrote them). So ``step`` must take every per-step value from device state (counters it
-    advances itself) and update the loop state in place. A capture that fails warns once (see
-    ``capture_step``) and every later step runs eagerly; without ``enabled``, every step does.
+    rewrote them). So while ``enabled``, ``step`` must take every per-step value from device state
+    (counters it advances itself) and update the loop state in place. A capture that fails warns
+    once (see ``capture_step``), drops every graph captured so far and clears ``enabled``: every later
+    step runs eagerly (and may take host values again); without ``enabled``, every step does.
     """
 
     def __init__(self, enabled):
@@ -160,8 +161,9 @@ class StepGraphs:
             return step()
         outs = []
         graph = capture_step(lambda: outs.append(step()), lambda: outs.append(step()))
-        if graph is None:
+        if graph is None:  # no replays from here on: the eager steps need not match a graph's counters
             self.enabled = False
+            self._graphs.clear()
         else:
             self._graphs[key] = (graph, outs)
         return outs[0]
