@@ -63,20 +63,22 @@ inline void check_row_seeds(const at::Tensor& row_seeds, int64_t batch, const at
 // ---------------------------------------------------------------------------
 // randn_fill_(out, seed, stream, row_seeds)
 // ---------------------------------------------------------------------------
-// A device stream offset (randn_fill_, langevin_step): an int64 tensor of shape (1,) on like's device,
-// read by the kernels and added to the noise stream (a CUDA-graph loop's step counter).
+// A device step counter (randn_fill_'s and langevin_step's stream_offset, langevin_snr_step's
+// step_index): an int64 tensor of shape (1,) on like's device, read by the kernels (a CUDA-graph
+// loop's step).
 inline void check_stream_offset(const std::optional<at::Tensor>& offset, const at::Tensor& like, const char* like_name,
-                                c10::DeviceType type) {
+                                c10::DeviceType type, const char* name = "stream_offset") {
   if (!offset.has_value()) return;
-  check_tensor_on(*offset, "stream_offset", type);
-  check_same_device(*offset, "stream_offset", like, like_name);
-  TORCH_CHECK(offset->scalar_type() == at::kLong && offset->dim() == 1 && offset->size(0) == 1,
-              "pygen: stream_offset must be int64 of shape (1,), got ", offset->scalar_type(), " of shape ",
-              offset->sizes());
+  check_tensor_on(*offset, name, type);
+  check_same_device(*offset, name, like, like_name);
+  TORCH_CHECK(offset->scalar_type() == at::kLong && offset->dim() == 1 && offset->size(0) == 1, "pygen: ", name,
+              " must be int64 of shape (1,), got ", offset->scalar_type(), " of shape ", offset->sizes());
 }
 
-// The noise stream of a host (CPU) call: stream + stream_offset[0] (mod 2^64).
-inline uint64_t offset_stream(int64_t stream, const std::optional<at::Tensor>& offset) {
+// The noise stream of a CPU kernel's call: stream + stream_offset[0] (mod 2^64), the offset read from
+// host memory (CPU tensors only).
+inline uint64_t cpu_offset_stream(int64_t stream, const std::optional<at::Tensor>& offset) {
+  TORCH_CHECK(!offset.has_value() || offset->is_cpu(), "pygen: cpu_offset_stream needs a CPU stream_offset");
   return static_cast<uint64_t>(stream) + (offset.has_value() ? static_cast<uint64_t>(*offset->data_ptr<int64_t>()) : 0);
 }
 
@@ -271,11 +273,7 @@ inline void check_langevin_snr_args(const at::Tensor& x, const at::Tensor& score
                     k_table->is_contiguous(),
                 "pygen: langevin_snr_step k_table must be a contiguous 1-D ", acc_type,
                 " tensor with at least one entry, got ", k_table->scalar_type(), " of shape ", k_table->sizes());
-    check_tensor_on(*step_index, "step_index", type);
-    check_same_device(*step_index, "step_index", x, "x");
-    TORCH_CHECK(step_index->scalar_type() == at::kLong && step_index->dim() == 1 && step_index->size(0) == 1,
-                "pygen: langevin_snr_step step_index must be int64 of shape (1,), got ", step_index->scalar_type(),
-                " of shape ", step_index->sizes());
+    check_stream_offset(step_index, x, "x", type, "step_index");
   }
 }
 

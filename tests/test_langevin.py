@@ -484,6 +484,37 @@ def test_stream_offset_gradients_regenerate_the_offset_noise():
         torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
 
 
+def test_reference_reads_device_counters_without_host_reads():
+    """The torch reference forms stream + offset, k_table[i] and the step noise's streams as tensors: no
+    ``_local_scalar_dense`` (``.item()``, ``int(t)``), which on a GPU would be a host sync per step and
+    would break a CUDA-graph capture."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pygen.ops.langevin import langevin_snr_step_reference, langevin_step_reference
+    from pygen.ops.random import randn_fill_reference
+    from pygen.ops.step import step_noise_reference
+
+    class CountReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    x, score = make((3, 10), torch.float32, "cpu", seed=75), make((3, 10), torch.float32, "cpu", seed=76)
+    offset, index, rows = torch.tensor([4]), torch.tensor([1]), torch.tensor([3, -1, 7])
+    with CountReads():
+        randn_fill_reference(torch.empty(3, 10), 5, 2**63 - 2, None, offset)
+        langevin_step_reference(x, score, None, 0.1, None, 5, 9, rows, offset)
+        langevin_snr_step_reference(x, score, None, torch.empty_like(x), torch.empty(3), 5, 9, None, 1.0, True,
+                                    torch.tensor([0.2, 0.3]), index)
+        step_noise_reference(x, index, 5, 9, None)
+        step_noise_reference(x, torch.tensor([0, 2, 1]), 5, 9, rows)
+    assert CountReads.reads == 0
+    assert int(index[0]) == 2 and int(offset[0]) == 4
+
+
 @pytest.mark.parametrize("offset, exc", [(torch.zeros(2, dtype=torch.int64), ValueError),
                                          (torch.zeros(1, dtype=torch.int32), TypeError),
                                          (torch.zeros((), dtype=torch.int64), ValueError),

@@ -132,7 +132,7 @@ at::Tensor langevin_step_cpu(const at::Tensor& x, const at::Tensor& score, const
                              const std::optional<at::Tensor>& stream_offset) {
   const LangevinArgs args = check_langevin_step_args(x, score, step_sizes, step_size, noise, row_seeds, c10::kCPU);
   check_stream_offset(stream_offset, x, "x", c10::kCPU);
-  stream = static_cast<int64_t>(offset_stream(stream, stream_offset));
+  stream = static_cast<int64_t>(cpu_offset_stream(stream, stream_offset));
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_step_cpu", [&] {

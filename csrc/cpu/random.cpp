@@ -12,7 +12,7 @@ namespace {
 void randn_fill_cpu(at::Tensor& out, int64_t seed, int64_t stream, const std::optional<at::Tensor>& row_seeds,
                     const std::optional<at::Tensor>& stream_offset) {
   check_randn_fill_args(out, row_seeds, stream_offset, c10::kCPU);
-  const uint64_t noise_stream = offset_stream(stream, stream_offset);
+  const uint64_t noise_stream = cpu_offset_stream(stream, stream_offset);
   const bool per_row = row_seeds.has_value();
   const int64_t batch = out.dim() > 0 ? out.size(0) : 1;
   const NoiseLayout layout = make_noise_layout(out.numel(), batch, per_row);

@@ -141,19 +141,19 @@ def check_stream(stream, name="stream"):
     return to_signed64(stream)
 
 
-def check_stream_offset(stream_offset, like, like_name):
-    """A device stream offset: None, or an int64 tensor of shape (1,) on ``like``'s device (a loop's step
-    counter that the kernels read and add to the noise stream, so a CUDA graph can replay the step)."""
+def check_stream_offset(stream_offset, like, like_name, name="stream_offset"):
+    """A device step counter: None, or an int64 tensor of shape (1,) on ``like``'s device (e.g. a loop's
+    step that the kernels read and add to the noise stream, so a CUDA graph can replay the step)."""
     if stream_offset is None:
         return None
     if not isinstance(stream_offset, torch.Tensor):
-        raise TypeError(f"stream_offset must be None or an int64 tensor, got {type(stream_offset).__name__}")
+        raise TypeError(f"{name} must be None or an int64 tensor, got {type(stream_offset).__name__}")
     if stream_offset.dtype != torch.int64:
-        raise TypeError(f"stream_offset must have dtype int64, got {stream_offset.dtype}")
+        raise TypeError(f"{name} must have dtype int64, got {stream_offset.dtype}")
     if stream_offset.shape != (1,):
-        raise ValueError(f"stream_offset must have shape (1,), got {tuple(stream_offset.shape)}")
+        raise ValueError(f"{name} must have shape (1,), got {tuple(stream_offset.shape)}")
     if not same_device(stream_offset.device, like.device):
-        raise ValueError(f"stream_offset must be on {like_name}'s device {like.device}, got {stream_offset.device}")
+        raise ValueError(f"{name} must be on {like_name}'s device {like.device}, got {stream_offset.device}")
     return stream_offset
 
 

@@ -89,13 +89,13 @@ def snr_noise_reference(x, noise, seed, stream, row_seeds):
 def _indexed_k_and_stream(x, four_alpha_snr2, stream, k_table, step_index):
     """(four_alpha_snr2·k_table[i] (NaN outside the table), stream + i) at i = step_index[0], as 0-d tensors
     on the device (no host read), and step_index advanced."""
-    i = step_index[0]
-    valid = (i >= 0) & (i < k_table.shape[0])
-    entry = torch.where(valid, k_table[i.clamp(0, k_table.shape[0] - 1)], float("nan"))
-    k = torch.tensor(four_alpha_snr2, dtype=_acc_dtype(x.dtype), device=x.device) * entry
-    stream = offset_stream(stream, step_index.clone())
+    n = k_table.shape[0]
+    valid = (step_index >= 0) & (step_index < n)
+    entry = torch.where(valid, k_table.index_select(0, step_index.clamp(0, n - 1)), float("nan"))
+    k = entry * four_alpha_snr2  # (in the accumulation dtype, as the kernels form it)
+    stream = offset_stream(stream, step_index)  # (a new tensor: read before the advance below)
     step_index.add_(1)
-    return k, stream
+    return k.view(()), stream
 
 
 def langevin_snr_step_reference(x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm,
@@ -263,9 +263,7 @@ def _check_step_index(k_table, step_index, x):
     if k_table.dim() != 1 or k_table.shape[0] < 1 or not k_table.is_contiguous():
         raise ValueError(f"k_table must be a contiguous 1-D tensor with at least one entry, got shape "
                          f"{tuple(k_table.shape)}")
-    check_tensor("step_index", step_index, dtypes=(torch.int64,), device=x.device)
-    if step_index.shape != (1,):
-        raise ValueError(f"step_index must be an int64 tensor of shape (1,), got shape {tuple(step_index.shape)}")
+    check_stream_offset(step_index, x, "x", name="step_index")
 
 
 def run_langevin_snr_step(backend, x, score, noise, out, step, seed, stream, row_seeds, four_alpha_snr2, batch_norm,
@@ -301,7 +299,8 @@ def _setup_context(ctx, inputs, output):
         score if want_steps_grad else None,
         noise if want_steps_grad else None,
         row_seeds if want_steps_grad else None,
-        stream_offset if want_steps_grad else None,
+        # (a copy: a loop advances its counter before the backward runs)
+        stream_offset.clone() if want_steps_grad and stream_offset is not None else None,
     )
 
 

@@ -28,8 +28,8 @@ step with no host sync.
 import torch
 
 from pygen import _backend
-from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, split_seed, to_signed64
-from pygen.ops.random import randn_reference
+from pygen.ops._common import check_like, check_stream, check_tensor, contiguous, split_seed
+from pygen.ops.random import philox_words, randn_reference, words_to_normals
 from pygen.ops.schedule import COL_A, COL_B, COL_CM, COL_CX, COL_HD, COL_HIST, COL_HX, COL_S, COL_SLOT
 
 __all__ = ["sampler_step"]
@@ -39,17 +39,18 @@ __all__ = ["sampler_step"]
 # torch reference
 # ---------------------------------------------------------------------------
 def step_noise_reference(x, step_index, seed, stream, row_seeds):
-    """The noise the step draws in-kernel (see the module docstring)."""
-    steps = step_index.tolist()
-    if row_seeds is None and len(steps) == 1:
-        return randn_reference(x.shape, seed, to_signed64(stream + steps[0]), device=x.device)
-    row_shape = (1,) + tuple(x.shape[1:])
-    rows = []
-    for r in range(x.shape[0]):
-        step_r = steps[r] if len(steps) > 1 else steps[0]
-        key = seed if row_seeds is None else int(row_seeds[r])
-        rows.append(randn_reference(row_shape, key, to_signed64(stream + step_r), device=x.device))
-    return torch.cat(rows)
+    """The noise the step draws in-kernel (see the module docstring): streams ``stream + step`` formed on the
+    device (no host read of the step index)."""
+    if row_seeds is None and step_index.numel() == 1:
+        return randn_reference(x.shape, seed, step_index[0] + stream, device=x.device)
+    # one noise row per batch row: its own key (per-row seed, or the int seed) and step
+    b = x.shape[0]
+    row_len = x.numel() // b
+    keys = row_seeds if row_seeds is not None else torch.full((b,), seed, dtype=torch.int64, device=x.device)
+    streams = (step_index + stream).expand(b).reshape(b, 1)
+    groups = torch.arange(-(-row_len // 4), dtype=torch.int64, device=x.device).view(1, -1)
+    z = words_to_normals(*philox_words(keys.view(b, 1), streams, groups)).reshape(b, -1)[:, :row_len]
+    return z.reshape(x.shape)
 
 
 def sampler_step_reference(x, model_out, coeffs, step_index, history, noise, out, pred_x0, seed, stream, row_seeds,
@@ -71,7 +72,8 @@ def sampler_step_reference(x, model_out, coeffs, step_index, history, noise, out
         d = d.clamp(-clamp, clamp)
     if noise is not None:
         z = noise.to(acc)
-    elif bool((rows[:, COL_S] != 0).any()):  # (NaN != 0: invalid rows still draw, and stay NaN)
+    elif not rows.is_cpu or bool((rows[:, COL_S] != 0).any()):  # (NaN != 0: invalid rows draw, stay NaN)
+        # (on a device, always drawn: deciding would read the table back to the host, a sync per step)
         z = step_noise_reference(x, idx, seed, stream, row_seeds).to(acc)
     else:  # no row adds noise: the kernels skip drawing it too
         z = torch.zeros_like(xa)
