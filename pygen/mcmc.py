@@ -155,11 +155,10 @@ class _Steps:
         self.stream, self.graphs = stream, graphs
         self.counter = torch.zeros(1, dtype=torch.int64, device=device)
 
-    def at(self, i, *lanes):
-        """(the device offset or None, the stream of each lane)."""
-        if self.graphs.enabled:
-            return (self.counter,) + tuple(noise_stream(self.stream, 0, lane) for lane in lanes)
-        return (None,) + tuple(noise_stream(self.stream, i, lane) for lane in lanes)
+    def at(self, i):
+        """(the device offset or None, the host step k): lane L's stream is ``noise_stream(stream, k, L)``
+        (plus the offset, added by the kernels)."""
+        return (self.counter, 0) if self.graphs.enabled else (None, i)
 
     @staticmethod
     def advance(offset):
@@ -273,14 +272,16 @@ def ula(x, score_fn=None, energy_fn=None, *, step_size, n_steps, seed, stream=0,
 
     def step(i):
         nonlocal x
-        offset, move = steps.at(i, LANE_MOVE)
+        offset, k = steps.at(i)
         score = _score(score_fn, x) if score_fn is not None else _energy_grad(energy_fn, x, acc)[1].neg_()
-        x = _keep(graphs, x, ops.langevin(x, score, step_sizes, step_size, seed, move, row_seeds, offset))
+        new = ops.langevin(x, score, step_sizes, step_size, seed, noise_stream(stream, k, LANE_MOVE), row_seeds,
+                           offset)
+        x = _keep(graphs, x, new)
         steps.advance(offset)
         return score
 
     for i in range(n_steps):
-        score = graphs("step", lambda: step(i))
+        score = graphs("step", step, i)
         if callback is not None:
             callback({"x": x.clone(), "i": i, "score": score.clone()})
     return x
@@ -330,17 +331,18 @@ def mala(x, energy_fn, *, step_size, n_steps, seed, stream=0, callback=None, cud
     steps = _Steps(stream, graphs, x.device)
 
     def step(i):  # x, g, e updated in place
-        offset, move, accept = steps.at(i, LANE_MOVE, LANE_ACCEPT)
+        offset, k = steps.at(i)
         s = g.neg()
-        xp = ops.langevin(x, s, step_sizes, step_size, seed, move, row_seeds, offset)
+        xp = ops.langevin(x, s, step_sizes, step_size, seed, noise_stream(stream, k, LANE_MOVE), row_seeds, offset)
         ep, gp = _energy_grad(energy_fn, xp, acc)
         log_accept = _mala_log_accept(x, xp, e, ep, s, gp.neg(), half_dt, inv_2dt, acc)
-        log_u = ops.log_uniform(chains, seed, accept, row_seeds, offset, device=x.device, dtype=acc)
+        log_u = ops.log_uniform(chains, seed, noise_stream(stream, k, LANE_ACCEPT), row_seeds, offset,
+                                device=x.device, dtype=acc)
         steps.advance(offset)
         return mh.select(log_accept, log_u, [(x, xp), (g, gp), (e.view(-1, 1), ep.view(-1, 1))]), log_accept
 
     for i in range(n_steps):
-        accepted, log_accept = graphs("step", lambda: step(i))
+        accepted, log_accept = graphs("step", step, i)
         if callback is not None:
             callback({"x": x.clone(), "i": i, "accepted": accepted.clone(), "log_accept": log_accept.clone()})
     return x, mh.count / n_steps
@@ -382,8 +384,9 @@ def hmc(x, energy_fn, *, step_size, n_leapfrog, n_steps, seed, mass=1.0, stream=
     steps = _Steps(stream, graphs, x.device)
 
     def step(i):  # x, g, e updated in place
-        offset, move, accept = steps.at(i, LANE_MOVE, LANE_ACCEPT)
-        p = ops.randn(x.shape, seed, move, row_seeds, offset, device=x.device, dtype=x.dtype)
+        offset, k = steps.at(i)
+        p = ops.randn(x.shape, seed, noise_stream(stream, k, LANE_MOVE), row_seeds, offset, device=x.device,
+                      dtype=x.dtype)
         if mass != 1.0:
             p.mul_(sqrt_m)
         h0 = e + _sqnorm(p.to(acc)) * (0.5 * inv_m)
@@ -395,12 +398,13 @@ def hmc(x, energy_fn, *, step_size, n_leapfrog, n_steps, seed, mass=1.0, stream=
         eq, gq = _energy_grad(energy_fn, xq, acc)
         ops.leapfrog_(xq, p, gq, step_sizes, step_size, 0.5, 0.0)
         log_accept = h0 - (eq + _sqnorm(p.to(acc)) * (0.5 * inv_m))
-        log_u = ops.log_uniform(chains, seed, accept, row_seeds, offset, device=x.device, dtype=acc)
+        log_u = ops.log_uniform(chains, seed, noise_stream(stream, k, LANE_ACCEPT), row_seeds, offset,
+                                device=x.device, dtype=acc)
         steps.advance(offset)
         return mh.select(log_accept, log_u, [(x, xq), (g, gq), (e.view(-1, 1), eq.view(-1, 1))]), log_accept
 
     for i in range(n_steps):
-        accepted, log_accept = graphs("step", lambda: step(i))
+        accepted, log_accept = graphs("step", step, i)
         if callback is not None:
             callback({"x": x.clone(), "i": i, "accepted": accepted.clone(), "log_accept": log_accept.clone()})
     return x, mh.count / n_steps
@@ -541,26 +545,27 @@ def replica_exchange(x, energy_fn, betas, *, step_size, n_steps, swap_every=1, s
 
     def move_step(i):  # state, e, g updated in place (eager ULA moves: the new tensors taken over)
         nonlocal state, e, g
-        offset, lane_move, lane_accept = moves.at(i, LANE_MOVE, LANE_ACCEPT)
+        offset, k = moves.at(i)
         s = tempered_score(g, state)
-        prop = ops.langevin(state, s, step_sizes, step_size, seed, lane_move, None, offset)
+        prop = ops.langevin(state, s, step_sizes, step_size, seed, noise_stream(stream, k, LANE_MOVE), None, offset)
         ep, gp = _energy_grad(energy_fn, prop, acc)
         if move == "ula":
             state, e, g = _keep(graphs, state, prop), _keep(graphs, e, ep), _keep(graphs, g, gp)
         else:
             log_accept = _mala_log_accept(state, prop, tempered_energy(e, state), tempered_energy(ep, prop), s,
                                           tempered_score(gp, prop), half_dt, inv_2dt, acc)
-            log_u = ops.log_uniform(n_rows, seed, lane_accept, None, offset, device=dev, dtype=acc)
+            log_u = ops.log_uniform(n_rows, seed, noise_stream(stream, k, LANE_ACCEPT), None, offset, device=dev,
+                                    dtype=acc)
             mh.select(log_accept, log_u, [(state, prop), (g, gp), (e.view(-1, 1), ep.view(-1, 1))])
         moves.advance(offset)
 
     def swap_round(j):  # round j (parity j % 2), swapping state, g and e in place
         par = j % 2
-        offset, lane_swap = rounds.at(j, LANE_SWAP)
+        offset, k = rounds.at(j)
         perm = perms[par]
         e_sw = e.index_select(0, perm)
         log_accept = torch.where(paired[par], (beta_rows - beta_rows.index_select(0, perm)) * (e - e_sw), neg_inf)
-        log_u = ops.log_uniform(n_rows, seed, lane_swap, None, offset, device=dev, dtype=acc)
+        log_u = ops.log_uniform(n_rows, seed, noise_stream(stream, k, LANE_SWAP), None, offset, device=dev, dtype=acc)
         log_u = log_u.index_select(0, lowers[par])
         for cur, other in ((state, state.index_select(0, perm)), (g, g.index_select(0, perm)),
                            (e.view(-1, 1), e_sw.view(-1, 1))):
@@ -570,11 +575,11 @@ def replica_exchange(x, energy_fn, betas, *, step_size, n_steps, swap_every=1, s
         return swap_flags
 
     for i in range(n_steps):
-        graphs("move", lambda: move_step(i))
+        graphs("move", move_step, i)
         swapped = None
         if (i + 1) % swap_every == 0:
             j = (i + 1) // swap_every - 1
-            swapped = graphs(("swap", j % 2), lambda: swap_round(j))
+            swapped = graphs(("swap", j % 2), swap_round, j)
         if callback is not None:
             callback({"x": state.view(reps, chains, *event).clone(), "i": i,
                       "swapped": swapped.clone() if swapped is not None else None})

@@ -509,10 +509,16 @@ def _graph_loop(launch, t_dev, idx, x, n, per, callback, cuda_graph):
     views = list(t_dev.unbind(0))
     graphs = StepGraphs(cuda_graph and _graph_device(x))  # (a CPU tensor: one warning, the eager loop)
     copy = callback is not None and getattr(callback, "needs_state", True)
+
+    def launch_at_device_step():
+        launch(t_dev.index_select(0, idx).expand(b))
+
     for i in range(n):
         for r in range(i * per, (i + 1) * per):
-            graphs("launch", lambda: launch(t_dev.index_select(0, idx).expand(b) if graphs.enabled
-                                            else views[r].expand(b)))
+            if graphs.enabled:
+                graphs("launch", launch_at_device_step)
+            else:
+                launch(views[r].expand(b))
         if callback is not None:
             callback(i, x.clone() if copy else x)
 # ---------------------------------------------------------------------------

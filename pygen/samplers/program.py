@@ -139,7 +139,7 @@ class StepGraphs:
     """A loop's kinds of step (e.g. an MCMC move, or a replica swap round of each parity), each captured in a
     CUDA graph and replayed.
 
-    ``graphs(key, step)`` runs one step of kind ``key`` and returns what ``step()`` returns. With
+    ``graphs(key, step, *args)`` runs one step of kind ``key`` and returns what ``step(*args)`` returns. With
     ``enabled`` the first call of a key runs ``step`` for real as ``capture_step``'s warm-up, then
     captures it; later calls replay that graph and return the captured call's outputs (the replay
     rewrote them). So while ``enabled``, ``step`` must take every per-step value from device state
@@ -152,15 +152,15 @@ class StepGraphs:
         self.enabled = enabled
         self._graphs = {}
 
-    def __call__(self, key, step):
+    def __call__(self, key, step, *args):
+        if not self.enabled:  # (then no graph is kept either)
+            return step(*args)
         entry = self._graphs.get(key)
         if entry is not None:
             entry[0].replay()
             return entry[1][-1]  # the captured call's outputs (the last the step produced)
-        if not self.enabled:
-            return step()
         outs = []
-        graph = capture_step(lambda: outs.append(step()), lambda: outs.append(step()))
+        graph = capture_step(lambda: outs.append(step(*args)), lambda: outs.append(step(*args)))
         if graph is None:  # no replays from here on: the eager steps need not match a graph's counters
             self.enabled = False
             self._graphs.clear()
