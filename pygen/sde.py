@@ -298,7 +298,7 @@ def _alpha(sde, t):
 
 
 # ---------------------------------------------------------------------------
-# fused SNR Langevin corrector iteration (norms, step and update on the device)
+# corrector programs (ALD, annealed Langevin, SNR Langevin) on device step indices
 # ---------------------------------------------------------------------------
 def _langevin_rows(dts, repeat):
     """float64 sampler_step rows of the Langevin update x + dt/2·score + sqrt(dt)·z, each dt repeated
