@@ -295,6 +295,32 @@ def _mala_log_accept(x, xp, e, ep, s, sp, half_dt, inv_2dt, acc):
     return e - ep + (fwd - rev) * inv_2dt
 
 
+def _metropolis_loop(propose, x, energy_fn, ops, seed, stream, row_seeds, n_steps, graphs, callback):
+    """The accept/reject loop shared by MALA and HMC: step i calls ``propose(e, g, offset, k)`` -> (x', E(x'),
+    ∇E(x'), log α) from the chains ``x`` and their energies / gradients (noise streams at host step k plus
+    the device offset, see ``_Steps``), accepts per chain with ``LANE_ACCEPT``'s uniforms and selects x, E
+    and ∇E in place. Returns ``(x, accept_rate)``."""
+    acc = _acc_dtype(x.dtype)
+    chains = x.shape[0]
+    mh = _MH(ops, chains, x.device, acc)
+    e, g = _energy_grad(energy_fn, x, acc)
+    steps = _Steps(stream, graphs, x.device)
+
+    def step(i):  # x, g, e updated in place
+        offset, k = steps.at(i)
+        xp, ep, gp, log_accept = propose(e, g, offset, k)
+        log_u = ops.log_uniform(chains, seed, noise_stream(stream, k, LANE_ACCEPT), row_seeds, offset,
+                                device=x.device, dtype=acc)
+        steps.advance(offset)
+        return mh.select(log_accept, log_u, [(x, xp), (g, gp), (e.view(-1, 1), ep.view(-1, 1))]), log_accept
+
+    for i in range(n_steps):
+        accepted, log_accept = graphs("step", step, i)
+        if callback is not None:
+            callback({"x": x.clone(), "i": i, "accepted": accepted.clone(), "log_accept": log_accept.clone()})
+    return x, mh.count / n_steps
+
+
 def _step_coeffs(step_sizes, step_size, ndim, acc):
     """(dt/2 broadcasting over x, 1/(2dt) per chain) for a per-chain or scalar step."""
     if step_sizes is None:
@@ -324,28 +350,15 @@ def mala(x, energy_fn, *, step_size, n_steps, seed, stream=0, callback=None, cud
     x, ops, step_sizes, step_size, seed, row_seeds, stream, n_steps, graphs = _setup(
         x, step_size, n_steps, seed, stream, callback, positive_step=True, cuda_graph=cuda_graph)
     acc = _acc_dtype(x.dtype)
-    chains = x.shape[0]
     half_dt, inv_2dt = _step_coeffs(step_sizes, step_size, x.dim(), acc)
-    mh = _MH(ops, chains, x.device, acc)
-    e, g = _energy_grad(energy_fn, x, acc)
-    steps = _Steps(stream, graphs, x.device)
 
-    def step(i):  # x, g, e updated in place
-        offset, k = steps.at(i)
+    def propose(e, g, offset, k):  # a Langevin proposal from the current gradient
         s = g.neg()
         xp = ops.langevin(x, s, step_sizes, step_size, seed, noise_stream(stream, k, LANE_MOVE), row_seeds, offset)
         ep, gp = _energy_grad(energy_fn, xp, acc)
-        log_accept = _mala_log_accept(x, xp, e, ep, s, gp.neg(), half_dt, inv_2dt, acc)
-        log_u = ops.log_uniform(chains, seed, noise_stream(stream, k, LANE_ACCEPT), row_seeds, offset,
-                                device=x.device, dtype=acc)
-        steps.advance(offset)
-        return mh.select(log_accept, log_u, [(x, xp), (g, gp), (e.view(-1, 1), ep.view(-1, 1))]), log_accept
+        return xp, ep, gp, _mala_log_accept(x, xp, e, ep, s, gp.neg(), half_dt, inv_2dt, acc)
 
-    for i in range(n_steps):
-        accepted, log_accept = graphs("step", step, i)
-        if callback is not None:
-            callback({"x": x.clone(), "i": i, "accepted": accepted.clone(), "log_accept": log_accept.clone()})
-    return x, mh.count / n_steps
+    return _metropolis_loop(propose, x, energy_fn, ops, seed, stream, row_seeds, n_steps, graphs, callback)
 
 
 @torch.no_grad()
@@ -377,14 +390,9 @@ def hmc(x, energy_fn, *, step_size, n_leapfrog, n_steps, seed, mass=1.0, stream=
     x, ops, step_sizes, step_size, seed, row_seeds, stream, n_steps, graphs = _setup(
         x, step_size, n_steps, seed, stream, callback, positive_step=True, cuda_graph=cuda_graph)
     acc = _acc_dtype(x.dtype)
-    chains = x.shape[0]
     inv_m, sqrt_m = 1.0 / mass, math.sqrt(mass)
-    mh = _MH(ops, chains, x.device, acc)
-    e, g = _energy_grad(energy_fn, x, acc)
-    steps = _Steps(stream, graphs, x.device)
 
-    def step(i):  # x, g, e updated in place
-        offset, k = steps.at(i)
+    def propose(e, g, offset, k):  # a leapfrog trajectory from a fresh momentum
         p = ops.randn(x.shape, seed, noise_stream(stream, k, LANE_MOVE), row_seeds, offset, device=x.device,
                       dtype=x.dtype)
         if mass != 1.0:
@@ -397,17 +405,9 @@ def hmc(x, energy_fn, *, step_size, n_leapfrog, n_steps, seed, mass=1.0, stream=
             ops.leapfrog_(xq, p, gq, step_sizes, step_size, 1.0, inv_m)
         eq, gq = _energy_grad(energy_fn, xq, acc)
         ops.leapfrog_(xq, p, gq, step_sizes, step_size, 0.5, 0.0)
-        log_accept = h0 - (eq + _sqnorm(p.to(acc)) * (0.5 * inv_m))
-        log_u = ops.log_uniform(chains, seed, noise_stream(stream, k, LANE_ACCEPT), row_seeds, offset,
-                                device=x.device, dtype=acc)
-        steps.advance(offset)
-        return mh.select(log_accept, log_u, [(x, xq), (g, gq), (e.view(-1, 1), eq.view(-1, 1))]), log_accept
+        return xq, eq, gq, h0 - (eq + _sqnorm(p.to(acc)) * (0.5 * inv_m))
 
-    for i in range(n_steps):
-        accepted, log_accept = graphs("step", step, i)
-        if callback is not None:
-            callback({"x": x.clone(), "i": i, "accepted": accepted.clone(), "log_accept": log_accept.clone()})
-    return x, mh.count / n_steps
+    return _metropolis_loop(propose, x, energy_fn, ops, seed, stream, row_seeds, n_steps, graphs, callback)
 
 
 def _check_betas(betas):
